@@ -1,0 +1,71 @@
+"""Checkpoints of a training phase with orbax: the whole train state, saved every N steps.
+
+The data iterator position and every RNG are functions of the saved `step`, so restoring
+the state is enough to continue a run exactly where it stopped. Teacher variables are
+saved once, separately (`save_variables`), and never enter a student's checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def _abstract(tree: Any) -> Any:
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+class Checkpointer:
+  """Saves and restores one phase's `TrainState` under `<directory>`."""
+
+  def __init__(self, directory: str, *, save_every: int, keep: int = 2):
+    self.directory = os.path.abspath(directory)
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            save_interval_steps=max(1, int(save_every)), max_to_keep=keep,
+            enable_async_checkpointing=False, create=True))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def restore(self, like: Any) -> Any:
+    """The latest saved state, with the structure, dtypes and shardings of `like`."""
+    step = self._manager.latest_step()
+    return self._manager.restore(step, args=ocp.args.StandardRestore(_abstract(like)))
+
+  def save(self, step: int, state: Any, *, force: bool = False) -> bool:
+    return self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def save_variables(directory: str, variables: Any, meta: dict[str, Any]) -> None:
+  """Writes model variables (params, batch_stats) and a JSON description beside them."""
+  directory = os.path.abspath(directory)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.join(directory, "variables"), variables, force=True)
+  ckptr.wait_until_finished()
+  if jax.process_index() == 0:
+    with open(os.path.join(directory, "model.json"), "w") as f:
+      json.dump(meta, f, indent=2)
+
+
+def load_variables(directory: str, like: Any) -> tuple[Any, dict[str, Any]]:
+  """Reads what `save_variables` wrote; `like` gives the expected structure."""
+  directory = os.path.abspath(directory)
+  with open(os.path.join(directory, "model.json")) as f:
+    meta = json.load(f)
+  variables = ocp.StandardCheckpointer().restore(
+      os.path.join(directory, "variables"), _abstract(like))
+  return variables, meta
+
+
+def has_variables(directory: str) -> bool:
+  return (os.path.isfile(os.path.join(directory, "model.json"))
+          and os.path.isdir(os.path.join(directory, "variables")))

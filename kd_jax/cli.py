@@ -1,0 +1,110 @@
+"""The `kd-jax` command line: thin flag parsing over importable functions.
+
+  kd-jax distill       [--config=experiments/x.py[:variant]] [--workdir=DIR] [--config.a.b=v]
+  kd-jax train-teacher [--config=...] [--workdir=DIR]
+  kd-jax evaluate      --workdir=DIR
+  kd-jax export        --workdir=DIR
+  kd-jax report        --workdir=DIR
+
+With no --config, the embedded default (experiments/digits.py, offline digits) runs.
+Bad input ends in one line naming what to change, with exit status 2.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+COMMANDS = ("distill", "train-teacher", "evaluate", "export", "report")
+_USAGE = ("usage: kd-jax {" + ",".join(COMMANDS) + "} [--config=FILE[:variant]] "
+          "[--workdir=DIR] [--config.KEY=VALUE ...]")
+
+
+def _prepare_environment() -> None:
+  """Process-wide settings that must precede JAX's and TF's initialisation."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  from kd_jax import runtime
+  runtime.configure_xla_flags()
+
+
+class UsageError(Exception):
+  """Bad input from the user; printed as one line."""
+
+
+def _fail(message: str) -> "NoReturn":  # noqa: F821
+  print(f"kd-jax: error: {message}", file=sys.stderr)
+  raise SystemExit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+  argv = list(sys.argv if argv is None else argv)
+  if len(argv) < 2 or argv[1] not in COMMANDS:
+    if len(argv) >= 2 and argv[1] in ("-h", "--help", "help"):
+      print(__doc__)
+      return
+    got = f"unknown command {argv[1]!r}; " if len(argv) >= 2 else ""
+    _fail(f"{got}{_USAGE}")
+  command = argv[1]
+  _prepare_environment()
+  try:
+    _run(command, [argv[0]] + argv[2:])
+  except (ValueError, FileNotFoundError, KeyError, TypeError, AttributeError,
+          UsageError) as e:
+    if os.environ.get("KD_JAX_TRACEBACK"):
+      raise
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    _fail(msg.strip("'\""))
+
+
+def _run(command: str, argv: list[str]) -> None:
+  from absl import flags
+  from ml_collections import config_flags
+
+  from kd_jax import configs
+
+  fv = flags.FlagValues()
+  config_flag = config_flags.DEFINE_config_file(
+      "config", default=configs.DEFAULT_CONFIG, help_string="experiment config file",
+      flag_values=fv)
+  flags.DEFINE_string("workdir", None, "where the run writes everything", flag_values=fv)
+  flags.DEFINE_string("coordinator_address", None,
+                      "multi-host: host:port of process 0", flag_values=fv)
+  flags.DEFINE_integer("num_processes", None, "multi-host: number of processes",
+                       flag_values=fv)
+  flags.DEFINE_integer("process_id", None, "multi-host: this process's index",
+                       flag_values=fv)
+  try:
+    fv(argv)
+  except flags.Error as e:
+    raise UsageError(configs.explain_flag_error(e)) from None
+
+  from kd_jax import parallel
+  parallel.maybe_initialize_distributed(fv.coordinator_address, fv.num_processes,
+                                        fv.process_id)
+  config = config_flag.value
+  workdir = fv.workdir
+  if command in ("evaluate", "export", "report"):
+    if not workdir:
+      raise UsageError(f"kd-jax {command} needs --workdir=DIR of a finished run")
+    if not any(a.startswith("--config") for a in argv):
+      config = configs.load_run_config(workdir)
+  else:
+    workdir = workdir or os.path.join("runs", configs.config_name(fv["config"].config_filename))
+  configs.validate(config)
+
+  from kd_jax import experiment
+  if command == "distill":
+    configs.save_run_config(config, workdir)
+    experiment.distill(config, workdir)
+  elif command == "train-teacher":
+    configs.save_run_config(config, workdir)
+    experiment.train_teacher(config, workdir)
+  elif command == "evaluate":
+    experiment.evaluate_run(config, workdir)
+  elif command == "export":
+    experiment.export_run(config, workdir)
+  elif command == "report":
+    experiment.report_run(config, workdir)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,344 @@
+"""One experiment, end to end: teacher, vanilla student, distilled student, export, summary.
+
+Each phase trains in its own folder of the workdir (`teacher/`, `vanilla/`, `distilled/`)
+with orbax checkpoints every `train.checkpoint_every_steps`; rerunning the same command
+resumes every phase from its latest checkpoint and skips finished ones, so an interrupted
+run ends with the same parameters as an uninterrupted one. Everything here is importable
+from a notebook: `distill(config, workdir)` is what `kd-jax distill` calls.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from kd_jax import checkpoint as ckpt_lib
+from kd_jax import data as data_lib
+from kd_jax import evaluate as eval_lib
+from kd_jax import models
+from kd_jax import objective as objective_lib
+from kd_jax import parallel
+from kd_jax import train as train_lib
+from kd_jax.metric_writer import MetricWriter
+
+TEACHER, VANILLA, DISTILLED = "teacher", "vanilla", "distilled"
+
+
+@dataclasses.dataclass
+class PhaseResult:
+  variables: Any
+  metrics: dict[str, float]
+
+
+def _log(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(f"[kd-jax] {msg}", flush=True)
+
+
+def _model(config: ml_collections.ConfigDict, which: str, num_classes: int):
+  spec = config[which]
+  kw = dict(spec.get("kwargs", {}) or {})
+  return models.create(spec.name, num_classes, **kw)
+
+
+def _variables_like(model, input_shape) -> Any:
+  return jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                           jnp.zeros((1, *input_shape)), train=False))
+
+
+def train_phase(config: ml_collections.ConfigDict, *, phase: str, model, train_config,
+                distill_config: Mapping[str, Any], workdir: str, mesh, info,
+                writer: MetricWriter, teacher=None, teacher_variables=None,
+                seed: int | None = None) -> PhaseResult:
+  """Trains `model` for one phase (resuming from its checkpoints) and evaluates it."""
+  seed = config.seed if seed is None else seed
+  batch = int(train_config.batch_size)
+  parallel.check_batch_size(batch, mesh, f"{'teacher.' if phase == TEACHER else ''}train.batch_size")
+  steps_per_epoch = info.num_train // batch
+  if steps_per_epoch == 0:
+    raise ValueError(f"train.batch_size={batch} exceeds the {info.num_train} training "
+                     "examples; lower it")
+  total_steps = int(round(train_config.epochs * steps_per_epoch))
+  objective = objective_lib.build(distill_config, total_steps=total_steps,
+                                  steps_per_epoch=steps_per_epoch)
+  schedule = train_lib.learning_rate_schedule(train_config, steps_per_epoch, total_steps)
+  optimizer = train_lib.make_optimizer(train_config, schedule)
+  input_shape = tuple(info.image_shape)
+  if objective.needs_teacher:
+    x = jnp.zeros((2, *input_shape))
+    s_taps = jax.eval_shape(lambda: model.init_with_output(
+        jax.random.key(0), x, train=False)[0][1])
+    t_taps = jax.eval_shape(lambda: teacher.apply(teacher_variables, x, train=False)[1])
+    objective_lib.check_taps(objective, s_taps, t_taps, config.student.name,
+                             config.teacher.name)
+
+  state = train_lib.init_state(model, optimizer, input_shape, jax.random.key(seed))
+  state = parallel.replicate(state, mesh)
+  phase_dir = os.path.join(workdir, phase)
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(phase_dir, "checkpoints"),
+                                       save_every=train_config.checkpoint_every_steps)
+  start = checkpointer.latest_step() or 0
+  if start:
+    state = checkpointer.restore(state)
+    writer.drop_after(phase, start)
+    _log(f"{phase}: resuming from step {start}/{total_steps}")
+
+  if start < total_steps:
+    step_fn = train_lib.make_train_step(model, teacher, objective, optimizer, mesh)
+    batches = data_lib.train_iterator(config.data, global_batch_size=batch, seed=seed,
+                                      start_step=start)
+    t_vars = teacher_variables if objective.needs_teacher else {}
+    log_every = max(1, int(config.get("log_every_steps", 50)))
+    progress = _progress(phase, start, total_steps)
+    t0, seen = time.perf_counter(), 0
+    for step in range(start, total_steps):
+      batch_arrays = parallel.to_global(next(batches), mesh)
+      state, metrics = step_fn(state, t_vars, batch_arrays, train_lib.step_rng(seed, step))
+      seen += batch
+      if (step + 1) % log_every == 0 or step + 1 == total_steps:
+        metrics = jax.device_get(metrics)
+        rate = seen / (time.perf_counter() - t0)
+        writer.write(phase, step + 1, {**metrics, "learning_rate": schedule(step),
+                                       "images_per_second": rate})
+        progress.set_postfix(loss=f"{float(metrics['loss']):.3f}", img_s=f"{rate:.0f}")
+        t0, seen = time.perf_counter(), 0
+      progress.update(1)
+      checkpointer.save(step + 1, state, force=step + 1 == total_steps)
+    progress.close()
+  checkpointer.close()
+
+  variables = parallel.to_host(state.student_variables)
+  metrics = eval_lib.evaluate(
+      model, state.student_variables,
+      data_lib.eval_iterator(config.data, batch_size=config.eval_batch_size), mesh,
+      num_classes=info.num_classes,
+      teacher=teacher if phase != TEACHER else None,
+      teacher_variables=teacher_variables if phase != TEACHER else None)
+  writer.write(phase, total_steps, metrics, kind="eval")
+  _log(f"{phase}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+                                if isinstance(v, float)))
+  return PhaseResult(variables, metrics)
+
+
+def _progress(phase: str, start: int, total: int):
+  from tqdm.auto import tqdm
+  return tqdm(total=total, initial=start, desc=phase, unit="step", dynamic_ncols=True,
+              disable=jax.process_index() != 0, mininterval=1.0)
+
+
+def teacher_phase(config, workdir: str, mesh, info, writer: MetricWriter) -> PhaseResult:
+  """Loads the teacher named by `teacher.checkpoint`, or trains (and saves) one."""
+  teacher = _model(config, "teacher", info.num_classes)
+  like = _variables_like(teacher, info.image_shape)
+  source = config.teacher.get("checkpoint")
+  if source:
+    source = os.path.join(source, TEACHER) if os.path.isdir(
+        os.path.join(source, TEACHER)) else source
+    if not ckpt_lib.has_variables(source):
+      raise FileNotFoundError(
+          f"teacher checkpoint {source!r} not found; train one with `kd-jax train-teacher "
+          f"--workdir=DIR` (then --config.teacher.checkpoint=DIR) or unset "
+          f"--config.teacher.checkpoint to train the teacher in this run")
+  else:
+    source = os.path.join(workdir, TEACHER)
+  if ckpt_lib.has_variables(source):
+    variables, meta = ckpt_lib.load_variables(source, like)
+    if meta.get("model") != config.teacher.name:
+      raise ValueError(f"the teacher checkpoint in {source!r} is a {meta.get('model')}, "
+                       f"not teacher.name={config.teacher.name!r}; set "
+                       f"--config.teacher.name={meta.get('model')}")
+    _log(f"teacher: loaded {meta['model']} from {source} "
+         f"(accuracy {meta.get('metrics', {}).get('accuracy', float('nan')):.4f})")
+    return PhaseResult(variables, meta.get("metrics", {}))
+  result = train_phase(config, phase=TEACHER, model=teacher,
+                       train_config=config.teacher.train, distill_config={"ce_weight": 1.0},
+                       workdir=workdir, mesh=mesh, info=info, writer=writer,
+                       seed=config.seed + 1)
+  ckpt_lib.save_variables(source, result.variables,
+                          {"model": config.teacher.name, "num_classes": info.num_classes,
+                           "dataset": config.data.name, "metrics": result.metrics})
+  return result
+
+
+def student_phases(config, workdir, mesh, info, writer, teacher_result):
+  """Trains the vanilla (CE only) and the distilled student from the same init."""
+  student = _model(config, "student", info.num_classes)
+  teacher = _model(config, "teacher", info.num_classes)
+  t_vars = parallel.replicate(teacher_result.variables, mesh)
+  vanilla = None
+  if config.get("train_vanilla", True):
+    vanilla = train_phase(config, phase=VANILLA, model=student, train_config=config.train,
+                          distill_config={"ce_weight": 1.0}, workdir=workdir, mesh=mesh,
+                          info=info, writer=writer, teacher=teacher,
+                          teacher_variables=t_vars)
+  distilled = train_phase(config, phase=DISTILLED, model=student, train_config=config.train,
+                          distill_config=config.distill, workdir=workdir, mesh=mesh,
+                          info=info, writer=writer, teacher=teacher, teacher_variables=t_vars)
+  return student, vanilla, distilled
+
+
+def export_student(config, workdir: str, student, variables, info) -> dict[str, Any]:
+  """TFLite variants of the distilled student, evaluated in the LiteRT interpreter."""
+  from kd_jax import export as export_lib
+  ecfg = config.export
+  rep = data_lib.representative_images(config.data, int(ecfg.num_calibration_images))
+  results = export_lib.export_all(
+      student, variables, tuple(info.image_shape), os.path.join(workdir, "export"),
+      variants=tuple(ecfg.variants), representative_images=rep,
+      eval_batches_fn=lambda: data_lib.eval_iterator(
+          config.data, batch_size=config.eval_batch_size, process_index=0, process_count=1),
+      parity_images=rep[:16])
+  return results
+
+
+def distill(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """`kd-jax distill`: all phases, evaluation, export; writes `<workdir>/summary.json`."""
+  t0 = time.perf_counter()
+  os.makedirs(workdir, exist_ok=True)
+  mesh = parallel.data_mesh()
+  info = data_lib.get_info(config.data)
+  writer = MetricWriter(workdir)
+  _log(f"{jax.process_count()} process(es), {mesh.devices.size} {jax.default_backend()} "
+       f"device(s); dataset {config.data.name}: {info.num_train} train / "
+       f"{info.num_eval} eval, {info.num_classes} classes, images {tuple(info.image_shape)}")
+  teacher = teacher_phase(config, workdir, mesh, info, writer)
+  student, vanilla, distilled = student_phases(config, workdir, mesh, info, writer, teacher)
+  summary = {
+      "teacher": config.teacher.name, "student": config.student.name,
+      "dataset": config.data.name,
+      "teacher_accuracy": teacher.metrics.get("accuracy"),
+      "student_accuracy": vanilla.metrics["accuracy"] if vanilla else None,
+      "distilled_accuracy": distilled.metrics["accuracy"],
+      "teacher_metrics": teacher.metrics,
+      "student_metrics": vanilla.metrics if vanilla else None,
+      "distilled_metrics": distilled.metrics,
+      "student_fingerprint": train_lib.fingerprint(distilled.variables["params"]),
+  }
+  if jax.process_index() == 0 and config.export.variants:
+    summary["tflite"] = export_student(config, workdir, student, distilled.variables, info)
+  else:
+    summary["tflite"] = {}
+  summary["wall_seconds"] = time.perf_counter() - t0
+  writer.close()
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2, default=_json_default)
+    _log(f"wrote {os.path.join(workdir, 'summary.json')}")
+  return summary
+
+
+def _json_default(x):
+  if isinstance(x, (np.floating, np.integer)):
+    return x.item()
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  raise TypeError(f"not JSON serialisable: {type(x)}")
+
+
+def train_teacher(config: ml_collections.ConfigDict, workdir: str) -> PhaseResult:
+  """`kd-jax train-teacher`: the teacher phase alone (reuse it with teacher.checkpoint)."""
+  os.makedirs(workdir, exist_ok=True)
+  info = data_lib.get_info(config.data)
+  writer = MetricWriter(workdir)
+  result = teacher_phase(config, workdir, parallel.data_mesh(), info, writer)
+  writer.close()
+  return result
+
+
+def load_phase(config, workdir: str, phase: str, info) -> Any:
+  """The latest student variables saved by `phase` (vanilla or distilled) in `workdir`."""
+  model = _model(config, "student", info.num_classes)
+  directory = os.path.join(workdir, phase, "checkpoints")
+  checkpointer = ckpt_lib.Checkpointer(directory, save_every=1)
+  if checkpointer.latest_step() is None:
+    raise FileNotFoundError(f"no {phase} checkpoint in {directory}; run "
+                            f"`kd-jax distill --workdir={workdir}` first")
+  train_config = config.train
+  schedule = train_lib.learning_rate_schedule(train_config, 1, 1)
+  optimizer = train_lib.make_optimizer(train_config, schedule)
+  like = train_lib.init_state(model, optimizer, tuple(info.image_shape), jax.random.key(0))
+  state = checkpointer.restore(parallel.replicate(like, parallel.data_mesh()))
+  checkpointer.close()
+  return model, state.student_variables
+
+
+def evaluate_run(config, workdir: str) -> dict[str, Any]:
+  """`kd-jax evaluate`: metrics of the teacher and of each student phase of a run."""
+  mesh = parallel.data_mesh()
+  info = data_lib.get_info(config.data)
+  teacher = _model(config, "teacher", info.num_classes)
+  source = config.teacher.get("checkpoint") or os.path.join(workdir, TEACHER)
+  t_vars, _ = ckpt_lib.load_variables(source, _variables_like(teacher, info.image_shape))
+  batches = lambda: data_lib.eval_iterator(config.data, batch_size=config.eval_batch_size)
+  results = {TEACHER: eval_lib.evaluate(teacher, t_vars, batches(), mesh,
+                                        num_classes=info.num_classes)}
+  for phase in (VANILLA, DISTILLED):
+    if os.path.isdir(os.path.join(workdir, phase)):
+      model, variables = load_phase(config, workdir, phase, info)
+      results[phase] = eval_lib.evaluate(model, variables, batches(), mesh,
+                                         num_classes=info.num_classes, teacher=teacher,
+                                         teacher_variables=t_vars)
+  for phase, metrics in results.items():
+    _log(f"{phase}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+                                  if isinstance(v, float)))
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "evaluation.json"), "w") as f:
+      json.dump(results, f, indent=2)
+  return results
+
+
+def export_run(config, workdir: str) -> dict[str, Any]:
+  """`kd-jax export`: TFLite variants of a run's distilled student; updates summary.json."""
+  info = data_lib.get_info(config.data)
+  model, variables = load_phase(config, workdir, DISTILLED, info)
+  results = export_student(config, workdir, model, parallel.to_host(variables), info)
+  path = os.path.join(workdir, "summary.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      summary = json.load(f)
+    summary["tflite"] = results
+    with open(path, "w") as f:
+      json.dump(summary, f, indent=2, default=_json_default)
+  for variant, r in results.items():
+    _log(f"{variant}: {r['bytes']} bytes, accuracy {r.get('accuracy', float('nan')):.4f}, "
+         f"{r['latency_ms']:.3f} ms -> {r['path']}")
+  return results
+
+
+def report_run(config, workdir: str) -> str:
+  """`kd-jax report`: a Markdown summary of a run (`<workdir>/report.md`)."""
+  path = os.path.join(workdir, "summary.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found; finish `kd-jax distill --workdir={workdir}`"
+                            " (rerunning it resumes) before reporting")
+  with open(path) as f:
+    s = json.load(f)
+  lines = [f"# kd-jax run: {s['teacher']} → {s['student']} on {s['dataset']}", "",
+           "| model | accuracy | NLL | ECE | teacher agreement |", "|---|---|---|---|---|"]
+  for label, key in (("teacher", "teacher_metrics"), ("vanilla student", "student_metrics"),
+                     ("distilled student", "distilled_metrics")):
+    m = s.get(key) or {}
+    if m:
+      lines.append(f"| {label} | {m['accuracy']:.4f} | {m.get('nll', float('nan')):.4f} | "
+                   f"{m.get('ece', float('nan')):.4f} | "
+                   f"{m.get('teacher_agreement', float('nan')):.4f} |")
+  if s.get("tflite"):
+    lines += ["", "| TFLite | bytes | accuracy | latency (ms, median) | max abs logit diff |",
+              "|---|---|---|---|---|"]
+    for variant, r in s["tflite"].items():
+      lines.append(f"| {variant} | {r['bytes']} | {r.get('accuracy', float('nan')):.4f} | "
+                   f"{r['latency_ms']:.3f} | {r.get('max_abs_logit_diff', float('nan')):.2e} |")
+  lines += ["", f"student fingerprint: `{s['student_fingerprint']}`",
+            f"wall time: {s['wall_seconds']:.1f} s"]
+  text = "\n".join(lines) + "\n"
+  with open(os.path.join(workdir, "report.md"), "w") as f:
+    f.write(text)
+  print(text)
+  return text

@@ -1,0 +1,60 @@
+"""Metrics to `<workdir>/metrics.jsonl` and TensorBoard event files, from process 0 only."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+
+def _plain(value: Any) -> Any:
+  if isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) == 0:
+    return float(value)
+  if isinstance(value, (np.floating, np.integer)):
+    return value.item()
+  return value
+
+
+class MetricWriter:
+  """Appends one JSON object per record; mirrors scalars to TensorBoard under `<phase>/`."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._enabled = jax.process_index() == 0
+    self._tb = None
+    if self._enabled:
+      import tensorflow as tf  # TensorBoard event files without a torch/tensorboard dep.
+      self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+
+  def drop_after(self, phase: str, step: int) -> None:
+    """On resume: forget records of `phase` logged after the restored `step`."""
+    if not self._enabled or not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      records = [json.loads(line) for line in f if line.strip()]
+    kept = [r for r in records if not (r.get("phase") == phase and r.get("step", 0) > step)]
+    if len(kept) != len(records):
+      tmp = self.path + ".tmp"
+      with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+      os.replace(tmp, self.path)
+
+  def write(self, phase: str, step: int, metrics: Mapping[str, Any], kind: str = "train"):
+    if not self._enabled:
+      return
+    record = {"phase": phase, "kind": kind, "step": int(step),
+              **{k: _plain(v) for k, v in metrics.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    import tensorflow as tf
+    with self._tb.as_default(step=int(step)):
+      for k, v in record.items():
+        if isinstance(v, (int, float)) and k != "step":
+          tf.summary.scalar(f"{phase}/{kind}/{k}", v)
+    self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()

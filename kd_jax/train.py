@@ -1,0 +1,153 @@
+"""Training: the train state, the optimizer recipe and the data-parallel distillation step.
+
+`train_step(state, teacher_variables, batch, rng) -> (state, metrics)` is a pure,
+per-shard function run under `jax.shard_map` inside `jax.jit` over the ``'data'`` mesh:
+the teacher runs in inference mode outside the differentiated function, the student in
+train mode with cross-device BatchNorm statistics (`lax.pmean` inside BatchNorm), and
+gradients are averaged with `lax.pmean(grads, 'data')`. Teachers are trained by the same
+step with an objective of plain cross-entropy.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Callable, Mapping
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec as P
+
+from kd_jax import objective as objective_lib
+from kd_jax import parallel
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training; the data position and RNG derive from `step`."""
+  step: jax.Array
+  params: Any        # {'student': ...}
+  batch_stats: Any   # {'student': ...}
+  opt_state: Any
+
+  @property
+  def student_variables(self) -> dict[str, Any]:
+    return {"params": self.params["student"],
+            "batch_stats": self.batch_stats["student"]}
+
+
+def learning_rate_schedule(train_config: Mapping[str, Any], steps_per_epoch: int,
+                           total_steps: int) -> optax.Schedule:
+  """Step decay (the CRD recipe: ×decay_factor at each of decay_epochs) or cosine."""
+  lr = float(train_config["learning_rate"])
+  warmup = int(train_config.get("warmup_epochs", 0) * steps_per_epoch)
+  kind = train_config.get("schedule", "step")
+  if kind == "step":
+    boundaries = {int(e * steps_per_epoch): float(train_config.get("decay_factor", 0.1))
+                  for e in train_config.get("decay_epochs", ())}
+    main = optax.piecewise_constant_schedule(lr, boundaries)
+    if warmup:
+      main = optax.join_schedules(
+          [optax.linear_schedule(0.0, lr, warmup),
+           lambda s: optax.piecewise_constant_schedule(lr, boundaries)(s + warmup)],
+          [warmup])
+    return main
+  if kind == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0 if warmup else lr, lr, warmup,
+                                              max(total_steps, warmup + 1))
+  if kind == "constant":
+    return optax.constant_schedule(lr)
+  raise ValueError(f"train.schedule={kind!r} is unknown; use step, cosine or constant")
+
+
+def make_optimizer(train_config: Mapping[str, Any],
+                   schedule: optax.Schedule) -> optax.GradientTransformation:
+  """SGD with momentum and coupled weight decay (PyTorch's SGD), or AdamW."""
+  name = train_config.get("optimizer", "sgd")
+  wd = float(train_config.get("weight_decay", 0.0))
+  if name == "sgd":
+    return optax.chain(
+        optax.add_decayed_weights(wd) if wd else optax.identity(),
+        optax.sgd(schedule, momentum=train_config.get("momentum", 0.9) or None,
+                  nesterov=bool(train_config.get("nesterov", False))))
+  if name == "adamw":
+    return optax.adamw(schedule, weight_decay=wd)
+  raise ValueError(f"train.optimizer={name!r} is unknown; use sgd or adamw")
+
+
+def init_state(model: nn.Module, optimizer: optax.GradientTransformation,
+               input_shape: tuple[int, ...], rng: jax.Array) -> TrainState:
+  """Fresh student variables and optimizer state (on the host, unplaced)."""
+  variables = model.init(rng, jnp.zeros((1, *input_shape), jnp.float32), train=False)
+  params = {"student": variables["params"]}
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats={"student": variables.get("batch_stats", {})},
+                    opt_state=optimizer.init(params))
+
+
+def make_train_step(student: nn.Module, teacher: nn.Module | None,
+                    objective: objective_lib.Objective,
+                    optimizer: optax.GradientTransformation,
+                    mesh: Mesh) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+  """Builds the jitted, data-parallel `train_step(state, teacher_variables, batch, rng)`.
+
+  The state is donated; teacher variables are a separate, non-donated argument that
+  is never differentiated. Metrics are global means (replicated scalars).
+  """
+  student_train = student.clone(bn_axis_name=parallel.DATA_AXIS)
+  axis = parallel.DATA_AXIS
+
+  def per_shard_step(state, teacher_variables, batch, rng):
+    images, labels = batch["image"], batch["label"]
+    rng = jax.random.fold_in(rng, lax.axis_index(axis))
+    if objective.needs_teacher:
+      t_logits, t_taps = lax.stop_gradient(
+          teacher.apply(teacher_variables, images, train=False))
+    else:
+      t_logits, t_taps = None, None
+
+    def loss_fn(params):
+      (s_logits, s_taps), new_vars = student_train.apply(
+          {"params": params["student"], "batch_stats": state.batch_stats["student"]},
+          images, train=True, mutable=["batch_stats"], rngs={"dropout": rng})
+      loss, parts = objective(state.step, s_logits, s_taps, t_logits, t_taps, labels)
+      return loss, (parts, s_logits, new_vars["batch_stats"])
+
+    (loss, (parts, logits, new_bs)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+    grads = lax.pmean(grads, axis)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, **parts,
+               "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+               "grad_norm": optax.global_norm(grads)}
+    if t_logits is not None:
+      metrics["teacher_agreement"] = jnp.mean(
+          jnp.argmax(logits, -1) == jnp.argmax(t_logits, -1))
+    metrics = lax.pmean(metrics, axis)
+    new_state = state.replace(step=state.step + 1, params=params,
+                              batch_stats={"student": new_bs}, opt_state=opt_state)
+    return new_state, metrics
+
+  step = jax.shard_map(per_shard_step, mesh=mesh,
+                       in_specs=(P(), P(), P(axis), P()), out_specs=(P(), P()),
+                       check_vma=False)
+  return jax.jit(step, donate_argnums=(0,))
+
+
+def step_rng(seed: int, step: int | jax.Array) -> jax.Array:
+  """The RNG of a step: a function of (seed, step) only, so a resumed run draws the same."""
+  return jax.random.fold_in(jax.random.key(seed), step)
+
+
+def fingerprint(params: Any) -> str:
+  """sha256 of the leaves in tree order, as little-endian bytes."""
+  h = hashlib.sha256()
+  for leaf in jax.tree.leaves(params):
+    a = np.asarray(leaf)
+    h.update(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes())
+  return h.hexdigest()
+

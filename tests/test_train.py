@@ -1,0 +1,158 @@
+"""The data-parallel train step: 4 devices == 1 device, one compilation, exact KD metrics."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh
+
+from kd_jax import losses, models, objective as objective_lib, parallel, train
+
+INPUT = (8, 8, 1)
+NUM_CLASSES = 10
+CONFIG = dict(optimizer="sgd", learning_rate=0.1, momentum=0.9, weight_decay=5e-4,
+              schedule="step", decay_epochs=(1,), decay_factor=0.1)
+
+
+def _batch(seed, n=16):
+  rng = np.random.default_rng(seed)
+  return {"image": rng.normal(size=(n, *INPUT)).astype(np.float32),
+          "label": rng.integers(0, NUM_CLASSES, size=n).astype(np.int32)}
+
+
+def _setup(n_devices, terms=({"method": "kd", "weight": 0.9, "temperature": 4.0},)):
+  mesh = Mesh(np.asarray(jax.devices()[:n_devices]), (parallel.DATA_AXIS,))
+  student = models.create("resnet8", NUM_CLASSES)
+  teacher = models.create("resnet14", NUM_CLASSES)
+  t_vars = teacher.init(jax.random.key(7), jnp.zeros((1, *INPUT)), train=False)
+  objective = objective_lib.build({"ce_weight": 0.1, "terms": list(terms)},
+                                  total_steps=4, steps_per_epoch=2)
+  schedule = train.learning_rate_schedule(CONFIG, steps_per_epoch=2, total_steps=4)
+  optimizer = train.make_optimizer(CONFIG, schedule)
+  state = train.init_state(student, optimizer, INPUT, jax.random.key(0))
+  return mesh, student, teacher, t_vars, objective, optimizer, state
+
+
+def _run(n_devices, steps=3):
+  mesh, student, teacher, t_vars, objective, optimizer, state = _setup(n_devices)
+  step_fn = train.make_train_step(student, teacher, objective, optimizer, mesh)
+  state = parallel.replicate(state, mesh)
+  t_vars = parallel.replicate(t_vars, mesh)
+  history = []
+  for i in range(steps):
+    state, metrics = step_fn(state, t_vars, parallel.to_global(_batch(i), mesh),
+                             train.step_rng(0, i))
+    history.append(jax.device_get(metrics))
+  return parallel.to_host(state), history, step_fn
+
+
+def test_four_devices_match_one_device():
+  assert jax.device_count() >= 4
+  state1, hist1, _ = _run(1)
+  state4, hist4, _ = _run(4)
+  # Cross-device BatchNorm statistics and pmean'd gradients make the sharded step
+  # the same computation as the single-device one, up to float reassociation.
+  chex.assert_trees_all_close(state4.params, state1.params, atol=2e-5, rtol=2e-5)
+  chex.assert_trees_all_close(state4.batch_stats, state1.batch_stats, atol=2e-5, rtol=2e-5)
+  for m1, m4 in zip(hist1, hist4):
+    np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-5)
+  assert int(state4.step) == 3
+
+
+def test_step_compiles_once():
+  mesh, student, teacher, t_vars, objective, optimizer, state = _setup(4)
+  traced = chex.assert_max_traces(n=1)(lambda *args: objective(*args))
+
+  class Counting(objective_lib.Objective):
+    def __call__(self, *args):
+      return traced(*args)
+
+  counting = Counting(objective.ce_weight, objective.terms)
+  step_fn = train.make_train_step(student, teacher, counting, optimizer, mesh)
+  state = parallel.replicate(state, mesh)
+  t_vars = parallel.replicate(t_vars, mesh)
+  for i in range(4):  # crosses the learning-rate boundary at step 2: still one trace
+    state, _ = step_fn(state, t_vars, parallel.to_global(_batch(i), mesh),
+                       train.step_rng(0, i))
+  assert step_fn._cache_size() == 1
+
+
+def test_metrics_are_the_objective_terms():
+  mesh, student, teacher, t_vars, objective, optimizer, state = _setup(1)
+  batch = _batch(0)
+  s_logits, _ = student.apply({"params": state.params["student"],
+                               "batch_stats": state.batch_stats["student"]},
+                              batch["image"], train=True, mutable=["batch_stats"])[0]
+  t_logits, _ = teacher.apply(t_vars, batch["image"], train=False)
+  step_fn = train.make_train_step(student, teacher, objective, optimizer, mesh)
+  _, metrics = step_fn(parallel.replicate(state, mesh), parallel.replicate(t_vars, mesh),
+                       parallel.to_global(batch, mesh), train.step_rng(0, 0))
+  kd = losses.kd(s_logits, t_logits, temperature=4.0)
+  ce = losses.cross_entropy(s_logits, batch["label"])
+  np.testing.assert_allclose(metrics["kd"], kd, rtol=1e-5)
+  np.testing.assert_allclose(metrics["kd_weighted"], 0.9 * kd, rtol=1e-5)
+  np.testing.assert_allclose(metrics["ce"], ce, rtol=1e-5)
+  np.testing.assert_allclose(metrics["loss"], 0.1 * ce + 0.9 * kd, rtol=1e-5)
+
+
+def test_teacher_is_not_updated_or_donated():
+  mesh, student, teacher, t_vars, objective, optimizer, state = _setup(4)
+  t_vars = parallel.replicate(t_vars, mesh)
+  before = parallel.to_host(t_vars)
+  step_fn = train.make_train_step(student, teacher, objective, optimizer, mesh)
+  state, _ = step_fn(parallel.replicate(state, mesh), t_vars,
+                     parallel.to_global(_batch(0), mesh), train.step_rng(0, 0))
+  chex.assert_trees_all_equal(parallel.to_host(t_vars), before)
+
+
+def test_learning_rate_step_decay_and_sgd_update():
+  # CRD recipe shape: lr 0.05, ×0.1 at epochs 150/180/210.
+  cfg = dict(learning_rate=0.05, schedule="step", decay_epochs=(150, 180, 210),
+             decay_factor=0.1)
+  s = train.learning_rate_schedule(cfg, steps_per_epoch=10, total_steps=2400)
+  np.testing.assert_allclose([s(0), s(1499), s(1500), s(1800), s(2100)],
+                             [0.05, 0.05, 0.005, 0.0005, 0.00005], rtol=1e-5)
+  # PyTorch SGD: d = g + wd·p; buf = m·buf + d; p -= lr·buf. Two steps by hand:
+  opt = train.make_optimizer(dict(optimizer="sgd", momentum=0.9, weight_decay=0.1),
+                             optax.constant_schedule(0.5))
+  p = jnp.array([1.0])
+  st = opt.init(p)
+  g = jnp.array([2.0])
+  u, st = opt.update(g, st, p)
+  p = p + u          # d = 2 + 0.1 = 2.1; buf = 2.1; p = 1 - 0.5·2.1 = -0.05
+  np.testing.assert_allclose(p, [-0.05], rtol=1e-6)
+  u, st = opt.update(g, st, p)
+  p = p + u          # d = 2 - 0.005 = 1.995; buf = 0.9·2.1 + 1.995 = 3.885; p = -0.05 - 1.9425
+  np.testing.assert_allclose(p, [-1.9925], rtol=1e-6)
+
+
+def test_objective_errors_name_the_fix():
+  with pytest.raises(ValueError, match="unknown distillation method 'kdd'.*known methods"):
+    objective_lib.build({"terms": [{"method": "kdd"}]}, total_steps=1, steps_per_epoch=1)
+  with pytest.raises(ValueError, match="kd takes no alpha"):
+    objective_lib.build({"terms": [{"method": "kd", "alpha": 1}]}, total_steps=1,
+                        steps_per_epoch=1)
+  obj = objective_lib.build({"terms": [{"method": "attention_transfer",
+                                        "student_tap": "stage_9"}]},
+                            total_steps=1, steps_per_epoch=1)
+  taps = {"stage_1": jnp.zeros((2, 8, 8, 16))}
+  with pytest.raises(ValueError, match="resnet8 has no tap 'stage_9'; its taps: stage_1"):
+    objective_lib.check_taps(obj, taps, taps, "resnet8", "resnet14")
+
+
+def test_weight_schedules():
+  warm = objective_lib.weight_schedule(8.0, "linear_warmup", total_steps=100,
+                                       steps_per_epoch=10, warmup_epochs=2)
+  np.testing.assert_allclose([warm(jnp.int32(0)), warm(jnp.int32(10)), warm(jnp.int32(50))],
+                             [0.0, 4.0, 8.0])
+  cos = objective_lib.weight_schedule(2.0, "cosine", total_steps=100, steps_per_epoch=10)
+  np.testing.assert_allclose([cos(jnp.int32(0)), cos(jnp.int32(50)), cos(jnp.int32(100))],
+                             [2.0, 1.0, 0.0], atol=1e-6)
+
+
+def test_fingerprint_is_byte_exact():
+  a = {"w": np.arange(3, dtype=np.float32)}
+  b = {"w": np.arange(3, dtype=np.float32) + np.float32(1e-7) * np.array([0, 0, 1])}
+  assert train.fingerprint(a) == train.fingerprint(jax.tree.map(np.copy, a))
+  assert train.fingerprint(a) != train.fingerprint(b)
