@@ -1,0 +1,332 @@
+"""Export a Flax model to TFLite and measure it in the LiteRT interpreter.
+
+The path, verified on jax 0.10 + tensorflow 2.21 + ai-edge-litert 2.3:
+
+  model.apply(variables, x, train=False)[0]      (logits only, inference mode)
+      -> jax2tf.convert (native serialization: StableHLO for the CPU platform)
+      -> tf.function with a fixed input signature [batch_size, H, W, C] float32
+      -> tf.lite.TFLiteConverter.from_concrete_functions, restricted to TFLITE_BUILTINS
+      -> flatbuffer bytes, run with ``ai_edge_litert.interpreter.Interpreter``.
+
+The converter legalises StableHLO to builtin TFLite ops and folds BatchNorm into the
+convolutions. Conversion never falls back to SELECT_TF_OPS (Flex): a model that would
+need them is rejected with a ``ValueError`` naming the ops, because Flex kernels are
+not available in the edge runtimes this framework targets.
+
+Quantisation variants (``to_tflite(quantization=...)``):
+
+  fp32     no optimisation; logits match JAX to ~1e-7.
+  fp16     float16 weights, dequantised to float32 for compute.
+  dynamic  int8 weights, activations quantised on the fly (no calibration data).
+  int8     full integer: int8 weights and activations (TFLITE_BUILTINS_INT8),
+           calibrated on ``representative_images``. The model's input and output
+           tensors stay float32: the converter adds one QUANTIZE op after the input
+           and one DEQUANTIZE op before the output, so every variant is called the
+           same way, with float images, and returns float logits. ``TFLiteModel``
+           still handles models whose I/O tensors are int8/uint8 (made elsewhere).
+
+TensorFlow is imported on first use only, with its logging quietened and its GPUs
+hidden (so a GPU build of TF never grabs accelerator memory that JAX is using).
+"""
+import functools
+import os
+import re
+import time
+import warnings
+
+from ai_edge_litert import schema_py_generated as tflite_schema
+from ai_edge_litert.interpreter import Interpreter
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+QUANTIZATIONS = ("fp32", "fp16", "dynamic", "int8")
+
+_BUILTIN_OP_NAMES = {
+    code: name
+    for name, code in vars(tflite_schema.BuiltinOperator).items()
+    if not name.startswith("_")
+}
+
+
+@functools.cache
+def _tensorflow():
+  """Imports TensorFlow once, quiet and CPU-only."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  tf.get_logger().setLevel("ERROR")
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError:  # TF's devices were already initialised by another user.
+    pass
+  return tf
+
+
+def _example_shape(input_shape, batch_size):
+  """Splits `input_shape` ((H, W, C) or (B, H, W, C)) into (batch, (H, W, C))."""
+  input_shape = tuple(int(d) for d in input_shape)
+  if len(input_shape) == 4:
+    return input_shape[0], input_shape[1:]
+  if len(input_shape) != 3:
+    raise ValueError(f"input_shape must be (H, W, C) or (B, H, W, C), got {input_shape}.")
+  return int(batch_size), input_shape
+
+
+def _logits_fn(model, variables):
+  return lambda images: model.apply(variables, images, train=False)[0]
+
+
+def _unsupported_ops(message, logits_fn, shape):
+  """Names the ops a failed conversion could not express with TFLite builtins."""
+  ops = re.findall(r"error: '([\w.]+)' op is (?:neither a custom op nor a flex op"
+                   r"|not part of the vhlo support)", message)
+  if "tf.XlaCallModule" in ops:
+    # The whole StableHLO module failed to legalise; point at its usual culprits.
+    from jax import export  # pylint: disable=g-import-not-at-top
+    exported = export.export(jax.jit(logits_fn), platforms=("cpu",))(
+        jax.ShapeDtypeStruct(shape, jnp.float32))
+    text = exported.mlir_module()
+    inner = re.findall(r"custom_call @([\w.]+)", text) + re.findall(r"\bchlo\.\w+", text)
+    ops += [f"stablehlo.custom_call @{op}" if "." not in op else op for op in inner]
+  return list(dict.fromkeys(ops))
+
+
+def to_tflite(model, variables, input_shape, quantization="fp32",
+              representative_images=None, batch_size=1):
+  """Converts `model.apply(variables, x, train=False)` logits to a TFLite flatbuffer.
+
+  Args:
+    model: a Flax linen module returning `(logits, taps)`.
+    variables: its variables, e.g. `{'params': ..., 'batch_stats': ...}`.
+    input_shape: one example's shape (H, W, C); a 4-D (B, H, W, C) sets the batch too.
+    quantization: one of 'fp32', 'fp16', 'dynamic', 'int8' (see module docstring).
+    representative_images: float32 [N, H, W, C] calibration images; required for
+      'int8' (ignored otherwise). Fed in batches of `batch_size`.
+    batch_size: the fixed batch dimension of the TFLite input tensor.
+
+  Returns:
+    The TFLite model as bytes. Its input is float32 [batch, H, W, C] and its output
+    float32 logits [batch, num_classes], for every quantization.
+
+  Raises:
+    ValueError: unknown quantization, 'int8' without calibration images, or a model
+      that needs ops outside TFLITE_BUILTINS (the message names them).
+  """
+  if quantization not in QUANTIZATIONS:
+    raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}.")
+  batch_size, example_shape = _example_shape(input_shape, batch_size)
+  shape = (batch_size, *example_shape)
+  if quantization == "int8":
+    if representative_images is None or len(representative_images) < batch_size:
+      raise ValueError("quantization='int8' needs representative_images: a float32 "
+                       f"[N, {', '.join(map(str, example_shape))}] array with N >= {batch_size}.")
+    representative_images = np.asarray(representative_images, np.float32)
+    if representative_images.shape[1:] != example_shape:
+      raise ValueError(f"representative_images have shape {representative_images.shape}, "
+                       f"expected [N, {', '.join(map(str, example_shape))}].")
+
+  tf = _tensorflow()
+  from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
+
+  logits_fn = _logits_fn(model, variables)
+  serving_fn = tf.function(
+      jax2tf.convert(logits_fn, with_gradient=False, native_serialization_platforms=("cpu",)),
+      input_signature=[tf.TensorSpec(shape, tf.float32, name="images")],
+      autograph=False)
+  converter = tf.lite.TFLiteConverter.from_concrete_functions(
+      [serving_fn.get_concrete_function()], serving_fn)
+  converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+  if quantization != "fp32":
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+  if quantization == "fp16":
+    converter.target_spec.supported_types = [tf.float16]
+  if quantization == "int8":
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.representative_dataset = lambda: (
+        [representative_images[i:i + batch_size]]
+        for i in range(0, len(representative_images) - batch_size + 1, batch_size))
+  try:
+    with warnings.catch_warnings():  # int8: the input stays float, by design.
+      warnings.filterwarnings("ignore", "Statistics for quantized inputs")
+      return converter.convert()
+  except Exception as e:  # tf.lite's ConverterError is not public API.
+    ops = _unsupported_ops(str(e), logits_fn, shape)
+    if not ops:
+      raise
+    raise ValueError(f"TFLite {quantization} conversion needs ops outside TFLITE_BUILTINS "
+                     f"(SELECT_TF_OPS/Flex is not allowed): {', '.join(ops)}") from e
+
+
+def op_names(tflite_model):
+  """Sorted names of the ops a TFLite flatbuffer uses.
+
+  Builtin ops by their TFLite name ('CONV_2D', 'FULLY_CONNECTED', ...); custom ops by
+  their custom code (a Flex op reads 'Flex<TfOpName>').
+  """
+  model = tflite_schema.ModelT.InitFromPackedBuf(bytearray(tflite_model), 0)
+  names = set()
+  for subgraph in model.subgraphs or ():
+    for operator in subgraph.operators or ():
+      code = model.operatorCodes[operator.opcodeIndex]
+      builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
+      if builtin == tflite_schema.BuiltinOperator.CUSTOM and code.customCode:
+        names.add(code.customCode.decode())
+      else:
+        names.add(_BUILTIN_OP_NAMES[builtin])
+  return sorted(names)
+
+
+class TFLiteModel:
+  """A TFLite classifier callable on float images: `logits = TFLiteModel(b)(images)`.
+
+  Batches of any size are run in chunks of the model's fixed input batch (the last one
+  zero-padded). Integer input/output tensors are (de)quantised with their own scales.
+  """
+
+  def __init__(self, tflite_model, num_threads=1):
+    """`tflite_model`: flatbuffer bytes or a path to a .tflite file."""
+    if not isinstance(tflite_model, (bytes, bytearray)):
+      with open(tflite_model, "rb") as f:
+        tflite_model = f.read()
+    self._interpreter = Interpreter(model_content=bytes(tflite_model),
+                                    num_threads=num_threads)
+    self._interpreter.allocate_tensors()
+    (self._input,) = self._interpreter.get_input_details()
+    (self._output,) = self._interpreter.get_output_details()
+
+  @property
+  def input_shape(self):
+    """The input tensor's shape, (batch, H, W, C)."""
+    return tuple(int(d) for d in self._input["shape"])
+
+  def invoke(self, chunk):
+    """Runs one input-batch-sized float32 chunk; returns float32 logits."""
+    scale, zero_point = self._input["quantization"]
+    if scale:
+      info = np.iinfo(self._input["dtype"])
+      chunk = np.clip(np.round(chunk / scale + zero_point), info.min, info.max)
+    self._interpreter.set_tensor(self._input["index"], chunk.astype(self._input["dtype"]))
+    self._interpreter.invoke()
+    logits = self._interpreter.get_tensor(self._output["index"])
+    scale, zero_point = self._output["quantization"]
+    if scale:
+      logits = (logits.astype(np.float32) - zero_point) * scale
+    return logits.astype(np.float32)
+
+  def __call__(self, images):
+    images = np.asarray(images, np.float32)
+    batch = self.input_shape[0]
+    n = len(images)
+    padded = np.zeros((-(-n // batch) * batch, *images.shape[1:]), np.float32)
+    padded[:n] = images
+    return np.concatenate(
+        [self.invoke(padded[i:i + batch]) for i in range(0, len(padded), batch)])[:n]
+
+
+def _as_model(tflite_model, num_threads=1):
+  if isinstance(tflite_model, TFLiteModel):
+    return tflite_model
+  return TFLiteModel(tflite_model, num_threads=num_threads)
+
+
+def evaluate_tflite(tflite_model, batches):
+  """Top-1 accuracy of a TFLite classifier over numpy batches.
+
+  Args:
+    tflite_model: a `TFLiteModel`, flatbuffer bytes or a .tflite path.
+    batches: iterable of dicts with 'image' [b, H, W, C], 'label' [b] (class ids, or
+      one-hot [b, K]) and optionally 'mask' [b]; rows with mask 0 (padding) are skipped.
+
+  Returns:
+    dict(accuracy=correct / counted (NaN when nothing was counted), num_examples=counted).
+  """
+  tflite_model = _as_model(tflite_model)
+  correct = counted = 0
+  for batch in batches:
+    predictions = np.argmax(tflite_model(batch["image"]), axis=-1)
+    labels = np.asarray(batch["label"])
+    if labels.ndim == 2:
+      labels = np.argmax(labels, axis=-1)
+    mask = np.asarray(batch.get("mask", np.ones(len(labels))), bool)
+    correct += int(np.sum((predictions == labels) & mask))
+    counted += int(np.sum(mask))
+  return dict(accuracy=correct / counted if counted else float("nan"),
+              num_examples=counted)
+
+
+def latency_ms(tflite_model, input_shape, runs=50, warmup=5, num_threads=1):
+  """Wall time of one interpreter invoke on a single image, in milliseconds.
+
+  Args:
+    tflite_model: a `TFLiteModel` (used as is), flatbuffer bytes or a .tflite path.
+    input_shape: one example's shape (H, W, C).
+    runs: timed invokes; warmup: untimed invokes before them.
+    num_threads: interpreter threads when `tflite_model` is not already a `TFLiteModel`.
+
+  Returns:
+    dict(median_ms=..., p90_ms=...).
+  """
+  tflite_model = _as_model(tflite_model, num_threads)
+  batch = tflite_model.input_shape[0]
+  image = np.random.default_rng(0).uniform(size=(batch, *input_shape[-3:]))
+  image = image.astype(np.float32)
+  for _ in range(warmup):
+    tflite_model.invoke(image)
+  times = []
+  for _ in range(runs):
+    start = time.perf_counter()
+    tflite_model.invoke(image)
+    times.append((time.perf_counter() - start) * 1e3)
+  return dict(median_ms=float(np.median(times)), p90_ms=float(np.percentile(times, 90)))
+
+
+def export_all(model, variables, input_shape, out_dir, variants=("fp32", "int8"),
+               representative_images=None, eval_batches_fn=None, parity_images=None,
+               num_threads=1):
+  """Converts, writes and measures each TFLite variant of a student.
+
+  Writes `<out_dir>/student_<variant>.tflite` (out_dir joined as given).
+
+  Args:
+    model, variables, input_shape, representative_images: as for `to_tflite`.
+    out_dir: directory for the .tflite files (created if missing).
+    variants: quantizations to export.
+    eval_batches_fn: optional callable returning a fresh iterator of eval batches
+      (see `evaluate_tflite`).
+    parity_images: optional float32 [N, H, W, C]; logits compared with JAX's.
+    num_threads: interpreter threads for evaluation and latency.
+
+  Returns:
+    {variant: dict(path, bytes, accuracy, num_examples, latency_ms, latency_p90_ms,
+    max_abs_logit_diff, ops)}; accuracy/num_examples are None without
+    eval_batches_fn, max_abs_logit_diff is None without parity_images.
+  """
+  os.makedirs(out_dir, exist_ok=True)
+  jax_logits = None
+  if parity_images is not None:
+    parity_images = np.asarray(parity_images, np.float32)
+    with jax.default_matmul_precision("highest"):  # no TF32 on GPUs: a fair reference
+      jax_logits = np.asarray(jax.jit(_logits_fn(model, variables))(parity_images))
+  results = {}
+  for variant in variants:
+    flatbuffer = to_tflite(model, variables, input_shape, variant, representative_images)
+    path = os.path.join(out_dir, f"student_{variant}.tflite")
+    with open(path, "wb") as f:
+      f.write(flatbuffer)
+    tflite_model = TFLiteModel(flatbuffer, num_threads=num_threads)
+    evaluation = (evaluate_tflite(tflite_model, eval_batches_fn())
+                  if eval_batches_fn is not None else dict(accuracy=None, num_examples=None))
+    latency = latency_ms(tflite_model, input_shape)
+    results[variant] = dict(
+        path=path,
+        bytes=len(flatbuffer),
+        accuracy=evaluation["accuracy"],
+        num_examples=evaluation["num_examples"],
+        latency_ms=latency["median_ms"],
+        latency_p90_ms=latency["p90_ms"],
+        max_abs_logit_diff=(
+            float(np.max(np.abs(tflite_model(parity_images) - jax_logits)))
+            if jax_logits is not None else None),
+        ops=op_names(flatbuffer))
+  return results

@@ -1,0 +1,86 @@
+"""The model zoo: teachers and students of the CRD benchmark, by name.
+
+Flax linen reproductions of the PyTorch definitions of RepDistiller (Tian, Krishnan,
+Isola, "Contrastive Representation Distillation", ICLR 2020) for CIFAR, plus
+torchvision's ImageNet ResNets: same widths, depths, biases and BatchNorm placement,
+hence the same parameter counts.
+
+Example::
+
+  model = create("resnet8", num_classes=100)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  logits, taps = model.apply(variables, images)  # inference
+  (logits, taps), updates = model.apply(variables, images, train=True,
+                                        mutable=["batch_stats"])
+
+Every model takes NHWC float images and returns ``(logits, taps)``; see `Classifier`.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Dict, List
+
+import flax.linen as nn
+
+from kd_jax.models.layers import Classifier
+from kd_jax.models.mobilenetv2 import MobileNetV2
+from kd_jax.models.resnet import BasicBlock, Bottleneck, ResNet
+from kd_jax.models.shufflenet import ShuffleNetV1, ShuffleNetV2
+from kd_jax.models.vgg import CONFIGS as VGG_CONFIGS, VGG
+from kd_jax.models.wrn import WideResNet
+
+__all__ = ["Classifier", "available", "create"]
+
+
+def _cifar_resnet(depth: int, stem_width: int, stage_widths) -> Callable[..., nn.Module]:
+  """RepDistiller's CIFAR ResNet-``depth``: three stages of ``(depth - 2) / 6`` blocks."""
+  n = (depth - 2) // 6
+  return functools.partial(ResNet, stage_sizes=(n, n, n), stem_width=stem_width,
+                           stage_widths=tuple(stage_widths), block=BasicBlock)
+
+
+def _imagenet_resnet(block, stage_sizes) -> Callable[..., nn.Module]:
+  return functools.partial(ResNet, stage_sizes=tuple(stage_sizes), stem_width=64,
+                           stage_widths=(64, 128, 256, 512), block=block,
+                           imagenet_stem=True)
+
+
+_REGISTRY: Dict[str, Callable[..., nn.Module]] = {
+    **{f"resnet{d}": _cifar_resnet(d, 16, (16, 32, 64))
+       for d in (8, 14, 20, 32, 44, 56, 110)},
+    "resnet8x4": _cifar_resnet(8, 32, (64, 128, 256)),
+    "resnet32x4": _cifar_resnet(32, 32, (64, 128, 256)),
+    **{f"wrn_{d}_{k}": functools.partial(WideResNet, depth=d, widen_factor=k)
+       for d in (16, 40) for k in (1, 2)},
+    **{f"vgg{d}": functools.partial(VGG, blocks=cfg) for d, cfg in VGG_CONFIGS.items()},
+    "MobileNetV2": functools.partial(MobileNetV2, expansion=6, width_mult=0.5),
+    "ShuffleV1": ShuffleNetV1,
+    "ShuffleV2": ShuffleNetV2,
+    "resnet18": _imagenet_resnet(BasicBlock, (2, 2, 2, 2)),
+    "resnet34": _imagenet_resnet(BasicBlock, (3, 4, 6, 3)),
+    "resnet50": _imagenet_resnet(Bottleneck, (3, 4, 6, 3)),
+}
+
+
+def available() -> List[str]:
+  """Names accepted by `create`, in registry order."""
+  return list(_REGISTRY)
+
+
+def create(name: str, num_classes: int, **kw) -> nn.Module:
+  """Builds the model ``name``.
+
+  Args:
+    name: one of `available()`.
+    num_classes: size of the logits.
+    **kw: other fields of the module (``dtype``, ``bn_axis_name``, architecture fields).
+
+  Returns:
+    An unbound Flax module; ``apply(variables, x, train=False) -> (logits, taps)``.
+
+  Raises:
+    ValueError: for an unknown name.
+  """
+  if name not in _REGISTRY:
+    raise ValueError(f"unknown model {name!r}; known models: {', '.join(_REGISTRY)}")
+  return _REGISTRY[name](num_classes=num_classes, **kw)

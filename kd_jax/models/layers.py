@@ -1,0 +1,101 @@
+"""Building blocks shared by every model of the zoo.
+
+The zoo reproduces PyTorch definitions, so the pieces here carry PyTorch's conventions:
+BatchNorm with momentum 0.1 on the new batch (Flax ``momentum=0.9``) and ``eps=1e-5``,
+convolutions padded symmetrically by ``kernel_size // 2`` (``padding=k//2`` in PyTorch,
+not Flax's asymmetric ``'SAME'``), and the initialisers RepDistiller uses.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+ModuleDef = Any  # a Module class, or a functools.partial of one
+
+# He et al. (2015) normal init with fan = k*k*out_channels (PyTorch `kaiming_normal_`
+# with mode='fan_out', and RepDistiller's `normal_(0, sqrt(2 / n))`).
+kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# PyTorch's default for Conv2d / Linear weights: kaiming_uniform_(a=sqrt(5)), i.e.
+# U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+# RepDistiller's classifier init for VGG and MobileNetV2.
+small_normal = nn.initializers.normal(0.01)
+
+
+class Classifier(nn.Module):
+  """Fields every model of the zoo has; subclasses implement ``__call__``.
+
+  Attributes:
+    num_classes: size of the logits.
+    dtype: computation dtype (parameters stay float32).
+    bn_axis_name: passed as ``axis_name`` to every BatchNorm, so that a step under
+      ``jax.shard_map`` over that axis normalises with cross-device statistics.
+
+  ``__call__(x, train=False)`` takes NHWC float images and returns
+  ``(logits, taps)``: float32 logits ``[B, num_classes]`` and a dict of named
+  features (``stem``, ``stage_k``, ``preact_stage_k`` where they exist, ``embedding``).
+  """
+  num_classes: int
+  dtype: Any = jnp.float32
+  bn_axis_name: Optional[str] = None
+
+  def norm(self, train: bool) -> ModuleDef:
+    """BatchNorm with PyTorch's defaults, in training or inference mode."""
+    return functools.partial(
+        nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
+        dtype=self.dtype, axis_name=self.bn_axis_name)
+
+  def conv(self, kernel_init: Callable = kaiming_normal_fan_out) -> ModuleDef:
+    """Bias-free convolution in the computation dtype."""
+    return functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
+                             kernel_init=kernel_init)
+
+  def head(self, embedding: jnp.ndarray,
+           kernel_init: Callable = torch_default_init) -> jnp.ndarray:
+    """The final linear classifier; returns float32 logits."""
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=kernel_init,
+                      name="classifier")(embedding)
+    return logits.astype(jnp.float32)
+
+
+def conv2d(conv: ModuleDef, features: int, kernel_size: int, strides: int = 1,
+           groups: int = 1, **kw) -> nn.Module:
+  """A square convolution padded by ``kernel_size // 2`` on every side, as PyTorch's."""
+  pad = kernel_size // 2
+  return conv(features, (kernel_size, kernel_size), strides=(strides, strides),
+              padding=((pad, pad), (pad, pad)), feature_group_count=groups, **kw)
+
+
+class ConvBN(nn.Module):
+  """Convolution, BatchNorm, then ReLU if ``relu``."""
+  features: int
+  kernel_size: int
+  conv: ModuleDef
+  norm: ModuleDef
+  strides: int = 1
+  groups: int = 1
+  use_bias: bool = False
+  relu: bool = True
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    x = conv2d(self.conv, self.features, self.kernel_size, self.strides, self.groups,
+               use_bias=self.use_bias, name="conv")(x)
+    x = self.norm(name="bn")(x)
+    return nn.relu(x) if self.relu else x
+
+
+def global_avg_pool(x: jnp.ndarray) -> jnp.ndarray:
+  """Mean over the spatial axes of an NHWC map, for any spatial size: ``[B, C]``."""
+  return jnp.mean(x, axis=(1, 2))
+
+
+def stage_taps(taps: dict, k: int, out: jnp.ndarray,
+               preact: Optional[jnp.ndarray] = None) -> None:
+  """Records stage ``k``'s output (and its pre-activation, when given) in ``taps``."""
+  taps[f"stage_{k}"] = out
+  if preact is not None:
+    taps[f"preact_stage_{k}"] = preact
