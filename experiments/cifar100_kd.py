@@ -12,6 +12,9 @@ teacher with --config.teacher.checkpoint=DIR; skip the vanilla run with
 --config.train_vanilla=False.
 """
 import ml_collections
+from ml_collections import config_dict
+
+from kd_jax import data
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
@@ -20,16 +23,15 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.log_every_steps = 100
   c.eval_batch_size = 256
 
-  c.data = ml_collections.ConfigDict(dict(
-      name="cifar100", data_dir=None, train_split="train", eval_split="test",
-      image_size=None, augment="cifar", pad=4, flip=True, mean=None, std=None,
-      shuffle_buffer=None, cache="auto"))
+  c.data = data.default_data_config()
+  c.data.name = "cifar100"  # RepDistiller's normalisation, pad 4 + crop + flip
 
   recipe = dict(optimizer="sgd", learning_rate=0.05, momentum=0.9, nesterov=False,
                 weight_decay=5e-4, schedule="step", decay_epochs=(150, 180, 210),
                 decay_factor=0.1, warmup_epochs=0, batch_size=64, epochs=240,
                 checkpoint_every_steps=2000)
-  c.teacher = ml_collections.ConfigDict(dict(name="resnet32x4", checkpoint=None,
+  c.teacher = ml_collections.ConfigDict(dict(
+      name="resnet32x4", checkpoint=config_dict.placeholder(str),
                                              kwargs={}))
   c.teacher.train = ml_collections.ConfigDict(recipe)
   c.student = ml_collections.ConfigDict(dict(name="resnet8x4", kwargs={}))

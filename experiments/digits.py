@@ -10,6 +10,9 @@ which is the same as `kd-jax distill` (this config is the default). The tests ru
 `get_config('tiny')`: `kd-jax distill --config=experiments/digits.py:tiny`.
 """
 import ml_collections
+from ml_collections import config_dict
+
+from kd_jax import data
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
@@ -18,16 +21,14 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.log_every_steps = 20
   c.eval_batch_size = 128
 
-  c.data = ml_collections.ConfigDict(dict(
-      name="kd_digits", data_dir=None, train_split="train", eval_split="test",
-      image_size=None, augment="cifar", pad=1, flip=False, mean=None, std=None,
-      shuffle_buffer=None, cache="auto"))
+  c.data = data.default_data_config()  # kd_digits, with its own defaults
 
   recipe = dict(optimizer="sgd", learning_rate=0.05, momentum=0.9, nesterov=False,
                 weight_decay=5e-4, schedule="cosine", decay_epochs=(), decay_factor=0.1,
                 warmup_epochs=0, batch_size=64, epochs=30, checkpoint_every_steps=100)
 
-  c.teacher = ml_collections.ConfigDict(dict(name="resnet32x4", checkpoint=None,
+  c.teacher = ml_collections.ConfigDict(dict(
+      name="resnet32x4", checkpoint=config_dict.placeholder(str),
                                              kwargs={}))
   c.teacher.train = ml_collections.ConfigDict(recipe)
   c.student = ml_collections.ConfigDict(dict(name="resnet8", kwargs={}))

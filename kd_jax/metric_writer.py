@@ -25,8 +25,8 @@ class MetricWriter:
     self._enabled = jax.process_index() == 0
     self._tb = None
     if self._enabled:
-      import tensorflow as tf  # TensorBoard event files without a torch/tensorboard dep.
-      self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def drop_after(self, phase: str, step: int) -> None:
     """On resume: forget records of `phase` logged after the restored `step`."""
@@ -48,11 +48,9 @@ class MetricWriter:
               **{k: _plain(v) for k, v in metrics.items()}}
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
-    import tensorflow as tf
-    with self._tb.as_default(step=int(step)):
-      for k, v in record.items():
-        if isinstance(v, (int, float)) and k != "step":
-          tf.summary.scalar(f"{phase}/{kind}/{k}", v)
+    for k, v in record.items():
+      if isinstance(v, (int, float)) and k != "step":
+        self._tb.add_scalar(f"{phase}/{kind}/{k}", v, int(step))
     self._tb.flush()
 
   def close(self) -> None:
