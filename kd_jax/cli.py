@@ -51,8 +51,7 @@ def main(argv: list[str] | None = None) -> None:
           UsageError) as e:
     if os.environ.get("KD_JAX_TRACEBACK"):
       raise
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    _fail(msg.strip("'\""))
+    _fail(" ".join(str(e).split()) or type(e).__name__)
 
 
 def _run(command: str, argv: list[str]) -> None:
@@ -62,9 +61,6 @@ def _run(command: str, argv: list[str]) -> None:
   from kd_jax import configs
 
   fv = flags.FlagValues()
-  config_flag = config_flags.DEFINE_config_file(
-      "config", default=configs.DEFAULT_CONFIG, help_string="experiment config file",
-      flag_values=fv)
   flags.DEFINE_string("workdir", None, "where the run writes everything", flag_values=fv)
   flags.DEFINE_string("coordinator_address", None,
                       "multi-host: host:port of process 0", flag_values=fv)
@@ -73,14 +69,19 @@ def _run(command: str, argv: list[str]) -> None:
   flags.DEFINE_integer("process_id", None, "multi-host: this process's index",
                        flag_values=fv)
   try:
+    # Defining the flag reads argv to register the --config.* overrides.
+    config_flag = config_flags.DEFINE_config_file(
+        "config", default=configs.DEFAULT_CONFIG, help_string="experiment config file",
+        flag_values=fv, sys_argv=argv)
     fv(argv)
-  except flags.Error as e:
-    raise UsageError(configs.explain_flag_error(e)) from None
+    config = config_flag.value
+    config.keys()  # the file and its overrides load lazily: force both here
+  except (flags.Error, AttributeError, KeyError, OSError, TypeError, ValueError) as e:
+    raise UsageError(configs.explain_flag_error(e, argv)) from None
 
   from kd_jax import parallel
   parallel.maybe_initialize_distributed(fv.coordinator_address, fv.num_processes,
                                         fv.process_id)
-  config = config_flag.value
   workdir = fv.workdir
   if command in ("evaluate", "export", "report"):
     if not workdir:

@@ -40,14 +40,24 @@ def config_name(config_filename: str) -> str:
   return f"{name}_{variant}" if variant else name
 
 
-def explain_flag_error(error: Exception) -> str:
-  """One line from absl's / ml_collections' flag errors, naming the key to change."""
+def explain_flag_error(error: Exception, argv: list[str]) -> str:
+  """One line from absl's / ml_collections' flag errors, naming what to change."""
   text = " ".join(str(error).split())
-  m = re.search(r"[Kk]ey '?([\w.]+)'? (?:does not exist|not found)", text)
-  if m or "Could not override" in text or "does not exist" in text:
-    key = m.group(1) if m else text
-    return (f"unknown config key in an override ({key}); check the spelling "
-            "against the config file (kd-jax distill --config=FILE)")
+  missing = re.search(r"No such file or directory: '([^']+)'", text)
+  if missing:
+    return (f"config file {missing.group(1)} not found; pass --config=experiments/NAME.py "
+            "(or leave --config out for the default)")
+  if "Error whilst parsing config file" in text:
+    last = str(error).strip().splitlines()[-1]
+    return f"the config file failed: {last.split(': ', 1)[-1]}"
+  if isinstance(error, (AttributeError, KeyError)):
+    key = re.search(r"[A-Za-z_]\w*", text.replace("\\", " ")).group(0)
+    given = [a for a in argv if a.startswith("--config.") and
+             re.search(rf"[.]{re.escape(key)}(=|[.]|$)", a.split("=")[0])]
+    where = f" in {given[0]}" if given else ""
+    hint = re.search(r'Did you mean "(\w+)"', text)
+    fix = f"did you mean {hint.group(1)!r}?" if hint else "check its spelling against the config file"
+    return f"unknown config key {key!r}{where}; {fix}"
   return text
 
 
@@ -67,9 +77,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if isinstance(value, bool) or not isinstance(value, kind):
       want = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
       raise ValueError(f"config key {key} must be {want}, got {value!r}")
+  from kd_jax import parallel
   for key in ("train.batch_size", "teacher.train.batch_size", "eval_batch_size"):
     if _get(config, key) <= 0:
       raise ValueError(f"config key {key} must be positive, got {_get(config, key)}")
+    parallel.check_batch_size(_get(config, key), key)
   from kd_jax import models
   for key in ("teacher.name", "student.name"):
     if _get(config, key) not in models.available():

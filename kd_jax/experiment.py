@@ -60,7 +60,6 @@ def train_phase(config: ml_collections.ConfigDict, *, phase: str, model, train_c
   """Trains `model` for one phase (resuming from its checkpoints) and evaluates it."""
   seed = config.seed if seed is None else seed
   batch = int(train_config.batch_size)
-  parallel.check_batch_size(batch, mesh, f"{'teacher.' if phase == TEACHER else ''}train.batch_size")
   steps_per_epoch = info.num_train // batch
   if steps_per_epoch == 0:
     raise ValueError(f"train.batch_size={batch} exceeds the {info.num_train} training "

@@ -55,9 +55,9 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def check_batch_size(global_batch_size: int, mesh: Mesh, key: str) -> None:
+def check_batch_size(global_batch_size: int, key: str) -> None:
   """Raises a one-line error if a batch does not split evenly over devices and hosts."""
-  n_dev = mesh.devices.size
+  n_dev = jax.device_count()
   if global_batch_size % n_dev:
     raise ValueError(
         f"{key}={global_batch_size} is not divisible by the {n_dev} devices; "

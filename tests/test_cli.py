@@ -1,0 +1,136 @@
+"""`kd-jax` end to end on the tiny digits config: summary, TFLite parity, exact resume, errors."""
+import json
+import os
+import shutil
+
+import pytest
+
+from kd_jax import cli, train
+
+TINY = "experiments/digits.py:tiny"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _kd_jax(*args):
+  cli.main(["kd-jax", *args])
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("tiny"))
+  _kd_jax("distill", f"--config={os.path.join(ROOT, TINY)}", f"--workdir={workdir}")
+  with open(os.path.join(workdir, "summary.json")) as f:
+    return workdir, json.load(f)
+
+
+def test_distill_writes_summary_with_the_design_keys(finished_run):
+  workdir, s = finished_run
+  for key in ("teacher_accuracy", "student_accuracy", "distilled_accuracy", "tflite",
+              "wall_seconds", "student_fingerprint"):
+    assert key in s, key
+  for key in ("teacher_accuracy", "student_accuracy", "distilled_accuracy"):
+    assert 0.1 < s[key] <= 1.0  # above chance on 10 classes after one epoch
+  assert len(s["student_fingerprint"]) == 64
+  for name in ("teacher/model.json", "vanilla/checkpoints", "distilled/checkpoints",
+               "metrics.jsonl", "config.json", "tensorboard"):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  evals = {r["phase"]: r for r in records if r["kind"] == "eval"}
+  assert evals["distilled"]["accuracy"] == s["distilled_accuracy"]
+  assert {"kd", "kd_weighted", "ce"} <= set(
+      next(r for r in records if r["phase"] == "distilled" and r["kind"] == "train"))
+
+
+def test_tflite_variants_match_the_jax_student(finished_run):
+  _, s = finished_run
+  assert set(s["tflite"]) == {"fp32", "int8"}
+  fp32, int8 = s["tflite"]["fp32"], s["tflite"]["int8"]
+  for r in (fp32, int8):
+    assert os.path.getsize(r["path"]) == r["bytes"] > 0
+    assert r["latency_ms"] > 0
+    assert not [op for op in r["ops"] if op.startswith("Flex") or op == "CUSTOM"]
+  assert fp32["max_abs_logit_diff"] < 1e-4
+  assert abs(fp32["accuracy"] - s["distilled_accuracy"]) <= 1 / 359 + 1e-9
+  assert abs(int8["accuracy"] - s["distilled_accuracy"]) <= 0.03
+  assert int8["bytes"] < 0.4 * fp32["bytes"]
+
+
+def test_report_and_evaluate_work_on_the_files_of_the_run(finished_run, capsys):
+  workdir, s = finished_run
+  _kd_jax("report", f"--workdir={workdir}")
+  text = open(os.path.join(workdir, "report.md")).read()
+  assert f"{s['distilled_accuracy']:.4f}" in text
+  _kd_jax("evaluate", f"--workdir={workdir}")
+  with open(os.path.join(workdir, "evaluation.json")) as f:
+    ev = json.load(f)
+  assert ev["distilled"]["accuracy"] == pytest.approx(s["distilled_accuracy"], abs=1e-9)
+  assert ev["teacher"]["accuracy"] == pytest.approx(s["teacher_accuracy"], abs=1e-9)
+
+
+class _Interrupt(Exception):
+  pass
+
+
+def test_rerun_resumes_and_matches_the_uninterrupted_run(finished_run, tmp_path,
+                                                          monkeypatch):
+  workdir, s = finished_run
+  resumed = str(tmp_path / "resumed")
+  os.makedirs(resumed)
+  # The teacher phase is deterministic too; reuse it to keep the test short.
+  shutil.copytree(os.path.join(workdir, "teacher"), os.path.join(resumed, "teacher"))
+  real = train.make_train_step
+  calls = {"n": 0}
+
+  def interrupted_step(*args, **kwargs):
+    step = real(*args, **kwargs)
+
+    def run(*a):
+      calls["n"] += 1
+      if calls["n"] == 44 + 25:  # vanilla's 44 steps, then 25 of the distilled phase
+        raise _Interrupt()
+      return step(*a)
+    return run
+
+  monkeypatch.setattr(train, "make_train_step", interrupted_step)
+  with pytest.raises(_Interrupt):
+    _kd_jax("distill", f"--config={os.path.join(ROOT, TINY)}", f"--workdir={resumed}")
+  assert not os.path.exists(os.path.join(resumed, "summary.json"))
+  assert sorted(os.listdir(os.path.join(resumed, "distilled", "checkpoints"))) == ["10", "20"]
+  monkeypatch.setattr(train, "make_train_step", real)
+  _kd_jax("distill", f"--config={os.path.join(ROOT, TINY)}", f"--workdir={resumed}")
+  with open(os.path.join(resumed, "summary.json")) as f:
+    again = json.load(f)
+  assert again["student_fingerprint"] == s["student_fingerprint"]
+  assert again["distilled_accuracy"] == s["distilled_accuracy"]
+  with open(os.path.join(resumed, "metrics.jsonl")) as f:
+    steps = [json.loads(l)["step"] for l in f if '"distilled"' in l and '"train"' in l]
+  assert steps == sorted(set(steps))  # records past the restored step were dropped
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.student.name=resnet9", "student.name='resnet9' is not a known model; known"),
+    ("--config.data.name=cifar11", "unknown dataset 'cifar11'"),
+    ("--config.nope=1", "unknown config key 'nope' in --config.nope=1"),
+    ("--config.train.learnin_rate=0.1", "did you mean 'learning_rate'"),
+    ("--config.teacher.checkpoint=missing_dir", "teacher checkpoint 'missing_dir' not found"),
+    ("--config.train.batch_size=30", "train.batch_size=30 is not divisible by the 4 devices"),
+])
+def test_bad_input_is_one_line(override, message, tmp_path, capsys):
+  with pytest.raises(SystemExit) as e:
+    _kd_jax("distill", f"--config={os.path.join(ROOT, TINY)}",
+            f"--workdir={tmp_path / 'w'}", override)
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("kd-jax: error: ") and "\n" not in err, err
+  assert message in err
+
+
+def test_a_workdir_of_another_config_is_refused_and_kept(finished_run, capsys):
+  workdir, s = finished_run
+  before = open(os.path.join(workdir, "config.json")).read()
+  with pytest.raises(SystemExit):
+    _kd_jax("distill", f"--config={os.path.join(ROOT, TINY)}", f"--workdir={workdir}",
+            "--config.seed=5")
+  assert "holds a run with a different config (differs at seed)" in capsys.readouterr().err
+  assert open(os.path.join(workdir, "config.json")).read() == before
