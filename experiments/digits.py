@@ -29,9 +29,12 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
   c.teacher = ml_collections.ConfigDict(dict(
       name="resnet32x4", checkpoint=config_dict.placeholder(str),
-                                             kwargs={}))
+      train_split=config_dict.placeholder(str), kwargs={}))
   c.teacher.train = ml_collections.ConfigDict(recipe)
-  c.student = ml_collections.ConfigDict(dict(name="resnet8", kwargs={}))
+  # The student's labelled budget: a slice of the training split (TFDS split syntax);
+  # unset, it trains on data.train_split like the teacher.
+  c.student = ml_collections.ConfigDict(dict(
+      name="resnet8", kwargs={}, train_split=config_dict.placeholder(str)))
   c.train = ml_collections.ConfigDict(recipe)
   c.train_vanilla = True
 

@@ -48,6 +48,16 @@ def _model(config: ml_collections.ConfigDict, which: str, num_classes: int):
   return models.create(spec.name, num_classes, **kw)
 
 
+def _train_data(config: ml_collections.ConfigDict, which: str) -> ml_collections.ConfigDict:
+  """The data config a model trains on: `data`, with `<which>.train_split` if set."""
+  split = config[which].get("train_split")
+  if not split:
+    return config.data
+  data_config = config.data.copy_and_resolve_references()
+  data_config.train_split = split
+  return data_config
+
+
 def _variables_like(model, input_shape) -> Any:
   return jax.eval_shape(lambda: model.init(jax.random.key(0),
                                            jnp.zeros((1, *input_shape)), train=False))
@@ -60,13 +70,15 @@ def train_phase(config: ml_collections.ConfigDict, *, phase: str, model, train_c
   """Trains `model` for one phase (resuming from its checkpoints) and evaluates it."""
   seed = config.seed if seed is None else seed
   batch = int(train_config.batch_size)
-  steps_per_epoch = info.num_train // batch
+  train_data = _train_data(config, TEACHER if phase == TEACHER else "student")
+  num_train = data_lib.get_info(train_data).num_train
+  steps_per_epoch = num_train // batch
   if steps_per_epoch == 0:
-    raise ValueError(f"train.batch_size={batch} exceeds the {info.num_train} training "
+    raise ValueError(f"train.batch_size={batch} exceeds the {num_train} training "
                      "examples; lower it")
   total_steps = int(round(train_config.epochs * steps_per_epoch))
   objective = objective_lib.build(distill_config, total_steps=total_steps,
-                                  steps_per_epoch=steps_per_epoch)
+                                  steps_per_epoch=steps_per_epoch, num_train=num_train)
   schedule = train_lib.learning_rate_schedule(train_config, steps_per_epoch, total_steps)
   optimizer = train_lib.make_optimizer(train_config, schedule)
   input_shape = tuple(info.image_shape)
@@ -75,10 +87,12 @@ def train_phase(config: ml_collections.ConfigDict, *, phase: str, model, train_c
     s_taps = jax.eval_shape(lambda: model.init_with_output(
         jax.random.key(0), x, train=False)[0][1])
     t_taps = jax.eval_shape(lambda: teacher.apply(teacher_variables, x, train=False)[1])
-    objective_lib.check_taps(objective, s_taps, t_taps, config.student.name,
-                             config.teacher.name)
+    objective = objective_lib.resolve(objective, s_taps, t_taps, config.student.name,
+                                      config.teacher.name)
 
-  state = train_lib.init_state(model, optimizer, input_shape, jax.random.key(seed))
+  state = train_lib.init_state(model, optimizer, input_shape, jax.random.key(seed),
+                               objective, teacher, teacher_variables,
+                               batch_size=batch // jax.device_count())
   state = parallel.replicate(state, mesh)
   phase_dir = os.path.join(workdir, phase)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(phase_dir, "checkpoints"),
@@ -91,7 +105,7 @@ def train_phase(config: ml_collections.ConfigDict, *, phase: str, model, train_c
 
   if start < total_steps:
     step_fn = train_lib.make_train_step(model, teacher, objective, optimizer, mesh)
-    batches = data_lib.train_iterator(config.data, global_batch_size=batch, seed=seed,
+    batches = data_lib.train_iterator(train_data, global_batch_size=batch, seed=seed,
                                       start_step=start)
     t_vars = teacher_variables if objective.needs_teacher else {}
     log_every = max(1, int(config.get("log_every_steps", 50)))
@@ -121,6 +135,11 @@ def train_phase(config: ml_collections.ConfigDict, *, phase: str, model, train_c
       teacher=teacher if phase != TEACHER else None,
       teacher_variables=teacher_variables if phase != TEACHER else None)
   writer.write(phase, total_steps, metrics, kind="eval")
+  # The finished phase's model, for `teacher.checkpoint`, evaluate and export.
+  ckpt_lib.save_variables(phase_dir, variables, {
+      "model": config.teacher.name if phase == TEACHER else config.student.name,
+      "phase": phase, "num_classes": info.num_classes, "dataset": config.data.name,
+      "steps": total_steps, "metrics": metrics})
   _log(f"{phase}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
                                 if isinstance(v, float)))
   return PhaseResult(variables, metrics)
@@ -160,9 +179,6 @@ def teacher_phase(config, workdir: str, mesh, info, writer: MetricWriter) -> Pha
                        train_config=config.teacher.train, distill_config={"ce_weight": 1.0},
                        workdir=workdir, mesh=mesh, info=info, writer=writer,
                        seed=config.seed + 1)
-  ckpt_lib.save_variables(source, result.variables,
-                          {"model": config.teacher.name, "num_classes": info.num_classes,
-                           "dataset": config.data.name, "metrics": result.metrics})
   return result
 
 
@@ -251,21 +267,16 @@ def train_teacher(config: ml_collections.ConfigDict, workdir: str) -> PhaseResul
   return result
 
 
-def load_phase(config, workdir: str, phase: str, info) -> Any:
-  """The latest student variables saved by `phase` (vanilla or distilled) in `workdir`."""
+def load_phase(config, workdir: str, phase: str, info) -> tuple[Any, Any]:
+  """The student model and the final variables a finished phase saved in `workdir`."""
   model = _model(config, "student", info.num_classes)
-  directory = os.path.join(workdir, phase, "checkpoints")
-  checkpointer = ckpt_lib.Checkpointer(directory, save_every=1)
-  if checkpointer.latest_step() is None:
-    raise FileNotFoundError(f"no {phase} checkpoint in {directory}; run "
-                            f"`kd-jax distill --workdir={workdir}` first")
-  train_config = config.train
-  schedule = train_lib.learning_rate_schedule(train_config, 1, 1)
-  optimizer = train_lib.make_optimizer(train_config, schedule)
-  like = train_lib.init_state(model, optimizer, tuple(info.image_shape), jax.random.key(0))
-  state = checkpointer.restore(parallel.replicate(like, parallel.data_mesh()))
-  checkpointer.close()
-  return model, state.student_variables
+  directory = os.path.join(workdir, phase)
+  if not ckpt_lib.has_variables(directory):
+    raise FileNotFoundError(f"no finished {phase} phase in {directory}; run "
+                            f"`kd-jax distill --workdir={workdir}` first (it resumes)")
+  variables, _ = ckpt_lib.load_variables(directory,
+                                         _variables_like(model, info.image_shape))
+  return model, variables
 
 
 def evaluate_run(config, workdir: str) -> dict[str, Any]:

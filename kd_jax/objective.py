@@ -18,6 +18,7 @@ import inspect
 import math
 from typing import Any, Callable, Mapping, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -30,13 +31,28 @@ LOGITS, FEATURES, EMBEDDING = "logits", "features", "embedding"
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-  fn: Callable[..., jax.Array]
+  """A registered loss: a pure function, or a Flax module class for learned parts.
+
+  A module method is built as `fn(num_train=..., **hyper)` and called as
+  `module(student, teacher, labels=..., index=..., train=...) -> scalar`; its
+  parameters train with the student and its other collections (BatchNorm statistics,
+  memory banks) live in the train state.
+  """
+  fn: Any
   inputs: str
   needs_labels: bool = False
 
   @property
+  def is_module(self) -> bool:
+    return isinstance(self.fn, type) and issubclass(self.fn, nn.Module)
+
+  @property
   def hyper_parameters(self) -> tuple[str, ...]:
     """Keyword arguments of the loss that a term may set (temperature, p, ...)."""
+    if self.is_module:
+      return tuple(f.name for f in dataclasses.fields(self.fn)
+                   if f.init and f.name not in ("parent", "name", "num_train",
+                                                "bn_axis_name"))
     params = list(inspect.signature(self.fn).parameters.values())
     skip = 3 if self.needs_labels else 2
     return tuple(p.name for p in params[skip:])
@@ -45,9 +61,12 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, fn: Callable[..., jax.Array], inputs: str,
-             needs_labels: bool = False) -> None:
-  """Makes `fn(student, teacher, [labels,] **hyper)` usable as `method=name` in a config."""
+def register(name: str, fn: Any, inputs: str, needs_labels: bool = False) -> None:
+  """Makes `fn` usable as `method=name` in a config's `distill.terms`.
+
+  `fn(student, teacher, [labels,] **hyper) -> scalar` for a pure loss, or a Flax
+  module class (see `Method`) for a method with learned parameters or state.
+  """
   if inputs not in (LOGITS, FEATURES, EMBEDDING):
     raise ValueError(f"inputs must be one of {LOGITS}, {FEATURES}, {EMBEDDING}; got {inputs!r}")
   METHODS[name] = Method(fn, inputs, needs_labels)
@@ -64,7 +83,8 @@ register("rkd", losses.rkd, EMBEDDING)
 register("pkt", losses.pkt, EMBEDDING)
 
 _TERM_KEYS = ("method", "weight", "schedule", "warmup_epochs", "decay_epochs",
-              "student_tap", "teacher_tap", "name")
+              "student_tap", "teacher_tap", "name", "adapter")
+ADAPTERS = ("conv1x1", "linear")
 SCHEDULES = ("constant", "linear_warmup", "cosine", "step")
 
 
@@ -91,27 +111,62 @@ def weight_schedule(weight: float, kind: str = "constant", *, total_steps: int,
   raise ValueError(f"unknown weight schedule {kind!r}; use one of {', '.join(SCHEDULES)}")
 
 
-@dataclasses.dataclass(frozen=True)
-class Term:
-  name: str
+class Adapter(nn.Module):
+  """A learned connector from a student tap to a teacher tap's channels.
+
+  conv1x1: 1×1 convolution + BatchNorm on NHWC maps (FitNet's regressor, as the
+  reference implementations use it); linear: a dense projection of embeddings.
+  """
+  kind: str
+  features: int
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    if self.kind == "conv1x1":
+      x = nn.Conv(self.features, (1, 1), use_bias=False)(x)
+      return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                          axis_name=self.bn_axis_name)(x)
+    return nn.Dense(self.features)(x)
+
+
+class Term(nn.Module):
+  """One objective term: picks its inputs, applies its adapter, evaluates its loss."""
+  name_: str
   method: Method
   weight: Callable[[jax.Array], jax.Array]
   student_tap: str | None
   teacher_tap: str | None
   hyper: Mapping[str, Any]
+  adapter: str | None = None
+  teacher_features: int = 0
+  num_train: int = 0
+  bn_axis_name: str | None = None
 
-  def __call__(self, s_logits, s_taps, t_logits, t_taps, labels) -> jax.Array:
+  @nn.compact
+  def __call__(self, s_logits, s_taps, t_logits, t_taps, labels, index, train: bool):
     if self.method.inputs == LOGITS:
       s, t = s_logits, t_logits
     else:
       s, t = s_taps[self.student_tap], t_taps[self.teacher_tap]
+    if self.adapter:
+      s = Adapter(self.adapter, self.teacher_features, self.bn_axis_name,
+                  name="adapter")(s, train)
+    if self.method.is_module:
+      module = self.method.fn(num_train=self.num_train, bn_axis_name=self.bn_axis_name,
+                              **self.hyper, name="method")
+      return module(s, t, labels=labels, index=index, train=train)
     args = (s, t, labels) if self.method.needs_labels else (s, t)
     return self.method.fn(*args, **self.hyper)
 
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
-  """ce_weight · CE + Σ weight_i(step) · term_i; returns the total and every part."""
+  """ce_weight · CE + Σ weight_i(step) · term_i; returns the total and every part.
+
+  Terms with learned parts (adapters, module methods) keep their parameters in
+  `variables['params'][name]` and their other collections in `variables[collection]`.
+  """
   ce_weight: float
   terms: tuple[Term, ...]
 
@@ -119,21 +174,42 @@ class Objective:
   def needs_teacher(self) -> bool:
     return bool(self.terms)
 
-  def __call__(self, step, s_logits, s_taps, t_logits, t_taps, labels):
+  def init(self, rng, s_logits, s_taps, t_logits, t_taps, labels, index) -> dict:
+    """Variables of every term, keyed by term name inside each collection."""
+    variables: dict[str, dict] = {}
+    for i, term in enumerate(self.terms):
+      v = term.init(jax.random.fold_in(rng, i), s_logits, s_taps, t_logits, t_taps,
+                    labels, index, train=False)
+      for collection, tree in v.items():
+        variables.setdefault(collection, {})[term.name_] = tree
+    return variables
+
+  def __call__(self, step, variables, s_logits, s_taps, t_logits, t_taps, labels,
+               index=None, *, train: bool = True, axis_name: str | None = None):
+    """Returns (total, parts, updated non-param collections)."""
     ce = losses.cross_entropy(s_logits, labels)
     total = self.ce_weight * ce
     parts = {"ce": ce}
+    updates: dict[str, dict] = {}
     for term in self.terms:
-      value = term(s_logits, s_taps, t_logits, t_taps, labels)
+      term_vars = {c: tree[term.name_] for c, tree in variables.items()
+                   if term.name_ in tree}
+      mutable = [c for c in term_vars if c != "params"] if train else False
+      out = term.clone(bn_axis_name=axis_name).apply(
+          term_vars, s_logits, s_taps, t_logits, t_taps, labels, index, train=train,
+          mutable=mutable)
+      value, new = out if mutable is not False else (out, {})
+      for collection, tree in new.items():
+        updates.setdefault(collection, {})[term.name_] = tree
       weighted = term.weight(step) * value
       total = total + weighted
-      parts[f"{term.name}"] = value
-      parts[f"{term.name}_weighted"] = weighted
-    return total, parts
+      parts[term.name_] = value
+      parts[f"{term.name_}_weighted"] = weighted
+    return total, parts, updates
 
 
 def build(distill_config: Mapping[str, Any], *, total_steps: int,
-          steps_per_epoch: int) -> Objective:
+          steps_per_epoch: int, num_train: int = 0) -> Objective:
   """The objective from `config.distill` (`ce_weight`, `terms`); one-line errors."""
   terms, names = [], set()
   for i, spec in enumerate(distill_config.get("terms", ()) or ()):
@@ -168,26 +244,50 @@ def build(distill_config: Mapping[str, Any], *, total_steps: int,
         total_steps=total_steps, steps_per_epoch=steps_per_epoch,
         warmup_epochs=spec.get("warmup_epochs", 0.0),
         decay_epochs=tuple(spec.get("decay_epochs", ())))
+    adapter = spec.get("adapter")
+    if adapter and (adapter not in ADAPTERS or method.inputs == LOGITS):
+      raise ValueError(f"{where}: adapter={adapter!r} is not available here; use "
+                       f"{' or '.join(ADAPTERS)} on a feature or embedding term")
     terms.append(Term(name, method, weight,
                       None if method.inputs == LOGITS else student_tap,
-                      None if method.inputs == LOGITS else teacher_tap, hyper))
+                      None if method.inputs == LOGITS else teacher_tap, hyper,
+                      adapter=adapter, num_train=num_train))
   return Objective(float(distill_config.get("ce_weight", 1.0)), tuple(terms))
 
 
-def check_taps(objective: Objective, student_taps: Mapping[str, Any],
-               teacher_taps: Mapping[str, Any], student_name: str,
-               teacher_name: str) -> None:
-  """Fails in one line on a tap a model lacks or on mismatched shapes."""
+def resolve(objective: Objective, student_taps: Mapping[str, Any],
+            teacher_taps: Mapping[str, Any], student_name: str,
+            teacher_name: str) -> Objective:
+  """Checks every term's taps against the models (one-line errors) and sizes adapters.
+
+  Returns the objective with each adapter's output width set to its teacher tap's.
+  """
+  resolved = []
   for term in objective.terms:
     if term.method.inputs == LOGITS:
+      resolved.append(term)
       continue
     for tap, taps, model in ((term.student_tap, student_taps, student_name),
                              (term.teacher_tap, teacher_taps, teacher_name)):
       if tap not in taps:
-        raise ValueError(f"term {term.name}: {model} has no tap {tap!r}; "
+        raise ValueError(f"term {term.name_}: {model} has no tap {tap!r}; "
                          f"its taps: {', '.join(sorted(taps))}")
-    s, t = student_taps[term.student_tap].shape, teacher_taps[term.teacher_tap].shape
-    if term.method.fn is losses.fitnet and s != t:
-      raise ValueError(f"term {term.name}: student tap {term.student_tap} has shape "
-                       f"{tuple(s)} but teacher tap {term.teacher_tap} has {tuple(t)}; "
-                       "pick taps of equal shape")
+    s = tuple(student_taps[term.student_tap].shape)
+    t = tuple(teacher_taps[term.teacher_tap].shape)
+    if term.adapter == "conv1x1" and (len(s) != 4 or s[1:3] != t[1:3]):
+      raise ValueError(f"term {term.name_}: adapter conv1x1 needs NHWC taps of equal "
+                       f"spatial size, got student {s} and teacher {t}; pick other taps")
+    if term.adapter == "linear" and len(s) != 2:
+      raise ValueError(f"term {term.name_}: adapter linear maps embeddings [B, D], got "
+                       f"student tap {term.student_tap} of shape {s}; use conv1x1")
+    if term.adapter is None and _needs_equal_shapes(term) and s != t:
+      hint = "conv1x1" if len(s) == 4 else "linear"
+      raise ValueError(f"term {term.name_}: student tap {term.student_tap} has shape "
+                       f"{s} but teacher tap {term.teacher_tap} has {t}; add "
+                       f"adapter='{hint}' to the term")
+    resolved.append(term.clone(teacher_features=t[-1]) if term.adapter else term)
+  return dataclasses.replace(objective, terms=tuple(resolved))
+
+
+def _needs_equal_shapes(term: Term) -> bool:
+  return term.method.fn in (losses.fitnet, losses.correlation_congruence)

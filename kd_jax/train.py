@@ -29,8 +29,9 @@ from kd_jax import parallel
 class TrainState:
   """Everything that changes during training; the data position and RNG derive from `step`."""
   step: jax.Array
-  params: Any        # {'student': ...}
+  params: Any        # {'student': ..., 'terms': {term name: ...}}
   batch_stats: Any   # {'student': ...}
+  term_state: Any    # the terms' non-parameter collections (adapter BN, memory banks)
   opt_state: Any
 
   @property
@@ -79,13 +80,29 @@ def make_optimizer(train_config: Mapping[str, Any],
 
 
 def init_state(model: nn.Module, optimizer: optax.GradientTransformation,
-               input_shape: tuple[int, ...], rng: jax.Array) -> TrainState:
-  """Fresh student variables and optimizer state (on the host, unplaced)."""
-  variables = model.init(rng, jnp.zeros((1, *input_shape), jnp.float32), train=False)
+               input_shape: tuple[int, ...], rng: jax.Array,
+               objective: objective_lib.Objective | None = None,
+               teacher: nn.Module | None = None, teacher_variables: Any = None,
+               batch_size: int = 2) -> TrainState:
+  """Fresh student (and objective-term) variables and optimizer state, unplaced.
+
+  `batch_size` is the per-device batch the terms see (memory-free terms ignore it).
+  """
+  s_rng, t_rng = jax.random.split(rng)
+  x = jnp.zeros((batch_size, *input_shape), jnp.float32)
+  variables = model.init(s_rng, x[:1], train=False)
   params = {"student": variables["params"]}
+  term_state = {}
+  if objective is not None and objective.terms:
+    s_logits, s_taps = model.apply(variables, x, train=False)
+    t_logits, t_taps = teacher.apply(teacher_variables, x, train=False)
+    labels = jnp.zeros((batch_size,), jnp.int32)
+    term_vars = objective.init(t_rng, s_logits, s_taps, t_logits, t_taps, labels, labels)
+    params["terms"] = term_vars.pop("params", {})
+    term_state = term_vars
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats={"student": variables.get("batch_stats", {})},
-                    opt_state=optimizer.init(params))
+                    term_state=term_state, opt_state=optimizer.init(params))
 
 
 def make_train_step(student: nn.Module, teacher: nn.Module | None,
@@ -113,10 +130,13 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None,
       (s_logits, s_taps), new_vars = student_train.apply(
           {"params": params["student"], "batch_stats": state.batch_stats["student"]},
           images, train=True, mutable=["batch_stats"], rngs={"dropout": rng})
-      loss, parts = objective(state.step, s_logits, s_taps, t_logits, t_taps, labels)
-      return loss, (parts, s_logits, new_vars["batch_stats"])
+      term_vars = {"params": params.get("terms", {}), **state.term_state}
+      loss, parts, term_state = objective(
+          state.step, term_vars, s_logits, s_taps, t_logits, t_taps, labels,
+          batch.get("index"), train=True, axis_name=axis)
+      return loss, (parts, s_logits, new_vars["batch_stats"], term_state)
 
-    (loss, (parts, logits, new_bs)), grads = jax.value_and_grad(
+    (loss, (parts, logits, new_bs, term_state)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params)
     grads = lax.pmean(grads, axis)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -129,7 +149,9 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None,
           jnp.argmax(logits, -1) == jnp.argmax(t_logits, -1))
     metrics = lax.pmean(metrics, axis)
     new_state = state.replace(step=state.step + 1, params=params,
-                              batch_stats={"student": new_bs}, opt_state=opt_state)
+                              batch_stats={"student": new_bs},
+                              term_state={**state.term_state, **term_state},
+                              opt_state=opt_state)
     return new_state, metrics
 
   step = jax.shard_map(per_shard_step, mesh=mesh,

@@ -21,21 +21,31 @@ def _batch(seed, n=16):
           "label": rng.integers(0, NUM_CLASSES, size=n).astype(np.int32)}
 
 
-def _setup(n_devices, terms=({"method": "kd", "weight": 0.9, "temperature": 4.0},)):
+KD = ({"method": "kd", "weight": 0.9, "temperature": 4.0},)
+FITNET = KD + ({"method": "fitnet", "weight": 100.0, "student_tap": "stage_2",
+                "teacher_tap": "stage_2", "adapter": "conv1x1"},)
+
+
+def _setup(n_devices, terms=KD, teacher_name="resnet14"):
   mesh = Mesh(np.asarray(jax.devices()[:n_devices]), (parallel.DATA_AXIS,))
   student = models.create("resnet8", NUM_CLASSES)
-  teacher = models.create("resnet14", NUM_CLASSES)
+  teacher = models.create(teacher_name, NUM_CLASSES)
   t_vars = teacher.init(jax.random.key(7), jnp.zeros((1, *INPUT)), train=False)
   objective = objective_lib.build({"ce_weight": 0.1, "terms": list(terms)},
                                   total_steps=4, steps_per_epoch=2)
+  x = jnp.zeros((2, *INPUT))
+  objective = objective_lib.resolve(
+      objective, student.apply(student.init(jax.random.key(0), x), x)[1],
+      teacher.apply(t_vars, x)[1], "resnet8", teacher_name)
   schedule = train.learning_rate_schedule(CONFIG, steps_per_epoch=2, total_steps=4)
   optimizer = train.make_optimizer(CONFIG, schedule)
-  state = train.init_state(student, optimizer, INPUT, jax.random.key(0))
+  state = train.init_state(student, optimizer, INPUT, jax.random.key(0), objective,
+                           teacher, t_vars)
   return mesh, student, teacher, t_vars, objective, optimizer, state
 
 
-def _run(n_devices, steps=3):
-  mesh, student, teacher, t_vars, objective, optimizer, state = _setup(n_devices)
+def _run(n_devices, steps=3, **kw):
+  mesh, student, teacher, t_vars, objective, optimizer, state = _setup(n_devices, **kw)
   step_fn = train.make_train_step(student, teacher, objective, optimizer, mesh)
   state = parallel.replicate(state, mesh)
   t_vars = parallel.replicate(t_vars, mesh)
@@ -47,10 +57,12 @@ def _run(n_devices, steps=3):
   return parallel.to_host(state), history, step_fn
 
 
-def test_four_devices_match_one_device():
+@pytest.mark.parametrize("kw", [{}, {"terms": FITNET, "teacher_name": "wrn_16_2"}],
+                         ids=["kd", "kd+fitnet_adapter"])
+def test_four_devices_match_one_device(kw):
   assert jax.device_count() >= 4
-  state1, hist1, _ = _run(1)
-  state4, hist4, _ = _run(4)
+  state1, hist1, _ = _run(1, **kw)
+  state4, hist4, _ = _run(4, **kw)
   # Cross-device BatchNorm statistics and pmean'd gradients make the sharded step
   # the same computation as the single-device one, up to float reassociation.
   chex.assert_trees_all_close(state4.params, state1.params, atol=2e-5, rtol=2e-5)
@@ -58,15 +70,21 @@ def test_four_devices_match_one_device():
   for m1, m4 in zip(hist1, hist4):
     np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-5)
   assert int(state4.step) == 3
+  if "terms" in kw:  # the adapter (1x1 conv 32->64 channels + BN) trains with the student
+    adapter = state4.params["terms"]["fitnet/stage_2"]["adapter"]
+    assert adapter["Conv_0"]["kernel"].shape == (1, 1, 32, 64)
+    chex.assert_trees_all_close(state4.term_state, state1.term_state, atol=2e-5, rtol=2e-5)
+    assert np.any(state4.term_state["batch_stats"]["fitnet/stage_2"]["adapter"]
+                  ["BatchNorm_0"]["mean"] != 0)
 
 
 def test_step_compiles_once():
   mesh, student, teacher, t_vars, objective, optimizer, state = _setup(4)
-  traced = chex.assert_max_traces(n=1)(lambda *args: objective(*args))
+  traced = chex.assert_max_traces(n=1)(lambda *a, **kw: objective(*a, **kw))
 
   class Counting(objective_lib.Objective):
-    def __call__(self, *args):
-      return traced(*args)
+    def __call__(self, *args, **kwargs):
+      return traced(*args, **kwargs)
 
   counting = Counting(objective.ce_weight, objective.terms)
   step_fn = train.make_train_step(student, teacher, counting, optimizer, mesh)
@@ -138,7 +156,12 @@ def test_objective_errors_name_the_fix():
                             total_steps=1, steps_per_epoch=1)
   taps = {"stage_1": jnp.zeros((2, 8, 8, 16))}
   with pytest.raises(ValueError, match="resnet8 has no tap 'stage_9'; its taps: stage_1"):
-    objective_lib.check_taps(obj, taps, taps, "resnet8", "resnet14")
+    objective_lib.resolve(obj, taps, taps, "resnet8", "resnet14")
+  fit = objective_lib.build({"terms": [{"method": "fitnet", "student_tap": "stage_1"}]},
+                            total_steps=1, steps_per_epoch=1)
+  wide = {"stage_1": jnp.zeros((2, 8, 8, 64))}
+  with pytest.raises(ValueError, match="has shape .* add adapter='conv1x1' to the term"):
+    objective_lib.resolve(fit, taps, wide, "resnet8", "resnet8x4")
 
 
 def test_weight_schedules():
