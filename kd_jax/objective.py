@@ -24,9 +24,11 @@ import jax.numpy as jnp
 
 from kd_jax import losses
 
-# What a method compares: the two logits vectors, a pair of taps (feature maps), or a
-# pair of taps that defaults to the penultimate embeddings.
-LOGITS, FEATURES, EMBEDDING = "logits", "features", "embedding"
+# What a method compares: the two logits vectors, a pair of taps (feature maps), a
+# pair of taps that defaults to the penultimate embeddings, or several taps at once
+# (student_tap / teacher_tap are then sequences of names, the loss gets tuples).
+LOGITS, FEATURES, EMBEDDING, MULTI = "logits", "features", "embedding", "multi"
+INPUTS = (LOGITS, FEATURES, EMBEDDING, MULTI)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,13 +69,14 @@ def register(name: str, fn: Any, inputs: str, needs_labels: bool = False) -> Non
   `fn(student, teacher, [labels,] **hyper) -> scalar` for a pure loss, or a Flax
   module class (see `Method`) for a method with learned parameters or state.
   """
-  if inputs not in (LOGITS, FEATURES, EMBEDDING):
-    raise ValueError(f"inputs must be one of {LOGITS}, {FEATURES}, {EMBEDDING}; got {inputs!r}")
+  if inputs not in INPUTS:
+    raise ValueError(f"inputs must be one of {', '.join(INPUTS)}; got {inputs!r}")
   METHODS[name] = Method(fn, inputs, needs_labels)
 
 
 register("kd", losses.kd, LOGITS)
 register("dkd", losses.dkd, LOGITS, needs_labels=True)
+register("lskd", losses.lskd, LOGITS)
 register("fitnet", losses.fitnet, FEATURES)
 register("attention_transfer", losses.attention_transfer, FEATURES)
 register("similarity_preserving", losses.similarity_preserving, FEATURES)
@@ -147,6 +150,9 @@ class Term(nn.Module):
   def __call__(self, s_logits, s_taps, t_logits, t_taps, labels, index, train: bool):
     if self.method.inputs == LOGITS:
       s, t = s_logits, t_logits
+    elif self.method.inputs == MULTI:
+      s = tuple(s_taps[n] for n in self.student_tap)
+      t = tuple(t_taps[n] for n in self.teacher_tap)
     else:
       s, t = s_taps[self.student_tap], t_taps[self.teacher_tap]
     if self.adapter:
@@ -169,6 +175,7 @@ class Objective:
   """
   ce_weight: float
   terms: tuple[Term, ...]
+  label_smoothing: float = 0.0
 
   @property
   def needs_teacher(self) -> bool:
@@ -187,7 +194,7 @@ class Objective:
   def __call__(self, step, variables, s_logits, s_taps, t_logits, t_taps, labels,
                index=None, *, train: bool = True, axis_name: str | None = None):
     """Returns (total, parts, updated non-param collections)."""
-    ce = losses.cross_entropy(s_logits, labels)
+    ce = losses.cross_entropy(s_logits, labels, label_smoothing=self.label_smoothing)
     total = self.ce_weight * ce
     parts = {"ce": ce}
     updates: dict[str, dict] = {}
@@ -228,10 +235,15 @@ def build(distill_config: Mapping[str, Any], *, total_steps: int,
     default_tap = "embedding" if method.inputs == EMBEDDING else None
     student_tap = spec.get("student_tap", default_tap)
     teacher_tap = spec.get("teacher_tap", student_tap)
-    if method.inputs == FEATURES and not student_tap:
+    if method.inputs in (FEATURES, MULTI) and not student_tap:
       raise ValueError(f"{where}: {method_name} compares feature maps; "
                        "set student_tap (and teacher_tap), e.g. student_tap='stage_2'")
-    name = spec.get("name") or (method_name if method.inputs == LOGITS
+    if method.inputs == MULTI:
+      student_tap, teacher_tap = _names(student_tap), _names(teacher_tap)
+      if len(student_tap) != len(teacher_tap):
+        raise ValueError(f"{where}: {method_name} pairs taps one to one; student_tap "
+                         f"has {len(student_tap)} names, teacher_tap {len(teacher_tap)}")
+    name = spec.get("name") or (method_name if method.inputs in (LOGITS, MULTI)
                                 else f"{method_name}/{student_tap}")
     if name in names:
       raise ValueError(f"{where}: a second term named {name!r}; give it name='...'")
@@ -252,7 +264,12 @@ def build(distill_config: Mapping[str, Any], *, total_steps: int,
                       None if method.inputs == LOGITS else student_tap,
                       None if method.inputs == LOGITS else teacher_tap, hyper,
                       adapter=adapter, num_train=num_train))
-  return Objective(float(distill_config.get("ce_weight", 1.0)), tuple(terms))
+  return Objective(float(distill_config.get("ce_weight", 1.0)), tuple(terms),
+                   float(distill_config.get("label_smoothing", 0.0)))
+
+
+def _names(taps: str | Sequence[str]) -> tuple[str, ...]:
+  return tuple(t.strip() for t in taps.split(",")) if isinstance(taps, str) else tuple(taps)
 
 
 def resolve(objective: Objective, student_taps: Mapping[str, Any],
@@ -267,11 +284,15 @@ def resolve(objective: Objective, student_taps: Mapping[str, Any],
     if term.method.inputs == LOGITS:
       resolved.append(term)
       continue
-    for tap, taps, model in ((term.student_tap, student_taps, student_name),
-                             (term.teacher_tap, teacher_taps, teacher_name)):
-      if tap not in taps:
-        raise ValueError(f"term {term.name_}: {model} has no tap {tap!r}; "
-                         f"its taps: {', '.join(sorted(taps))}")
+    for names, taps, model in ((term.student_tap, student_taps, student_name),
+                               (term.teacher_tap, teacher_taps, teacher_name)):
+      for tap in (names if term.method.inputs == MULTI else (names,)):
+        if tap not in taps:
+          raise ValueError(f"term {term.name_}: {model} has no tap {tap!r}; "
+                           f"its taps: {', '.join(sorted(taps))}")
+    if term.method.inputs == MULTI:
+      resolved.append(term)
+      continue
     s = tuple(student_taps[term.student_tap].shape)
     t = tuple(teacher_taps[term.teacher_tap].shape)
     if term.adapter == "conv1x1" and (len(s) != 4 or s[1:3] != t[1:3]):

@@ -1,0 +1,234 @@
+"""The CIFAR-100 distillation benchmark of CRD (RepDistiller) and DKD (mdistiller).
+
+One config per teacher→student pair and method, selected by the variant
+`PAIR:METHOD[:tiny]`, e.g.
+
+  kd-jax distill --config=experiments/cifar100_crd.py:resnet32x4-resnet8x4:kd \
+      --workdir=runs/crd/resnet32x4-resnet8x4/kd
+
+(ml_collections splits `--config` at the first ':' only, so `resnet32x4-resnet8x4:kd`
+reaches `get_config` whole). PAIR is `TEACHER-STUDENT` (see `PAIRS`); METHOD is one of
+`METHODS`. `kd-jax reproduce` runs a set of them and tabulates them against the
+published numbers (see kd_jax/reproduce.py).
+
+Recipe (RepDistiller's train_student.py): 240 epochs, batch 64, SGD momentum 0.9,
+lr 0.05 (0.01 for MobileNetV2 / ShuffleV1 / ShuffleV2 students) ×0.1 at epochs
+150/180/210, weight decay 5e-4; the teacher is trained with the same recipe. The
+objective is RepDistiller's `-r` · CE + `-a` · KD + `-b` · method:
+  kd                      CE 0.1 + KD 0.9, T=4
+  fitnet                  CE 1 + 100 · MSE(conv1x1(student stage_2), teacher stage_2)
+  attention_transfer      CE 1 + 1000 · AT on every stage pair (one term per pair)
+  similarity_preserving   CE 1 + 3000 · SP on the last stage
+  correlation_congruence  CE 1 + 0.02 · CC on the embeddings
+  vid                     CE 1 + 1 · VID on every stage pair
+  rkd                     CE 1 + 1 · RKD on the embeddings (distance 25, angle 50)
+  pkt                     CE 1 + 30000 · PKT on the embeddings
+  nst                     CE 1 + 50 · NST on every stage pair
+  crd                     CE 1 + 0.8 · CRD on the embeddings
+  dkd                     mdistiller: CE 1 + DKD (alpha 1, beta per pair, T=4) with
+                          a linear warm-up of its weight over 20 epochs
+  vanilla                 CE only: the student without a teacher signal
+Distillation variants set `train_vanilla=False`: a run trains one student, reported
+as `distilled_accuracy` in summary.json. The `vanilla` variant's one student is the
+CE-only student, so its `distilled_accuracy` is the vanilla top-1 (and
+`student_accuracy` is null). `c.published` holds the published top-1 (%) of the
+teacher, the vanilla student and the method (`method` = `student` for vanilla).
+Published numbers are the best test accuracy over training (mean of runs for CRD);
+kd-jax reports the final epoch.
+
+Needs CIFAR-100 prepared for TFDS (`tfds build cifar100` on a machine with network,
+then --config.data.data_dir=DIR). Expected runtime on one GPU (an estimate, not a
+measurement): about an hour per student run (187,680 steps), more with the deep
+resnet110 / wrn_40_2 teachers; the teacher trains in the run unless
+--config.teacher.checkpoint=DIR names one (`kd-jax reproduce` trains each once).
+
+`PAIR:METHOD:tiny` runs the same objective in seconds for tests: the offline
+kd_digits dataset, 1 epoch, batch 32, and the smallest model of each family.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+from ml_collections import config_dict
+
+from kd_jax import data
+
+METHODS = ("vanilla", "kd", "fitnet", "attention_transfer", "similarity_preserving",
+           "correlation_congruence", "vid", "rkd", "pkt", "nst", "crd", "dkd")
+
+# The methods of `Pair.method_top1`, in order.
+_METHOD_COLUMNS = METHODS[1:]
+_CRD_TABLE_1 = "Tian et al., Contrastive Representation Distillation, ICLR 2020, Table 1"
+_CRD_TABLE_2 = "Tian et al., Contrastive Representation Distillation, ICLR 2020, Table 2"
+_DKD_SOURCE = ("Zhao et al., Decoupled Knowledge Distillation, CVPR 2022 "
+               "(CIFAR-100 results as listed in mdistiller's README)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+  """A teacher→student pair of the benchmark.
+
+  Attributes:
+    teacher, student: model names of `kd_jax.models`.
+    table: where the CRD paper publishes the pair (Table 1: same architecture family,
+      Table 2: different families, whose embeddings differ in width).
+    dkd_beta: DKD's NCKD weight for the pair (mdistiller configs/cifar100/dkd/*.yaml;
+      8.0, its default, where a file sets none).
+    baseline_top1: published top-1 (%) of the teacher and of the vanilla student.
+    method_top1: published top-1 (%) of each method of `_METHOD_COLUMNS` (CRD paper
+      for all but DKD; DKD paper, as in mdistiller's README, for DKD).
+  """
+  teacher: str
+  student: str
+  table: str
+  dkd_beta: float
+  baseline_top1: tuple[float, float]
+  method_top1: tuple[float, ...]
+
+  @property
+  def cross_architecture(self) -> bool:
+    return self.table == _CRD_TABLE_2
+
+
+PAIRS = {f"{p.teacher}-{p.student}": p for p in (
+    # teacher, student, table, DKD beta, (teacher, vanilla student) top-1, then top-1 of
+    # KD     FitNet AT     SP     CC     VID    RKD    PKT    NST    CRD    DKD
+    Pair("resnet56", "resnet20", _CRD_TABLE_1, 2.0, (72.34, 69.06),
+         (70.66, 69.21, 70.55, 69.67, 69.63, 70.38, 69.61, 70.34, 69.60, 71.16, 71.97)),
+    Pair("resnet110", "resnet32", _CRD_TABLE_1, 2.0, (74.31, 71.14),
+         (73.08, 71.06, 72.31, 72.69, 71.48, 72.61, 71.82, 72.61, 71.96, 73.48, 74.11)),
+    Pair("resnet32x4", "resnet8x4", _CRD_TABLE_1, 8.0, (79.42, 72.50),
+         (73.33, 73.50, 73.44, 72.94, 72.97, 73.09, 71.90, 73.64, 73.30, 75.51, 76.32)),
+    Pair("wrn_40_2", "wrn_16_2", _CRD_TABLE_1, 6.0, (75.61, 73.26),
+         (74.92, 73.58, 74.08, 73.83, 73.56, 74.11, 73.35, 74.54, 73.68, 75.48, 76.23)),
+    Pair("vgg13", "vgg8", _CRD_TABLE_1, 6.0, (74.64, 70.36),
+         (72.98, 71.02, 71.43, 72.68, 70.71, 71.23, 71.48, 72.88, 71.53, 73.94, 74.68)),
+    Pair("vgg13", "MobileNetV2", _CRD_TABLE_2, 6.0, (74.64, 64.60),
+         (67.37, 64.14, 59.40, 66.30, 64.86, 65.56, 64.52, 67.13, 58.16, 69.73, 69.71)),
+    Pair("resnet32x4", "ShuffleV1", _CRD_TABLE_2, 8.0, (79.42, 70.50),
+         (74.07, 73.59, 71.73, 73.48, 71.14, 73.38, 72.28, 74.10, 74.12, 75.11, 76.45)),
+    Pair("resnet32x4", "ShuffleV2", _CRD_TABLE_2, 8.0, (79.42, 71.82),
+         (74.45, 73.54, 72.73, 74.56, 71.29, 73.40, 73.21, 74.69, 74.68, 75.65, 77.07)),
+)}
+
+# RepDistiller trains these students with lr 0.01 instead of 0.05.
+_LOW_LR_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
+# The tiny flavour's stand-in for each model: the smallest of its family, so that the
+# taps the terms name exist and keep their layout.
+_TINY_MODEL = {"resnet56": "resnet8", "resnet20": "resnet8", "resnet110": "resnet8",
+               "resnet32": "resnet8", "resnet32x4": "resnet8x4", "resnet8x4": "resnet8x4",
+               "wrn_40_2": "wrn_16_1", "wrn_16_2": "wrn_16_1", "vgg13": "vgg8",
+               "vgg8": "vgg8"}
+
+
+def _num_stages(model: str) -> int:
+  """Stages (`stage_1..n` taps) of a benchmark model; RepDistiller's feat[1:-1]."""
+  return 4 if model.startswith("vgg") or model == "MobileNetV2" else 3
+
+
+def _tap_term(method: str, weight: float, tap: str, **settings) -> dict:
+  return dict(method=method, weight=weight, student_tap=tap, teacher_tap=tap, **settings)
+
+
+def distill_terms(pair: Pair, method: str) -> tuple[float, list[dict]]:
+  """`(ce_weight, terms)` of RepDistiller's (or, for dkd, mdistiller's) recipe."""
+  stages = [f"stage_{k + 1}" for k in range(
+      min(_num_stages(pair.teacher), _num_stages(pair.student)))]
+  if method == "vanilla":
+    return 1.0, []
+  if method == "kd":
+    return 0.1, [dict(method="kd", weight=0.9, temperature=4.0)]
+  if method == "dkd":
+    return 1.0, [dict(method="dkd", weight=1.0, alpha=1.0, beta=pair.dkd_beta,
+                      temperature=4.0, schedule="linear_warmup", warmup_epochs=20)]
+  if method == "fitnet":  # RepDistiller's hint_layer=2, a regressor on the student
+    return 1.0, [_tap_term("fitnet", 100.0, "stage_2", adapter="conv1x1")]
+  if method in ("attention_transfer", "nst", "vid"):
+    weight = {"attention_transfer": 1000.0, "nst": 50.0, "vid": 1.0}[method]
+    return 1.0, [_tap_term(method, weight, tap) for tap in stages]
+  if method == "similarity_preserving":
+    return 1.0, [_tap_term(method, 3000.0, stages[-1])]
+  if method == "correlation_congruence":
+    # RepDistiller projects both embeddings linearly; across families their widths
+    # differ, so the student's is mapped to the teacher's width.
+    extra = dict(adapter="linear") if pair.cross_architecture else {}
+    return 1.0, [_tap_term(method, 0.02, "embedding", **extra)]
+  if method in ("rkd", "pkt", "crd"):
+    weight = {"rkd": 1.0, "pkt": 30000.0, "crd": 0.8}[method]
+    return 1.0, [_tap_term(method, weight, "embedding")]
+  raise ValueError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}")
+
+
+def published(pair: Pair, method: str) -> dict:
+  """Published top-1 (%) of the pair's teacher, vanilla student and `method`."""
+  teacher, student = pair.baseline_top1
+  top1 = dict(zip(_METHOD_COLUMNS, pair.method_top1), vanilla=student)
+  return dict(teacher=teacher, student=student, method=top1[method],
+              source=_DKD_SOURCE if method == "dkd" else pair.table)
+
+
+def _recipe(learning_rate: float) -> dict:
+  return dict(optimizer="sgd", learning_rate=learning_rate, momentum=0.9, nesterov=False,
+              weight_decay=5e-4, schedule="step", decay_epochs=(150, 180, 210),
+              decay_factor=0.1, warmup_epochs=0, batch_size=64, epochs=240,
+              checkpoint_every_steps=2000)
+
+
+def parse_variant(variant: str) -> tuple[str, str, bool]:
+  """'PAIR:METHOD[:tiny]' -> (pair, method, tiny); one-line errors naming the choices."""
+  parts = variant.split(":") if variant else ["resnet32x4-resnet8x4", "kd"]
+  tiny = parts[-1] == "tiny"
+  if tiny:
+    parts = parts[:-1]
+  if len(parts) != 2:
+    raise ValueError(f"variant {variant!r} of experiments/cifar100_crd.py must be "
+                     "PAIR:METHOD or PAIR:METHOD:tiny, e.g. resnet32x4-resnet8x4:kd")
+  pair, method = parts
+  if pair not in PAIRS:
+    raise ValueError(f"unknown pair {pair!r}; known pairs: {', '.join(PAIRS)}")
+  if method not in METHODS:
+    raise ValueError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}")
+  return pair, method, tiny
+
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+  pair_name, method, tiny = parse_variant(variant)
+  pair = PAIRS[pair_name]
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.log_every_steps = 100
+  c.eval_batch_size = 256
+
+  c.data = data.default_data_config()
+  c.data.name = "cifar100"  # RepDistiller's normalisation, pad 4 + crop + flip
+
+  c.teacher = ml_collections.ConfigDict(dict(
+      name=pair.teacher, checkpoint=config_dict.placeholder(str),
+      train_split=config_dict.placeholder(str), kwargs={}))
+  c.teacher.train = ml_collections.ConfigDict(_recipe(0.05))
+  c.student = ml_collections.ConfigDict(dict(
+      name=pair.student, kwargs={}, train_split=config_dict.placeholder(str)))
+  c.train = ml_collections.ConfigDict(
+      _recipe(0.01 if pair.student in _LOW_LR_STUDENTS else 0.05))
+  c.train_vanilla = False  # the vanilla student is a run of its own (method 'vanilla')
+  ce_weight, terms = distill_terms(pair, method)
+  c.distill = ml_collections.ConfigDict(dict(ce_weight=ce_weight, terms=terms))
+
+  c.export = ml_collections.ConfigDict(dict(
+      variants=("fp32", "int8"), num_calibration_images=512, latency_runs=100))
+  c.published = ml_collections.ConfigDict(published(pair, method))
+
+  if tiny:  # seconds, for tests and smoke runs
+    c.data = data.default_data_config()  # kd_digits, offline
+    c.teacher.name = _TINY_MODEL.get(pair.teacher, pair.teacher)
+    c.student.name = _TINY_MODEL.get(pair.student, pair.student)
+    for r in (c.teacher.train, c.train):
+      r.epochs = 1
+      r.batch_size = 32
+      r.checkpoint_every_steps = 10
+    c.log_every_steps = 5
+    c.eval_batch_size = 128
+    c.export.num_calibration_images = 32
+    c.export.latency_runs = 5
+  return c
