@@ -16,15 +16,18 @@ lr 0.05 (0.01 for MobileNetV2 / ShuffleV1 / ShuffleV2 students) ×0.1 at epochs
 150/180/210, weight decay 5e-4; the teacher is trained with the same recipe. The
 objective is RepDistiller's `-r` · CE + `-a` · KD + `-b` · method:
   kd                      CE 0.1 + KD 0.9, T=4
-  fitnet                  CE 1 + 100 · MSE(conv1x1(student stage_2), teacher stage_2)
+  fitnet                  CE 1 + 100 · MSE(conv1x1+BN(student stage_2), teacher stage_2)
+                          (student stage_1 for the ShuffleNets: see `Pair`)
   attention_transfer      CE 1 + 1000 · AT on every stage pair (one term per pair)
   similarity_preserving   CE 1 + 3000 · SP on the last stage
-  correlation_congruence  CE 1 + 0.02 · CC on the embeddings
+  correlation_congruence  CE 1 + 0.02 · CC on the embeddings (a linear adapter maps the
+                          student's to the teacher's width where they differ)
   vid                     CE 1 + 1 · VID on every stage pair
   rkd                     CE 1 + 1 · RKD on the embeddings (distance 25, angle 50)
   pkt                     CE 1 + 30000 · PKT on the embeddings
   nst                     CE 1 + 50 · NST on every stage pair
-  crd                     CE 1 + 0.8 · CRD on the embeddings
+  crd                     CE 1 + 0.8 · CRD on the embeddings (128-d, 16384 negatives,
+                          τ 0.07, memory momentum 0.5: the loss's defaults)
   dkd                     mdistiller: CE 1 + DKD (alpha 1, beta per pair, T=4) with
                           a linear warm-up of its weight over 20 epochs
   vanilla                 CE only: the student without a teacher signal
@@ -33,8 +36,8 @@ as `distilled_accuracy` in summary.json. The `vanilla` variant's one student is 
 CE-only student, so its `distilled_accuracy` is the vanilla top-1 (and
 `student_accuracy` is null). `c.published` holds the published top-1 (%) of the
 teacher, the vanilla student and the method (`method` = `student` for vanilla).
-Published numbers are the best test accuracy over training (mean of runs for CRD);
-kd-jax reports the final epoch.
+RepDistiller's and mdistiller's scripts track the best test accuracy over the epochs;
+kd-jax reports the last epoch's.
 
 Needs CIFAR-100 prepared for TFDS (`tfds build cifar100` on a machine with network,
 then --config.data.data_dir=DIR). Expected runtime on one GPU (an estimate, not a
@@ -78,6 +81,11 @@ class Pair:
     baseline_top1: published top-1 (%) of the teacher and of the vanilla student.
     method_top1: published top-1 (%) of each method of `_METHOD_COLUMNS` (CRD paper
       for all but DKD; DKD paper, as in mdistiller's README, for DKD).
+    fitnet_student_tap: the student tap FitNet regresses onto the teacher's hint,
+      `stage_2` (RepDistiller's hint_layer=2). ShuffleNets halve the resolution in
+      their first stage, so their `stage_2` is half the size of resnet32x4's; where
+      RepDistiller upsamples it with a transposed convolution, the 1x1 adapter here
+      takes the student stage of the hint's resolution, `stage_1`.
   """
   teacher: str
   student: str
@@ -85,6 +93,7 @@ class Pair:
   dkd_beta: float
   baseline_top1: tuple[float, float]
   method_top1: tuple[float, ...]
+  fitnet_student_tap: str = "stage_2"
 
   @property
   def cross_architecture(self) -> bool:
@@ -107,9 +116,11 @@ PAIRS = {f"{p.teacher}-{p.student}": p for p in (
     Pair("vgg13", "MobileNetV2", _CRD_TABLE_2, 6.0, (74.64, 64.60),
          (67.37, 64.14, 59.40, 66.30, 64.86, 65.56, 64.52, 67.13, 58.16, 69.73, 69.71)),
     Pair("resnet32x4", "ShuffleV1", _CRD_TABLE_2, 8.0, (79.42, 70.50),
-         (74.07, 73.59, 71.73, 73.48, 71.14, 73.38, 72.28, 74.10, 74.12, 75.11, 76.45)),
+         (74.07, 73.59, 71.73, 73.48, 71.14, 73.38, 72.28, 74.10, 74.12, 75.11, 76.45),
+         fitnet_student_tap="stage_1"),
     Pair("resnet32x4", "ShuffleV2", _CRD_TABLE_2, 8.0, (79.42, 71.82),
-         (74.45, 73.54, 72.73, 74.56, 71.29, 73.40, 73.21, 74.69, 74.68, 75.65, 77.07)),
+         (74.45, 73.54, 72.73, 74.56, 71.29, 73.40, 73.21, 74.69, 74.68, 75.65, 77.07),
+         fitnet_student_tap="stage_1"),
 )}
 
 # RepDistiller trains these students with lr 0.01 instead of 0.05.
@@ -142,8 +153,9 @@ def distill_terms(pair: Pair, method: str) -> tuple[float, list[dict]]:
   if method == "dkd":
     return 1.0, [dict(method="dkd", weight=1.0, alpha=1.0, beta=pair.dkd_beta,
                       temperature=4.0, schedule="linear_warmup", warmup_epochs=20)]
-  if method == "fitnet":  # RepDistiller's hint_layer=2, a regressor on the student
-    return 1.0, [_tap_term("fitnet", 100.0, "stage_2", adapter="conv1x1")]
+  if method == "fitnet":  # the teacher's hint, stage_2, regressed from the student
+    return 1.0, [dict(method="fitnet", weight=100.0, student_tap=pair.fitnet_student_tap,
+                      teacher_tap="stage_2", adapter="conv1x1")]
   if method in ("attention_transfer", "nst", "vid"):
     weight = {"attention_transfer": 1000.0, "nst": 50.0, "vid": 1.0}[method]
     return 1.0, [_tap_term(method, weight, tap) for tap in stages]

@@ -19,15 +19,14 @@ def _abstract(tree: Any) -> Any:
 
 
 class Checkpointer:
-  """Saves and restores one phase's `TrainState` under `<directory>`."""
+  """Saves and restores one phase's `TrainState` under `<directory>`; keeps the last `keep`."""
 
-  def __init__(self, directory: str, *, save_every: int, keep: int = 2):
+  def __init__(self, directory: str, *, keep: int = 2):
     self.directory = os.path.abspath(directory)
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            save_interval_steps=max(1, int(save_every)), max_to_keep=keep,
-            enable_async_checkpointing=False, create=True))
+            max_to_keep=keep, enable_async_checkpointing=False, create=True))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -37,8 +36,8 @@ class Checkpointer:
     step = self._manager.latest_step()
     return self._manager.restore(step, args=ocp.args.StandardRestore(_abstract(like)))
 
-  def save(self, step: int, state: Any, *, force: bool = False) -> bool:
-    return self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+  def save(self, step: int, state: Any) -> bool:
+    return self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
 
   def close(self) -> None:
     self._manager.wait_until_finished()

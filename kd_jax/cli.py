@@ -5,6 +5,8 @@
   kd-jax evaluate      --workdir=DIR
   kd-jax export        --workdir=DIR
   kd-jax report        --workdir=DIR
+  kd-jax reproduce     --workdir=DIR [--pairs=P,...] [--methods=M,...] [--tiny]
+                       [--data_dir=DIR] [--export]
 
 With no --config, the embedded default (experiments/digits.py, offline digits) runs.
 Bad input ends in one line naming what to change, with exit status 2.
@@ -14,7 +16,7 @@ from __future__ import annotations
 import os
 import sys
 
-COMMANDS = ("distill", "train-teacher", "evaluate", "export", "report")
+COMMANDS = ("distill", "train-teacher", "evaluate", "export", "report", "reproduce")
 _USAGE = ("usage: kd-jax {" + ",".join(COMMANDS) + "} [--config=FILE[:variant]] "
           "[--workdir=DIR] [--config.KEY=VALUE ...]")
 
@@ -46,7 +48,10 @@ def main(argv: list[str] | None = None) -> None:
   command = argv[1]
   _prepare_environment()
   try:
-    _run(command, [argv[0]] + argv[2:])
+    if command == "reproduce":
+      _run_reproduce([argv[0]] + argv[2:])
+    else:
+      _run(command, [argv[0]] + argv[2:])
   except (ValueError, FileNotFoundError, KeyError, TypeError, AttributeError,
           UsageError) as e:
     if os.environ.get("KD_JAX_TRACEBACK"):
@@ -105,6 +110,31 @@ def _run(command: str, argv: list[str]) -> None:
     experiment.export_run(config, workdir)
   elif command == "report":
     experiment.report_run(config, workdir)
+
+
+# --- kd-jax reproduce: the CIFAR-100 benchmark tables (kd_jax/reproduce.py) ---------
+
+def _run_reproduce(argv: list[str]) -> None:
+  from absl import flags
+
+  fv = flags.FlagValues()
+  flags.DEFINE_string("workdir", None, "where the runs and the tables go", flag_values=fv)
+  flags.DEFINE_list("pairs", None, "teacher-student pairs (default: all)", flag_values=fv)
+  flags.DEFINE_list("methods", None, "methods (default: all)", flag_values=fv)
+  flags.DEFINE_bool("tiny", False, "the seconds-long :tiny flavour of every config",
+                    flag_values=fv)
+  flags.DEFINE_string("data_dir", None, "TFDS data directory holding cifar100",
+                      flag_values=fv)
+  flags.DEFINE_bool("export", False, "also export every student to TFLite", flag_values=fv)
+  try:
+    fv(argv)
+  except flags.Error as e:
+    raise UsageError(" ".join(str(e).split())) from None
+  if not fv.workdir:
+    raise UsageError("kd-jax reproduce needs --workdir=DIR")
+  from kd_jax import reproduce
+  reproduce.run(fv.pairs, fv.methods, fv.workdir, tiny=fv.tiny, data_dir=fv.data_dir,
+                export=fv.export)
 
 
 if __name__ == "__main__":

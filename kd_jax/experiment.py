@@ -95,8 +95,8 @@ def train_phase(config: ml_collections.ConfigDict, *, phase: str, model, train_c
                                batch_size=batch // jax.device_count())
   state = parallel.replicate(state, mesh)
   phase_dir = os.path.join(workdir, phase)
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(phase_dir, "checkpoints"),
-                                       save_every=train_config.checkpoint_every_steps)
+  save_every = max(1, int(train_config.checkpoint_every_steps))
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(phase_dir, "checkpoints"))
   start = checkpointer.latest_step() or 0
   if start:
     state = checkpointer.restore(state)
@@ -123,7 +123,8 @@ def train_phase(config: ml_collections.ConfigDict, *, phase: str, model, train_c
         progress.set_postfix(loss=f"{float(metrics['loss']):.3f}", img_s=f"{rate:.0f}")
         t0, seen = time.perf_counter(), 0
       progress.update(1)
-      checkpointer.save(step + 1, state, force=step + 1 == total_steps)
+      if (step + 1) % save_every == 0 or step + 1 == total_steps:
+        checkpointer.save(step + 1, state)
     progress.close()
   checkpointer.close()
 
@@ -209,7 +210,7 @@ def export_student(config, workdir: str, student, variables, info) -> dict[str, 
       variants=tuple(ecfg.variants), representative_images=rep,
       eval_batches_fn=lambda: data_lib.eval_iterator(
           config.data, batch_size=config.eval_batch_size, process_index=0, process_count=1),
-      parity_images=rep[:16])
+      parity_images=rep[:16], latency_runs=int(ecfg.get("latency_runs", 50)))
   return results
 
 

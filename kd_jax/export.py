@@ -283,7 +283,7 @@ def latency_ms(tflite_model, input_shape, runs=50, warmup=5, num_threads=1):
 
 def export_all(model, variables, input_shape, out_dir, variants=("fp32", "int8"),
                representative_images=None, eval_batches_fn=None, parity_images=None,
-               num_threads=1):
+               num_threads=1, latency_runs=50):
   """Converts, writes and measures each TFLite variant of a student.
 
   Writes `<out_dir>/student_<variant>.tflite` (out_dir joined as given).
@@ -317,7 +317,7 @@ def export_all(model, variables, input_shape, out_dir, variants=("fp32", "int8")
     tflite_model = TFLiteModel(flatbuffer, num_threads=num_threads)
     evaluation = (evaluate_tflite(tflite_model, eval_batches_fn())
                   if eval_batches_fn is not None else dict(accuracy=None, num_examples=None))
-    latency = latency_ms(tflite_model, input_shape)
+    latency = latency_ms(tflite_model, input_shape, runs=latency_runs)
     results[variant] = dict(
         path=path,
         bytes=len(flatbuffer),

@@ -84,6 +84,10 @@ register("nst", losses.nst, FEATURES)
 register("correlation_congruence", losses.correlation_congruence, EMBEDDING)
 register("rkd", losses.rkd, EMBEDDING)
 register("pkt", losses.pkt, EMBEDDING)
+register("vid", losses.VID, FEATURES)
+register("crd", losses.CRD, EMBEDDING)
+register("review_kd", losses.ReviewKD, MULTI)
+register("class_prior", losses.ClassPrior, LOGITS, needs_labels=True)
 
 _TERM_KEYS = ("method", "weight", "schedule", "warmup_epochs", "decay_epochs",
               "student_tap", "teacher_tap", "name", "adapter")

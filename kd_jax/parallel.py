@@ -28,8 +28,8 @@ def maybe_initialize_distributed(coordinator_address: str | None = None,
   A plain single-process run initialises nothing.
   """
   if coordinator_address or num_processes:
-    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS") == "cpu":
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Collectives between CPU processes (tests, CPU clusters); accelerators ignore it.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id)
     return True

@@ -150,6 +150,22 @@ def test_train_batches_have_shapes_and_dtypes(digits_config):
   assert batch["image"].dtype == np.float32
   assert batch["label"].shape == (BATCH,) and batch["label"].dtype == np.int32
   assert set(batch["label"]) <= set(range(10))
+  assert batch["index"].shape == (BATCH,) and batch["index"].dtype == np.int32
+
+
+def test_index_is_the_position_in_the_train_split(digits_config):
+  config = raw_pixels(with_fields(digits_config, augment="none"))
+  builder = tfds.builder("kd_digits", data_dir=config.data_dir)
+  split = list(tfds.as_numpy(builder.as_dataset(split="train")))
+  batches = train_batches(config, STEPS_PER_EPOCH + 1)
+  for batch in batches[:3] + batches[-1:]:
+    for image, label, index in zip(batch["image"], batch["label"], batch["index"]):
+      np.testing.assert_array_equal(as_uint8(image), split[index]["image"])
+      assert label == split[index]["label"]
+  # One epoch visits distinct examples; the next epoch starts over.
+  epoch = np.concatenate([b["index"] for b in batches[:STEPS_PER_EPOCH]])
+  assert len(set(epoch)) == len(epoch) == STEPS_PER_EPOCH * BATCH
+  assert set(epoch) <= set(range(1438))
 
 
 def test_same_seed_same_batches_other_seed_different(digits_config):
@@ -199,7 +215,7 @@ def test_hosts_split_each_global_batch(digits_config):
   for step in range(steps):
     parts = [host[step] for host in hosts]
     assert parts[0]["image"].shape == (BATCH // 2, 8, 8, 1)
-    for key in ("image", "label"):
+    for key in ("image", "label", "index"):
       np.testing.assert_array_equal(
           np.concatenate([p[key] for p in parts]), single[step][key])
   # A host resumes its own slice of the stream.

@@ -11,6 +11,9 @@ cheap to resume:
   [s * B + i * B/P, s * B + (i + 1) * B/P) of it, so the hosts' slices of a step,
   concatenated in host order, are exactly the single-host global batch.
 
+Each training example carries `index`, its position in the training split in file
+order (before shuffling): the row of per-example state such as CRD's memory bank.
+
 Resuming at step `k` starts at epoch `k // steps_per_epoch` and skips the first
 `(k % steps_per_epoch) * B` positions of its shuffled order before anything is decoded
 or augmented. Every host reads the whole split and drops the other hosts' positions
@@ -384,9 +387,11 @@ def train_dataset(
   chunks_per_epoch = steps_per_epoch * process_count
 
   examples, _ = _read_split(source.builder, source.info.train_split)
+  examples = examples.enumerate().map(
+      lambda index, example: (*example, tf.cast(index, tf.int32)))
   if source.cache_decoded:
     examples = examples.map(
-        lambda image, label: (source.decode(image), label),
+        lambda image, label, index: (source.decode(image), label, index),
         num_parallel_calls=tf.data.AUTOTUNE)
   if source.cache:
     examples = examples.cache()
@@ -406,12 +411,12 @@ def train_dataset(
     ).map(lambda chunk, batch: (epoch_index, chunk, batch))
 
   def process(epoch_index, chunk, batch):
-    images, labels = batch
+    images, labels, index = batch
     positions = chunk * per_host + tf.range(per_host, dtype=tf.int64)
-    return _preprocess_batch(
+    return {**_preprocess_batch(
         source, images, labels,
         decoded=source.cache_decoded,
-        seeds=example_seeds(seed, epoch_index, positions))
+        seeds=example_seeds(seed, epoch_index, positions)), "index": index}
 
   return (
       tf.data.Dataset.range(start_epoch, tf.int64.max)
@@ -442,8 +447,9 @@ def train_iterator(
     process_count: number of hosts; None -> `jax.process_count()`.
 
   Returns:
-    An iterator of `{'image': float32 [b, H, W, C] normalised, 'label': int32 [b]}`
-    with `b = global_batch_size // process_count`.
+    An iterator of `{'image': float32 [b, H, W, C] normalised, 'label': int32 [b],
+    'index': int32 [b]}` with `b = global_batch_size // process_count`, `index` being
+    each example's position in the training split (in file order, before shuffling).
   """
   return train_dataset(
       data_config,

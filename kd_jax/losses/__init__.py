@@ -4,11 +4,22 @@ Optax style: every loss takes `(student, teacher, ...)` tensors, returns a
 float32 scalar (float64 for float64 inputs under x64), treats the teacher as a
 constant, and is reduced exactly as the reference implementation (RepDistiller,
 mdistiller), so published loss weights carry over. Feature maps are NHWC.
+
+Methods with learned parameters or state (VID, CRD, ReviewKD, ClassPrior) are
+Flax modules called as `module(student, teacher, labels=..., index=..., train=...)`;
+their parameters train with the student and their state lives in the train state.
 """
 from kd_jax.losses._feature import attention_transfer
 from kd_jax.losses._feature import fitnet
 from kd_jax.losses._feature import nst
 from kd_jax.losses._feature import similarity_preserving
+from kd_jax.losses._learned import CRD
+from kd_jax.losses._learned import ClassPrior
+from kd_jax.losses._learned import ReviewKD
+from kd_jax.losses._learned import VID
+from kd_jax.losses._learned import adaptive_average_pool
+from kd_jax.losses._learned import contrast_loss
+from kd_jax.losses._learned import hierarchical_context_loss
 from kd_jax.losses._logit import cross_entropy
 from kd_jax.losses._logit import dkd
 from kd_jax.losses._logit import kd
@@ -19,11 +30,18 @@ from kd_jax.losses._relation import pkt
 from kd_jax.losses._relation import rkd
 
 __all__ = [
+    "CRD",
+    "ClassPrior",
+    "ReviewKD",
+    "VID",
+    "adaptive_average_pool",
     "attention_transfer",
+    "contrast_loss",
     "correlation_congruence",
     "cross_entropy",
     "dkd",
     "fitnet",
+    "hierarchical_context_loss",
     "kd",
     "lskd",
     "nst",

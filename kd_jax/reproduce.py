@@ -1,0 +1,174 @@
+"""`kd-jax reproduce`: the CIFAR-100 tables of CRD and DKD, measured beside the published.
+
+    kd-jax reproduce --workdir=runs/crd --pairs=resnet32x4-resnet8x4 --methods=kd,dkd
+
+For the chosen pairs and methods of experiments/cifar100_crd.py (all of them by
+default) this trains each distinct teacher once (`DIR/teachers/<teacher>`), each pair's
+CE-only student once (`DIR/<pair>/vanilla`: the table's student column) and each
+method's student from the trained teacher (`DIR/<pair>/<method>`), then writes
+`DIR/reproduce.json` and `DIR/reproduce.md`: per run, the measured top-1 (%) of the
+teacher, the vanilla student and the method beside the published numbers, and the
+differences. Rerunning the command resumes every unfinished run (each is a
+`kd-jax distill` run with its own config.json and checkpoints) and reads finished ones
+back from their summary.json. From a notebook: `run(pairs, methods, workdir)`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional, Sequence
+
+import jax
+import ml_collections
+
+from kd_jax import configs
+from kd_jax import experiment
+from kd_jax.experiments import cifar100_crd
+
+CONFIG_FILE = "experiments/cifar100_crd.py"
+VANILLA = "vanilla"
+QUANTITIES = ("teacher", "student", "method")  # top-1 of each, per row
+
+
+def _select(names: Optional[Sequence[str]], known: Sequence[str], what: str) -> list[str]:
+  """`names` in order without repeats (all of `known` if empty); one-line errors."""
+  if not names:
+    return list(known)
+  unknown = [n for n in names if n not in known]
+  if unknown:
+    raise ValueError(f"unknown {what} {', '.join(map(repr, unknown))}; known {what}s: "
+                     f"{', '.join(known)}")
+  return list(dict.fromkeys(names))
+
+
+def variant(pair: str, method: str, tiny: bool = False) -> str:
+  """The `get_config` variant of cifar100_crd.py for one run."""
+  return f"{pair}:{method}" + (":tiny" if tiny else "")
+
+
+def run_config(pair: str, method: str, tiny: bool = False, *,
+               data_dir: Optional[str] = None,
+               export: bool = False) -> ml_collections.ConfigDict:
+  """One run's config: the benchmark variant, TFLite export off unless `export`."""
+  config = cifar100_crd.get_config(variant(pair, method, tiny))
+  if data_dir:
+    config.data.data_dir = data_dir
+  if not export:
+    config.export.variants = ()
+  configs.validate(config)
+  return config
+
+
+def _teacher_part(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """What defines a run's teacher; saved beside it so a different one is refused."""
+  return ml_collections.ConfigDict(dict(seed=config.seed, data=config.data.to_dict(),
+                                        teacher=config.teacher.to_dict()))
+
+
+def _distill(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """The summary of a finished `kd-jax distill` run in `workdir`, running it if needed."""
+  configs.save_run_config(config, workdir)  # refuses a workdir of another config
+  path = os.path.join(workdir, "summary.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  return experiment.distill(config, workdir)
+
+
+def _percent(accuracy: Optional[float]) -> Optional[float]:
+  return None if accuracy is None else 100.0 * accuracy
+
+
+def run(pairs: Optional[Sequence[str]], methods: Optional[Sequence[str]], workdir: str,
+        tiny: bool = False, *, data_dir: Optional[str] = None,
+        export: bool = False) -> list[dict[str, Any]]:
+  """Runs (or resumes) the chosen pairs × methods; returns the rows of the table.
+
+  Args:
+    pairs: names of `cifar100_crd.PAIRS` ('resnet32x4-resnet8x4', ...); None: all.
+    methods: names of `cifar100_crd.METHODS` ('kd', 'dkd', ...); None: all.
+    workdir: where every run, reproduce.json and reproduce.md go.
+    tiny: the `:tiny` flavour of each config (kd_digits, 1 epoch, small models).
+    data_dir: TFDS data directory holding cifar100 (`data.data_dir`).
+    export: also export each student to TFLite (off: accuracy is what the table needs).
+
+  Returns:
+    One dict per pair × method: `pair`, `method`, `teacher`, `student` (model names),
+    `config`, `workdir`, and `measured`, `published`, `difference` (measured −
+    published), each a dict of top-1 (%) for `teacher`, `student` (vanilla), `method`.
+
+  Raises:
+    ValueError: an unknown pair or method (one line, listing the known ones).
+  """
+  pairs = _select(pairs, list(cifar100_crd.PAIRS), "pair")
+  methods = _select(methods, cifar100_crd.METHODS, "method")
+  runs = {(pair, method): run_config(pair, method, tiny, data_dir=data_dir, export=export)
+          for pair in pairs for method in dict.fromkeys([VANILLA, *methods])}
+
+  teacher_dirs: dict[str, str] = {}
+  for config in runs.values():
+    name = config.teacher.name
+    if name not in teacher_dirs:
+      teacher_dirs[name] = os.path.join(workdir, "teachers", name)
+      configs.save_run_config(_teacher_part(config), teacher_dirs[name])
+      experiment._log(f"reproduce: teacher {name} in {teacher_dirs[name]}")
+      experiment.train_teacher(config, teacher_dirs[name])
+
+  summaries = {}
+  for (pair, method), config in runs.items():
+    config.teacher.checkpoint = teacher_dirs[config.teacher.name]
+    run_dir = os.path.join(workdir, pair, method)
+    experiment._log(f"reproduce: {pair} {method} in {run_dir}")
+    summaries[pair, method] = _distill(config, run_dir)
+
+  rows = []
+  for pair in pairs:
+    for method in methods:
+      config, summary = runs[pair, method], summaries[pair, method]
+      measured = dict(teacher=_percent(summary["teacher_accuracy"]),
+                      student=_percent(summaries[pair, VANILLA]["distilled_accuracy"]),
+                      method=_percent(summary["distilled_accuracy"]))
+      published = {k: config.published[k] for k in QUANTITIES}
+      rows.append(dict(
+          pair=pair, method=method, teacher=config.teacher.name,
+          student=config.student.name,
+          config=f"{CONFIG_FILE}:{variant(pair, method, tiny)}",
+          workdir=os.path.join(workdir, pair, method), measured=measured,
+          published=published,
+          difference={k: None if measured[k] is None else measured[k] - published[k]
+                      for k in QUANTITIES}))
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "reproduce.json"), "w") as f:
+      json.dump(dict(tiny=tiny, runs=rows), f, indent=2)
+    with open(os.path.join(workdir, "reproduce.md"), "w") as f:
+      f.write(markdown(rows, tiny))
+    experiment._log(f"reproduce: wrote {os.path.join(workdir, 'reproduce.md')}")
+  return rows
+
+
+def _cell(x: Optional[float], signed: bool = False) -> str:
+  if x is None:
+    return "—"
+  return f"{x:+.2f}" if signed else f"{x:.2f}"
+
+
+def markdown(rows: Sequence[dict[str, Any]], tiny: bool = False) -> str:
+  """The table of `run`'s rows: measured, published and Δ for teacher, student, method."""
+  lines = ["# CIFAR-100: kd-jax against the published top-1 (%)", "",
+           "Measured: top-1 on the test split after the last epoch. Published: CRD paper "
+           "(Tian et al., ICLR 2020, Tables 1-2) and, for dkd, the DKD paper (Zhao et al., "
+           "CVPR 2022), whose scripts track the best epoch. Δ = measured − published.", ""]
+  if tiny:
+    lines += ["**Tiny flavour**: smoke runs on kd_digits with small models, not comparable "
+              "to the published numbers.", ""]
+  header = ["pair", "method"]
+  for what in ("teacher", "vanilla student", "method"):
+    header += [what, "published", "Δ"]
+  lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for r in rows:
+    cells = [r["pair"], r["method"]]
+    for k in QUANTITIES:
+      cells += [_cell(r["measured"][k]), _cell(r["published"][k]),
+                _cell(r["difference"][k], signed=True)]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
