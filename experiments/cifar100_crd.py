@@ -45,7 +45,7 @@ measurement): about an hour per student run (187,680 steps), more with the deep
 resnet110 / wrn_40_2 teachers; the teacher trains in the run unless
 --config.teacher.checkpoint=DIR names one (`kd-jax reproduce` trains each once).
 
-`PAIR:METHOD:tiny` runs the same objective in seconds for tests: the offline
+`PAIR:METHOD:tiny` runs the same objective in under a minute on a CPU: the offline
 kd_digits dataset, 1 epoch, batch 32, and the smallest model of each family.
 """
 from __future__ import annotations
@@ -231,7 +231,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       variants=("fp32", "int8"), num_calibration_images=512, latency_runs=100))
   c.published = ml_collections.ConfigDict(published(pair, method))
 
-  if tiny:  # seconds, for tests and smoke runs
+  if tiny:  # well under a minute per run on a CPU: for tests and smoke runs
     c.data = data.default_data_config()  # kd_digits, offline
     c.teacher.name = _TINY_MODEL.get(pair.teacher, pair.teacher)
     c.student.name = _TINY_MODEL.get(pair.student, pair.student)

@@ -23,7 +23,7 @@ if it is missing. Needs imagenet2012 prepared for TFDS (--config.data.data_dir=D
 
 Expected runtime (an estimate, not a measurement): roughly a day on 8 A100-class GPUs
 for the teacher and again for each student. The `:tiny` flavours (e.g.
-`imagenet_kd.py:kd:tiny`) run in seconds on the offline kd_digits with resnet8 models
+`imagenet_kd.py:kd:tiny`) run in about a minute on a CPU, on kd_digits with resnet8 models
 and train their own teacher.
 """
 import ml_collections
@@ -82,7 +82,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       teacher=_PUBLISHED["teacher"], student=_PUBLISHED["student"],
       method=_PUBLISHED[method], source=_SOURCE))
 
-  if flavour == "tiny":  # seconds, for tests and smoke runs
+  if flavour == "tiny":  # well under a minute on a CPU: for tests and smoke runs
     c.data = data.default_data_config()  # kd_digits, offline
     c.teacher.name = c.student.name = "resnet8"
     c.teacher.checkpoint = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Any
 
 import jax
@@ -31,10 +32,25 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def restore(self, like: Any) -> Any:
-    """The latest saved state, with the structure, dtypes and shardings of `like`."""
-    step = self._manager.latest_step()
-    return self._manager.restore(step, args=ocp.args.StandardRestore(_abstract(like)))
+  def restore(self, like: Any, *, before: int | None = None) -> tuple[int, Any] | None:
+    """The newest readable state (at a step < `before`, if given), shaped like `like`.
+
+    A damaged checkpoint (truncated or corrupted files) is skipped with a warning and
+    the previous one is used; returns None when no checkpoint can be read.
+    """
+    abstract = _abstract(like)
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      if before is not None and step >= before:
+        continue
+      try:
+        state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        _check_finite_structure(state, like)
+        return step, state
+      except Exception as e:  # orbax raises many types for damaged files
+        warnings.warn(f"checkpoint {step} in {self.directory} is unreadable "
+                      f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                      "using the previous one")
+    return None
 
   def save(self, step: int, state: Any) -> bool:
     return self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
@@ -42,6 +58,11 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _check_finite_structure(state: Any, like: Any) -> None:
+  if jax.tree.structure(state) != jax.tree.structure(like):
+    raise ValueError("checkpoint structure differs from the train state")
 
 
 def save_variables(directory: str, variables: Any, meta: dict[str, Any]) -> None:

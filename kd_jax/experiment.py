@@ -79,7 +79,9 @@ def train_phase(config: ml_collections.ConfigDict, *, phase: str, model, train_c
   total_steps = int(round(train_config.epochs * steps_per_epoch))
   objective = objective_lib.build(distill_config, total_steps=total_steps,
                                   steps_per_epoch=steps_per_epoch, num_train=num_train)
-  schedule = train_lib.learning_rate_schedule(train_config, steps_per_epoch, total_steps)
+  accumulate = max(1, int(train_config.get("accumulation_steps", 1)))
+  schedule = train_lib.learning_rate_schedule(  # in optimizer updates
+      train_config, max(1, steps_per_epoch // accumulate), max(1, total_steps // accumulate))
   optimizer = train_lib.make_optimizer(train_config, schedule)
   input_shape = tuple(info.image_shape)
   if objective.needs_teacher:
@@ -90,41 +92,71 @@ def train_phase(config: ml_collections.ConfigDict, *, phase: str, model, train_c
     objective = objective_lib.resolve(objective, s_taps, t_taps, config.student.name,
                                       config.teacher.name)
 
-  state = train_lib.init_state(model, optimizer, input_shape, jax.random.key(seed),
-                               objective, teacher, teacher_variables,
-                               batch_size=batch // jax.device_count())
-  state = parallel.replicate(state, mesh)
+  def fresh_state():
+    return parallel.replicate(train_lib.init_state(
+        model, optimizer, input_shape, jax.random.key(seed), objective, teacher,
+        teacher_variables, batch_size=batch // jax.device_count()), mesh)
+
+  state = fresh_state()
   phase_dir = os.path.join(workdir, phase)
   save_every = max(1, int(train_config.checkpoint_every_steps))
   checkpointer = ckpt_lib.Checkpointer(os.path.join(phase_dir, "checkpoints"))
-  start = checkpointer.latest_step() or 0
-  if start:
-    state = checkpointer.restore(state)
+  restored = checkpointer.restore(state)
+  start = 0
+  if restored:
+    start, state = restored
     writer.drop_after(phase, start)
     _log(f"{phase}: resuming from step {start}/{total_steps}")
 
+  max_nonfinite = int(train_config.get("max_nonfinite_steps", 5))
+  rollback_factor = float(train_config.get("rollback_lr_factor", 0.5))
+  max_rollbacks = int(train_config.get("max_rollbacks", 3))
+  rollbacks = 0
   if start < total_steps:
     step_fn = train_lib.make_train_step(model, teacher, objective, optimizer, mesh)
-    batches = data_lib.train_iterator(train_data, global_batch_size=batch, seed=seed,
-                                      start_step=start)
     t_vars = teacher_variables if objective.needs_teacher else {}
     log_every = max(1, int(config.get("log_every_steps", 50)))
     progress = _progress(phase, start, total_steps)
-    t0, seen = time.perf_counter(), 0
-    for step in range(start, total_steps):
+    batches = data_lib.train_iterator(train_data, global_batch_size=batch, seed=seed,
+                                      start_step=start)
+    t0, seen, step = time.perf_counter(), 0, start
+    while step < total_steps:
       batch_arrays = parallel.to_global(next(batches), mesh)
       state, metrics = step_fn(state, t_vars, batch_arrays, train_lib.step_rng(seed, step))
+      step += 1
       seen += batch
-      if (step + 1) % log_every == 0 or step + 1 == total_steps:
+      if int(state.nonfinite) >= max_nonfinite:  # roll back with a lower learning rate
+        if rollbacks == max_rollbacks:
+          raise FloatingPointError(
+              f"{phase}: {max_nonfinite} non-finite steps in a row after {rollbacks} "
+              "rollbacks; lower train.learning_rate or check the data")
+        rollbacks += 1
+        lr_scale = float(state.lr_scale) * rollback_factor
+        restored = checkpointer.restore(state, before=step)
+        good, state = restored if restored else (0, fresh_state())
+        state = state.replace(lr_scale=jnp.full_like(state.lr_scale, lr_scale),
+                              nonfinite=jnp.zeros_like(state.nonfinite))
+        writer.write(phase, good, {"rollback_from_step": step, "lr_scale": lr_scale},
+                     kind="rollback")
+        _log(f"{phase}: {max_nonfinite} non-finite steps in a row at step {step}; rolled "
+             f"back to step {good} with learning rate x{lr_scale:g}")
+        step = good
+        batches = data_lib.train_iterator(train_data, global_batch_size=batch,
+                                          seed=seed, start_step=step)
+        progress.reset(total=total_steps)
+        progress.update(step)
+        continue
+      if step % log_every == 0 or step == total_steps:
         metrics = jax.device_get(metrics)
         rate = seen / (time.perf_counter() - t0)
-        writer.write(phase, step + 1, {**metrics, "learning_rate": schedule(step),
-                                       "images_per_second": rate})
+        writer.write(phase, step, {**metrics, "images_per_second": rate,
+                                   "learning_rate": schedule((step - 1) // accumulate)
+                                   * float(state.lr_scale)})
         progress.set_postfix(loss=f"{float(metrics['loss']):.3f}", img_s=f"{rate:.0f}")
         t0, seen = time.perf_counter(), 0
       progress.update(1)
-      if (step + 1) % save_every == 0 or step + 1 == total_steps:
-        checkpointer.save(step + 1, state)
+      if step % save_every == 0 or step == total_steps:
+        checkpointer.save(step, state)
     progress.close()
   checkpointer.close()
 

@@ -30,8 +30,11 @@ VANILLA = "vanilla"
 QUANTITIES = ("teacher", "student", "method")  # top-1 of each, per row
 
 
-def _select(names: Optional[Sequence[str]], known: Sequence[str], what: str) -> list[str]:
-  """`names` in order without repeats (all of `known` if empty); one-line errors."""
+def _select(names: Optional[Sequence[str] | str], known: Sequence[str],
+            what: str) -> list[str]:
+  """`names` (or 'a,b') in order without repeats (all of `known` if empty); one-line errors."""
+  if isinstance(names, str):
+    names = [n.strip() for n in names.split(",") if n.strip()]
   if not names:
     return list(known)
   unknown = [n for n in names if n not in known]
@@ -85,8 +88,9 @@ def run(pairs: Optional[Sequence[str]], methods: Optional[Sequence[str]], workdi
   """Runs (or resumes) the chosen pairs × methods; returns the rows of the table.
 
   Args:
-    pairs: names of `cifar100_crd.PAIRS` ('resnet32x4-resnet8x4', ...); None: all.
-    methods: names of `cifar100_crd.METHODS` ('kd', 'dkd', ...); None: all.
+    pairs: names of `cifar100_crd.PAIRS` ('resnet32x4-resnet8x4', ...) as a sequence
+      or a comma-separated string; None: all.
+    methods: names of `cifar100_crd.METHODS` ('kd', 'dkd', ...), likewise; None: all.
     workdir: where every run, reproduce.json and reproduce.md go.
     tiny: the `:tiny` flavour of each config (kd_digits, 1 epoch, small models).
     data_dir: TFDS data directory holding cifar100 (`data.data_dir`).

@@ -33,6 +33,8 @@ class TrainState:
   batch_stats: Any   # {'student': ...}
   term_state: Any    # the terms' non-parameter collections (adapter BN, memory banks)
   opt_state: Any
+  nonfinite: jax.Array  # consecutive steps skipped for a non-finite loss or gradient
+  lr_scale: jax.Array   # multiplies every update; lowered by a rollback
 
   @property
   def student_variables(self) -> dict[str, Any]:
@@ -66,17 +68,25 @@ def learning_rate_schedule(train_config: Mapping[str, Any], steps_per_epoch: int
 
 def make_optimizer(train_config: Mapping[str, Any],
                    schedule: optax.Schedule) -> optax.GradientTransformation:
-  """SGD with momentum and coupled weight decay (PyTorch's SGD), or AdamW."""
+  """SGD with momentum and coupled weight decay (PyTorch's SGD), or AdamW.
+
+  With `accumulation_steps` k > 1 the gradients of k consecutive steps are averaged
+  (optax.MultiSteps) before one update, so k steps of batch b update like one of k·b;
+  the schedule then counts updates, not steps.
+  """
   name = train_config.get("optimizer", "sgd")
   wd = float(train_config.get("weight_decay", 0.0))
   if name == "sgd":
-    return optax.chain(
+    opt = optax.chain(
         optax.add_decayed_weights(wd) if wd else optax.identity(),
         optax.sgd(schedule, momentum=train_config.get("momentum", 0.9) or None,
                   nesterov=bool(train_config.get("nesterov", False))))
-  if name == "adamw":
-    return optax.adamw(schedule, weight_decay=wd)
-  raise ValueError(f"train.optimizer={name!r} is unknown; use sgd or adamw")
+  elif name == "adamw":
+    opt = optax.adamw(schedule, weight_decay=wd)
+  else:
+    raise ValueError(f"train.optimizer={name!r} is unknown; use sgd or adamw")
+  k = int(train_config.get("accumulation_steps", 1))
+  return optax.MultiSteps(opt, every_k_schedule=k) if k > 1 else opt
 
 
 def init_state(model: nn.Module, optimizer: optax.GradientTransformation,
@@ -102,7 +112,8 @@ def init_state(model: nn.Module, optimizer: optax.GradientTransformation,
     term_state = term_vars
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats={"student": variables.get("batch_stats", {})},
-                    term_state=term_state, opt_state=optimizer.init(params))
+                    term_state=term_state, opt_state=optimizer.init(params),
+                    nonfinite=jnp.zeros((), jnp.int32), lr_scale=jnp.ones((), jnp.float32))
 
 
 def make_train_step(student: nn.Module, teacher: nn.Module | None,
@@ -139,19 +150,28 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None,
     (loss, (parts, logits, new_bs, term_state)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params)
     grads = lax.pmean(grads, axis)
+    grad_norm = optax.global_norm(grads)
+    # A non-finite loss or gradient (on any device) skips the whole update.
+    finite = lax.pmin((jnp.isfinite(loss) & jnp.isfinite(grad_norm)).astype(jnp.int32),
+                      axis) == 1
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    updates = jax.tree.map(lambda u: u * state.lr_scale.astype(u.dtype), updates)
     params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     metrics = {"loss": loss, **parts,
                "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
-               "grad_norm": optax.global_norm(grads)}
+               "grad_norm": grad_norm}
     if t_logits is not None:
       metrics["teacher_agreement"] = jnp.mean(
           jnp.argmax(logits, -1) == jnp.argmax(t_logits, -1))
     metrics = lax.pmean(metrics, axis)
-    new_state = state.replace(step=state.step + 1, params=params,
-                              batch_stats={"student": new_bs},
-                              term_state={**state.term_state, **term_state},
-                              opt_state=opt_state)
+    new_state = state.replace(
+        step=state.step + 1, params=keep(params, state.params),
+        batch_stats=keep({"student": new_bs}, state.batch_stats),
+        term_state=keep({**state.term_state, **term_state}, state.term_state),
+        opt_state=keep(opt_state, state.opt_state),
+        nonfinite=jnp.where(finite, 0, state.nonfinite + 1))
+    metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
     return new_state, metrics
 
   step = jax.shard_map(per_shard_step, mesh=mesh,

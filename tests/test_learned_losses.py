@@ -80,9 +80,9 @@ def np_conv(f, kernel, bias=None):
 def np_batch_norm_train(f, params, eps=1e-5):
   """BatchNorm2d in training mode: batch mean and biased variance per channel."""
   mean, var = f.mean(axis=(0, 2, 3)), f.var(axis=(0, 2, 3))
-  scale = np.asarray(params["scale"], np.float64).reshape(1, -1, 1, 1)
-  bias = np.asarray(params["bias"], np.float64).reshape(1, -1, 1, 1)
-  return (f - mean.reshape(1, -1, 1, 1)) / np.sqrt(var.reshape(1, -1, 1, 1) + eps) * scale + bias, mean
+  channel = lambda v: np.asarray(v, np.float64).reshape(1, -1, 1, 1)
+  normalized = (f - channel(mean)) / np.sqrt(channel(var) + eps)
+  return normalized * channel(params["scale"]) + channel(params["bias"]), mean
 
 
 def np_vid(student, teacher, params, eps=1e-5):

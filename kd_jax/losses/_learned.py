@@ -283,12 +283,12 @@ class CRD(nn.Module):
   def _negatives(self, key: jax.Array, draws: jax.Array, batch: int) -> jax.Array:
     """`[batch, nce_k]` uniform indices: this device's rows of the global batch's draw."""
     rng = jax.random.fold_in(jax.random.wrap_key_data(key), draws)
-    if self.bn_axis_name is None:
-      return jax.random.randint(rng, (batch, self.nce_k), 0, self.num_train)
-    devices = jax.lax.axis_size(self.bn_axis_name)
+    devices, rank = 1, 0
+    if self.bn_axis_name is not None:
+      devices = jax.lax.axis_size(self.bn_axis_name)
+      rank = jax.lax.axis_index(self.bn_axis_name)
     drawn = jax.random.randint(rng, (batch * devices, self.nce_k), 0, self.num_train)
-    start = jax.lax.axis_index(self.bn_axis_name) * batch
-    return jax.lax.dynamic_slice_in_dim(drawn, start, batch)
+    return jax.lax.dynamic_slice_in_dim(drawn, rank * batch, batch)
 
   def _scores(self, memory: jax.Array, contrast: jax.Array, v: jax.Array) -> jax.Array:
     """`exp(M[contrast_bk] . v_b / T)`, `[B, K + 1]`; the memory is a constant."""
@@ -426,17 +426,21 @@ class ReviewKD(nn.Module):
 # --- class-prior matching -------------------------------------------------------------
 
 
+def _class_means(probs: jax.Array, labels: jax.Array, num_classes: int):
+  """Mean row of `probs` per label (`[C, K]`, zero for absent classes), and presence `[C]`."""
+  n = jax.ops.segment_sum(jnp.ones_like(labels), labels, num_segments=num_classes)
+  sums = jax.ops.segment_sum(probs, labels, num_segments=num_classes)
+  return sums / jnp.maximum(n, 1)[:, None].astype(probs.dtype), n > 0
+
+
 def _update_class_means(prior: jax.Array, count: jax.Array, labels: jax.Array,
                         probs: jax.Array, momentum: float):
   """Running per-class means of `probs` (see `ClassPrior`); returns (prior, count)."""
-  num_classes = prior.shape[0]
-  sums = jax.ops.segment_sum(probs, labels, num_segments=num_classes)
-  n = jax.ops.segment_sum(jnp.ones_like(labels), labels, num_segments=num_classes)
-  present = n > 0
-  mean = sums / jnp.maximum(n, 1)[:, None].astype(probs.dtype)
+  mean, present = _class_means(probs, labels, prior.shape[0])
   blended = jnp.where((count > 0)[:, None],
                       momentum * prior + (1.0 - momentum) * mean, mean)
-  return jnp.where(present[:, None], blended, prior), count + present
+  return (jnp.where(present[:, None], blended, prior).astype(prior.dtype),
+          count + present)
 
 
 class ClassPrior(nn.Module):
@@ -453,7 +457,8 @@ class ClassPrior(nn.Module):
   `pi` (so the first batch has a target). With `q_c = mean_{i: y_i = c} p_s,i`
   over the (per-device) batch and `P` the classes present in it,
 
-    L = T^2 / |P| sum_{c in P} KL(pi_c || q_c) = T^2 / |P| sum_c sum_k pi_ck log(pi_ck / q_ck),
+    L = T^2 / |P| sum_{c in P} KL(pi_c || q_c)
+      = T^2 / |P| sum_{c in P} sum_k pi_ck (log pi_ck - log q_ck),
 
   scaled by `T^2` as Hinton's KD so that the gradient scale does not depend on `T`.
   Unlike KD, it matches class-conditional averages rather than each example, so the
@@ -471,6 +476,8 @@ class ClassPrior(nn.Module):
 
   Call args: student and teacher logits `[B, C]`, labels int `[B]`; train: update
   the priors. Returns the scalar loss.
+
+  This method is this framework's own (no reference implementation to match).
   """
   num_train: int = 0
   bn_axis_name: Optional[str] = None
@@ -494,11 +501,9 @@ class ClassPrior(nn.Module):
           _all_gather(jax.nn.softmax(teacher / self.temperature), self.bn_axis_name),
           self.momentum)
     target = jax.lax.stop_gradient(prior.value)
-    n = jax.ops.segment_sum(jnp.ones_like(labels), labels, num_segments=num_classes)
-    present = n > 0
-    q = jax.ops.segment_sum(jax.nn.softmax(student / self.temperature), labels,
-                            num_segments=num_classes)
-    q = jnp.where(present[:, None], q / jnp.maximum(n, 1)[:, None], 1.0)
+    q, present = _class_means(jax.nn.softmax(student / self.temperature), labels,
+                              num_classes)
+    q = jnp.where(present[:, None], q, 1.0)  # absent classes: finite, then masked out
     kl = jnp.sum(jax.scipy.special.xlogy(target, target) - target * jnp.log(q), axis=-1)
     return (self.temperature ** 2 * jnp.sum(jnp.where(present, kl, 0.0))
             / jnp.sum(present))
