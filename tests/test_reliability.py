@@ -1,0 +1,126 @@
+"""Reliability: gradient accumulation, the non-finite guard's rollback, damaged checkpoints."""
+import glob
+import json
+import os
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh
+
+from kd_jax import checkpoint, experiment, objective as objective_lib, parallel, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class _MLP(nn.Module):
+  """No BatchNorm, so accumulated and big-batch gradients are the same computation."""
+  num_classes: int = 10
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    h = nn.relu(nn.Dense(16)(x.reshape(x.shape[0], -1)))
+    return nn.Dense(self.num_classes)(h), {"embedding": h}
+
+
+def _accumulated_params(k, batches):
+  cfg = dict(optimizer="sgd", momentum=0.9, weight_decay=5e-4, accumulation_steps=k)
+  optimizer = train.make_optimizer(cfg, optax.constant_schedule(0.1))
+  model = _MLP()
+  mesh = Mesh(np.asarray(jax.devices()[:4]), (parallel.DATA_AXIS,))
+  obj = objective_lib.build({"ce_weight": 1.0}, total_steps=8, steps_per_epoch=8)
+  state = parallel.replicate(train.init_state(model, optimizer, (8, 8, 1),
+                                              jax.random.key(0)), mesh)
+  step_fn = train.make_train_step(model, None, obj, optimizer, mesh)
+  for i, b in enumerate(batches):
+    state, _ = step_fn(state, {}, parallel.to_global(b, mesh), train.step_rng(0, i))
+  return parallel.to_host(state.params)
+
+
+def test_accumulated_update_equals_the_big_batch_update():
+  rng = np.random.default_rng(0)
+  big = {"image": rng.normal(size=(32, 8, 8, 1)).astype(np.float32),
+         "label": rng.integers(0, 10, 32).astype(np.int32)}
+  micro = [{k: v[i * 8:(i + 1) * 8] for k, v in big.items()} for i in range(4)]
+  once = _accumulated_params(1, [big])
+  accumulated = _accumulated_params(4, micro)
+  chex.assert_trees_all_close(accumulated, once, atol=1e-6, rtol=1e-5)
+  first_three = _accumulated_params(4, micro[:3])  # no update before the k-th step
+  chex.assert_trees_all_equal(first_three, _accumulated_params(1, []))
+
+
+def _tiny_teacher_config(**train_overrides):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "digits_tiny", os.path.join(ROOT, "experiments", "digits.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config("tiny")
+  c.teacher.train.update(train_overrides)
+  return c
+
+
+def test_nonfinite_steps_roll_back_to_the_last_checkpoint(tmp_path, monkeypatch):
+  real = experiment.data_lib.train_iterator
+  made = []
+
+  def poisoned(*args, start_step=0, **kwargs):
+    it = real(*args, start_step=start_step, **kwargs)
+    first = not made
+    made.append(start_step)
+    for step, b in enumerate(it, start=start_step):
+      if first and step in (11, 12):  # steps 12 and 13 see NaN images, once
+        b = {**b, "image": np.full_like(b["image"], np.nan)}
+      yield b
+
+  monkeypatch.setattr(experiment.data_lib, "train_iterator", poisoned)
+  c = _tiny_teacher_config(max_nonfinite_steps=2, rollback_lr_factor=0.5)
+  result = experiment.train_teacher(c, str(tmp_path))
+  assert made == [0, 10]  # a fresh iterator from the restored step 10
+  with open(tmp_path / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  rollbacks = [r for r in records if r["kind"] == "rollback"]
+  assert rollbacks == [{"phase": "teacher", "kind": "rollback", "step": 10,
+                        "rollback_from_step": 13, "lr_scale": 0.5}]
+  chex.assert_tree_all_finite(result.variables)
+  assert result.metrics["accuracy"] > 0.3
+  trains = [r for r in records if r["kind"] == "train" and r["step"] > 13]
+  assert trains and all(r["skipped"] == 0 for r in trains)
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path):
+  c = _tiny_teacher_config()
+  first = experiment.train_teacher(c, str(tmp_path / "a"))
+  ckpts = tmp_path / "a" / "teacher" / "checkpoints"
+  assert sorted(os.listdir(ckpts), key=int) == ["40", "44"]
+  # Simulate a crash during the last save: the phase is unfinished and the newest
+  # checkpoint's data files are truncated.
+  os.remove(tmp_path / "a" / "teacher" / "model.json")
+  data_files = [p for p in glob.glob(str(ckpts / "44" / "**" / "*"), recursive=True)
+                if os.path.isfile(p) and os.path.getsize(p) > 64]
+  assert data_files
+  for path in data_files:
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 3)
+  with pytest.warns(UserWarning, match="checkpoint 44 .* unreadable.*using the previous"):
+    second = experiment.train_teacher(c, str(tmp_path / "a"))
+  # Resumed from step 40 and replayed 40..44 exactly.
+  chex.assert_trees_all_equal(second.variables, first.variables)
+
+
+def test_checkpointer_restore_skips_unreadable_and_returns_none_when_empty(tmp_path):
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "c"))
+  like = {"w": jnp.zeros((3,))}
+  assert ckpt.restore(like) is None
+  ckpt.save(1, {"w": jnp.ones((3,))})
+  ckpt.save(2, {"w": 2 * jnp.ones((3,))})
+  step, state = ckpt.restore(like)
+  assert step == 2 and float(state["w"][0]) == 2.0
+  step, state = ckpt.restore(like, before=2)
+  assert step == 1 and float(state["w"][0]) == 1.0
+  ckpt.close()
