@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import warnings
 from typing import Any
 
@@ -47,10 +48,21 @@ class Checkpointer:
         _check_finite_structure(state, like)
         return step, state
       except Exception as e:  # orbax raises many types for damaged files
+        aside = self._move_aside(step)
         warnings.warn(f"checkpoint {step} in {self.directory} is unreadable "
                       f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                      "using the previous one")
+                      f"using the previous one (kept the damaged one in {aside})")
     return None
+
+  def _move_aside(self, step: int) -> str:
+    """Moves a damaged step out of the manager's way, keeping its files."""
+    aside = os.path.join(os.path.dirname(self.directory), "damaged_checkpoints", str(step))
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(aside), exist_ok=True)
+      shutil.rmtree(aside, ignore_errors=True)
+      shutil.move(os.path.join(self.directory, str(step)), aside)
+    self._manager.reload()
+    return aside
 
   def save(self, step: int, state: Any) -> bool:
     return self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
