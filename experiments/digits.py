@@ -24,6 +24,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.seed = 0
   c.log_every_steps = 20
   c.eval_batch_size = 128
+  c.mixed_precision = False  # True: bfloat16 compute, float32 params/optimizer/losses
 
   c.data = data.default_data_config()  # kd_digits, with its own defaults
 

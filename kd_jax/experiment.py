@@ -43,8 +43,10 @@ def _log(msg: str) -> None:
 
 
 def _model(config: ml_collections.ConfigDict, which: str, num_classes: int):
+  """The teacher or student; `mixed_precision=True` computes in bfloat16 (params stay fp32)."""
   spec = config[which]
   kw = dict(spec.get("kwargs", {}) or {})
+  kw.setdefault("dtype", jnp.bfloat16 if config.get("mixed_precision") else jnp.float32)
   return models.create(spec.name, num_classes, **kw)
 
 
@@ -238,7 +240,7 @@ def export_student(config, workdir: str, student, variables, info) -> dict[str, 
   ecfg = config.export
   rep = data_lib.representative_images(config.data, int(ecfg.num_calibration_images))
   results = export_lib.export_all(
-      student, variables, tuple(info.image_shape), os.path.join(workdir, "export"),
+      student.clone(dtype=jnp.float32), variables, tuple(info.image_shape), os.path.join(workdir, "export"),
       variants=tuple(ecfg.variants), representative_images=rep,
       eval_batches_fn=lambda: data_lib.eval_iterator(
           config.data, batch_size=config.eval_batch_size, process_index=0, process_count=1),

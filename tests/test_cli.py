@@ -134,3 +134,32 @@ def test_a_workdir_of_another_config_is_refused_and_kept(finished_run, capsys):
             "--config.seed=5")
   assert "holds a run with a different config (differs at seed)" in capsys.readouterr().err
   assert open(os.path.join(workdir, "config.json")).read() == before
+
+
+def test_sigkill_mid_phase_then_rerun_ends_with_the_same_student(finished_run, tmp_path):
+  import signal
+  import subprocess
+  import sys
+  import time
+  workdir, s = finished_run
+  killed = str(tmp_path / "killed")
+  os.makedirs(killed)
+  shutil.copytree(os.path.join(workdir, "teacher"), os.path.join(killed, "teacher"))
+  # Same numerics as this process: its XLA flags (4 CPU devices) and fast compiles.
+  env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "true", "JAX_PLATFORMS": "cpu"}
+  cmd = [sys.executable, "-m", "kd_jax.cli", "distill",
+         f"--config={os.path.join(ROOT, TINY)}", f"--workdir={killed}"]
+  proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  marker = os.path.join(killed, "distilled", "checkpoints", "10")
+  deadline = time.time() + 600
+  while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)  # somewhere in steps 10..27 of the distilled phase
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  assert not os.path.exists(os.path.join(killed, "summary.json"))
+  _kd_jax("distill", f"--config={os.path.join(ROOT, TINY)}", f"--workdir={killed}")
+  with open(os.path.join(killed, "summary.json")) as f:
+    again = json.load(f)
+  assert again["student_fingerprint"] == s["student_fingerprint"]
