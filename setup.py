@@ -41,7 +41,7 @@ setup(
     package_dir={"kd_jax.experiments": "experiments"},
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100"],
     },
     entry_points={"console_scripts": ["kd-jax=kd_jax.cli:main"]},
     classifiers=[

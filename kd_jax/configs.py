@@ -67,26 +67,133 @@ def _get(config: Any, dotted: str) -> Any:
   return config
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Fails before any work, in one line naming the key, on a missing or mistyped key."""
+# Keys a config may add to those of the default config, with their types (None: any).
+OPTIONAL = {
+    "published": None, "mixed_precision": bool, "teacher.kwargs": None,
+    "student.kwargs": None,
+    **{f"{p}train.{k}": t for p in ("", "teacher.") for k, t in (
+        ("accumulation_steps", int), ("max_nonfinite_steps", int),
+        ("rollback_lr_factor", float), ("max_rollbacks", int))},
+}
+_FREE = ("published", "teacher.kwargs", "student.kwargs", "distill.terms", "data.cache")
+
+
+def _schema() -> dict[str, Any]:
+  """Every key of the default config with the type its value must have."""
+  import importlib.util
+  import sys
+  name = "kd_jax_default_experiment"
+  if name not in sys.modules:
+    spec = importlib.util.spec_from_file_location(name, DEFAULT_CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+  schema = {}
+
+  def walk(cfg, prefix):
+    for key in cfg.keys():
+      ref = cfg.get_ref(key) if hasattr(cfg, "get_ref") else None
+      value = cfg[key]
+      if isinstance(value, ml_collections.ConfigDict):
+        walk(value, prefix + key + ".")
+      else:
+        schema[prefix + key] = ref.get_type() if ref is not None else type(value)
+  walk(sys.modules[name].get_config(), "")
+  return {**schema, **OPTIONAL}
+
+
+def _type_ok(value: Any, kind: Any) -> bool:
+  if kind is None or kind is object:
+    return True
+  if value is None:
+    return True  # unset placeholders take the dataset's / model's default
+  if kind is bool:
+    return isinstance(value, bool)
+  if isinstance(value, bool):
+    return False
+  if kind is float:
+    return isinstance(value, (int, float))
+  if kind in (tuple, list):
+    return isinstance(value, (tuple, list))
+  return isinstance(value, kind)
+
+
+def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key in config.keys():
+    value = config[key]
+    dotted = prefix + str(key)
+    if isinstance(value, (dict, ml_collections.ConfigDict)) and not any(
+        dotted == f or dotted.startswith(f + ".") for f in _FREE):
+      out.update(_flatten(value, dotted + "."))
+    else:
+      out[dotted] = value
+  return out
+
+
+def validate(config: ml_collections.ConfigDict, *, deep: bool = False) -> None:
+  """Fails before any work, in one line naming the key and the fix.
+
+  Checks every key against the default config's (unknown keys, wrong types, missing
+  required keys), the objective's terms, batch sizes against the devices, model names,
+  and — with `deep` — the dataset and every term's taps against the two models.
+  """
+  schema = _schema()
+  flat = _flatten(config)
+  for key, value in flat.items():
+    if key not in schema:
+      parent = key.rpartition(".")[0]
+      siblings = sorted(k.rpartition(".")[2] for k in schema
+                        if k.rpartition(".")[0] == parent)
+      raise ValueError(f"unknown config key {key}; the keys of "
+                       f"{parent or 'the config'} are {', '.join(siblings)}")
+    kind = schema[key]
+    if not _type_ok(value, kind):
+      raise ValueError(f"config key {key} must be {getattr(kind, '__name__', kind)}, "
+                       f"got {value!r}")
   for key, kind in REQUIRED.items():
-    try:
-      value = _get(config, key)
-    except (KeyError, AttributeError):
-      raise ValueError(f"config key {key} is missing; add it to the config file") from None
-    if isinstance(value, bool) or not isinstance(value, kind):
-      want = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-      raise ValueError(f"config key {key} must be {want}, got {value!r}")
+    if key not in flat or flat[key] is None:
+      raise ValueError(f"config key {key} is missing; add it to the config file")
   from kd_jax import parallel
   for key in ("train.batch_size", "teacher.train.batch_size", "eval_batch_size"):
-    if _get(config, key) <= 0:
-      raise ValueError(f"config key {key} must be positive, got {_get(config, key)}")
-    parallel.check_batch_size(_get(config, key), key)
+    if flat[key] <= 0:
+      raise ValueError(f"config key {key} must be positive, got {flat[key]}")
+    parallel.check_batch_size(flat[key], key)
+  for key in ("train.epochs", "teacher.train.epochs", "train.learning_rate",
+              "teacher.train.learning_rate"):
+    if flat.get(key) is not None and flat[key] < 0:
+      raise ValueError(f"config key {key} must not be negative, got {flat[key]}")
   from kd_jax import models
   for key in ("teacher.name", "student.name"):
-    if _get(config, key) not in models.available():
-      raise ValueError(f"{key}={_get(config, key)!r} is not a known model; known models: "
+    if flat[key] not in models.available():
+      raise ValueError(f"{key}={flat[key]!r} is not a known model; known models: "
                        f"{', '.join(models.available())}")
+  from kd_jax import objective
+  terms = config.distill.get("terms", ()) or ()
+  if not isinstance(terms, (list, tuple)) or not all(
+      isinstance(t, (dict, ml_collections.ConfigDict)) for t in terms):
+    raise ValueError("config key distill.terms must be a list of dicts such as "
+                     "dict(method='kd', weight=0.9)")
+  obj = objective.build(config.distill, total_steps=1, steps_per_epoch=1)
+  if deep:
+    _check_taps(config, obj)
+
+
+def _check_taps(config, obj) -> None:
+  import jax
+  import jax.numpy as jnp
+
+  from kd_jax import data, models, objective
+  if not any(t.method.inputs != objective.LOGITS for t in obj.terms):
+    return
+  info = data.get_info(config.data)
+  x = jnp.zeros((2, *info.image_shape))
+
+  def taps(name):
+    model = models.create(name, info.num_classes)
+    return jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), x)[0][1])
+  objective.resolve(obj, taps(config.student.name), taps(config.teacher.name),
+                    config.student.name, config.teacher.name)
 
 
 def save_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -46,3 +46,56 @@ def test_digits_configs_build_their_objective(name, variant, expected_terms):
 def test_default_config_is_the_digits_file():
   assert os.path.samefile(configs.DEFAULT_CONFIG, os.path.join(EXPERIMENTS, "digits.py"))
   assert configs.config_name("experiments/digits.py:tiny") == "digits_tiny"
+
+
+# --- Malformed configs: only one-line messages naming a key, never a traceback. -----
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+import ml_collections  # noqa: E402
+
+_TINY = _load("digits", "tiny").to_dict()
+
+
+def _leaf_paths(d, prefix=()):
+  for k, v in d.items():
+    if isinstance(v, dict):
+      yield from _leaf_paths(v, prefix + (k,))
+    else:
+      yield prefix + (k,)
+
+
+_PATHS = sorted(_leaf_paths(_TINY))
+_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 100), st.floats(-1, 1e3),
+                    st.text(max_size=8), st.lists(st.integers(0, 3), max_size=3),
+                    st.just({"method": "kdd"}), st.just([{"method": "kd", "alpha": 2}]),
+                    st.just([{"method": "attention_transfer", "student_tap": "stage_9"}]),
+                    st.just([{"method": "fitnet", "student_tap": "stage_2"}]))
+
+
+def _mutate(config, path, action, value, new_key):
+  node = config
+  for k in path[:-1]:
+    node = node[k]
+  if action == "set":
+    node[path[-1]] = value
+  elif action == "delete":
+    del node[path[-1]]
+  else:
+    node[new_key] = value
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+@given(path=st.sampled_from(_PATHS), action=st.sampled_from(["set", "delete", "add"]),
+       value=_VALUES, new_key=st.from_regex(r"[a-z]{3,8}", fullmatch=True))
+def test_malformed_configs_get_one_line_errors(path, action, value, new_key):
+  import copy
+  raw = copy.deepcopy(_TINY)
+  _mutate(raw, path, action, value, new_key)
+  config = ml_collections.ConfigDict(raw)
+  try:
+    configs.validate(config, deep=True)
+  except (ValueError, FileNotFoundError) as e:
+    message = str(e)
+    assert message and "\n" not in message, message
+    assert "Traceback" not in message
+  # Passing is fine: the mutation left a valid config (e.g. an int for a float).
