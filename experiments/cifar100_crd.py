@@ -55,7 +55,7 @@ import dataclasses
 import ml_collections
 from ml_collections import config_dict
 
-from kd_jax import data
+from kd_jax import configs, data
 
 METHODS = ("vanilla", "kd", "fitnet", "attention_transfer", "similarity_preserving",
            "correlation_congruence", "vid", "rkd", "pkt", "nst", "crd", "dkd")
@@ -232,15 +232,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.published = ml_collections.ConfigDict(published(pair, method))
 
   if tiny:  # well under a minute per run on a CPU: for tests and smoke runs
-    c.data = data.default_data_config()  # kd_digits, offline
+    configs.shrink_to_tiny(c)
     c.teacher.name = _TINY_MODEL.get(pair.teacher, pair.teacher)
     c.student.name = _TINY_MODEL.get(pair.student, pair.student)
-    for r in (c.teacher.train, c.train):
-      r.epochs = 1
-      r.batch_size = 32
-      r.checkpoint_every_steps = 10
-    c.log_every_steps = 5
-    c.eval_batch_size = 128
-    c.export.num_calibration_images = 32
-    c.export.latency_runs = 5
   return c

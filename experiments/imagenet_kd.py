@@ -29,7 +29,7 @@ and train their own teacher.
 import ml_collections
 from ml_collections import config_dict
 
-from kd_jax import data
+from kd_jax import configs, data
 
 _SOURCE = ("Zhao et al., Decoupled Knowledge Distillation, CVPR 2022 (ImageNet results "
            "as listed in mdistiller's README); teacher and student: torchvision")
@@ -83,15 +83,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       method=_PUBLISHED[method], source=_SOURCE))
 
   if flavour == "tiny":  # well under a minute on a CPU: for tests and smoke runs
-    c.data = data.default_data_config()  # kd_digits, offline
+    configs.shrink_to_tiny(c)
     c.teacher.name = c.student.name = "resnet8"
     c.teacher.checkpoint = None
-    for r in (c.teacher.train, c.train):
-      r.epochs = 1
-      r.batch_size = 32
-      r.checkpoint_every_steps = 10
-    c.log_every_steps = 5
-    c.eval_batch_size = 128
-    c.export.num_calibration_images = 32
-    c.export.latency_runs = 5
   return c

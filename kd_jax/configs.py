@@ -33,6 +33,20 @@ REQUIRED = {
 }
 
 
+def shrink_to_tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A config's smoke-test flavour: offline kd_digits, one epoch, small batches.
+
+  Models are left to the caller (each experiment knows its small stand-ins).
+  """
+  from kd_jax import data
+  config.data = data.default_data_config()  # kd_digits, offline
+  for recipe in (config.teacher.train, config.train):
+    recipe.update(epochs=1, batch_size=32, checkpoint_every_steps=10)
+  config.update(log_every_steps=5, eval_batch_size=128)
+  config.export.update(num_calibration_images=32, latency_runs=5)
+  return config
+
+
 def config_name(config_filename: str) -> str:
   """experiments/digits.py:tiny -> digits_tiny (the default workdir's name)."""
   path, _, variant = config_filename.partition(":")
