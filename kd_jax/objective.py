@@ -90,7 +90,9 @@ register("review_kd", losses.ReviewKD, MULTI)
 register("class_prior", losses.ClassPrior, LOGITS, needs_labels=True)
 
 _TERM_KEYS = ("method", "weight", "schedule", "warmup_epochs", "decay_epochs",
-              "student_tap", "teacher_tap", "name", "adapter")
+              "student_tap", "teacher_tap", "name", "adapter", "temperature_schedule",
+              "final_temperature")
+TEMPERATURE_SCHEDULES = ("constant", "linear", "cosine")
 ADAPTERS = ("conv1x1", "linear")
 SCHEDULES = ("constant", "linear_warmup", "cosine", "step")
 
@@ -116,6 +118,20 @@ def weight_schedule(weight: float, kind: str = "constant", *, total_steps: int,
     bounds = jnp.asarray([e * steps_per_epoch for e in decay_epochs], jnp.float32)
     return lambda step: w * 0.1 ** jnp.sum(step.astype(jnp.float32) >= bounds)
   raise ValueError(f"unknown weight schedule {kind!r}; use one of {', '.join(SCHEDULES)}")
+
+
+def temperature_schedule(start: float, end: float | None, kind: str, *,
+                         total_steps: int) -> Callable[[jax.Array], jax.Array] | None:
+  """A term's temperature by step: from `start` to `end` linearly or along a cosine."""
+  if kind == "constant" or end is None:
+    return None
+  frac = lambda step: jnp.minimum(step.astype(jnp.float32) / max(1, total_steps), 1.0)
+  if kind == "linear":
+    return lambda step: start + (end - start) * frac(step)
+  if kind == "cosine":
+    return lambda step: end + (start - end) * 0.5 * (1 + jnp.cos(math.pi * frac(step)))
+  raise ValueError(f"unknown temperature_schedule {kind!r}; use one of "
+                   f"{', '.join(TEMPERATURE_SCHEDULES)}")
 
 
 class Adapter(nn.Module):
@@ -149,9 +165,11 @@ class Term(nn.Module):
   teacher_features: int = 0
   num_train: int = 0
   bn_axis_name: str | None = None
+  temperature: Callable[[jax.Array], jax.Array] | None = None  # scheduled, by step
 
   @nn.compact
-  def __call__(self, s_logits, s_taps, t_logits, t_taps, labels, index, train: bool):
+  def __call__(self, s_logits, s_taps, t_logits, t_taps, labels, index, train: bool,
+               step=None):
     if self.method.inputs == LOGITS:
       s, t = s_logits, t_logits
     elif self.method.inputs == MULTI:
@@ -167,7 +185,10 @@ class Term(nn.Module):
                               **self.hyper, name="method")
       return module(s, t, labels=labels, index=index, train=train)
     args = (s, t, labels) if self.method.needs_labels else (s, t)
-    return self.method.fn(*args, **self.hyper)
+    hyper = dict(self.hyper)
+    if self.temperature is not None and step is not None:
+      hyper["temperature"] = self.temperature(step)
+    return self.method.fn(*args, **hyper)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,6 +229,7 @@ class Objective:
       mutable = [c for c in term_vars if c != "params"] if train else False
       out = term.clone(bn_axis_name=axis_name).apply(
           term_vars, s_logits, s_taps, t_logits, t_taps, labels, index, train=train,
+          step=jnp.asarray(step),
           mutable=mutable)
       value, new = out if mutable is not False else (out, {})
       for collection, tree in new.items():
@@ -264,10 +286,20 @@ def build(distill_config: Mapping[str, Any], *, total_steps: int,
     if adapter and (adapter not in ADAPTERS or method.inputs == LOGITS):
       raise ValueError(f"{where}: adapter={adapter!r} is not available here; use "
                        f"{' or '.join(ADAPTERS)} on a feature or embedding term")
+    temperature = None
+    if spec.get("temperature_schedule", "constant") != "constant":
+      if "temperature" not in method.hyper_parameters or method.is_module:
+        raise ValueError(f"{where}: {method_name} has no temperature to schedule; "
+                         "remove temperature_schedule")
+      temperature = temperature_schedule(
+          float(spec.get("temperature", 4.0)), spec.get("final_temperature"),
+          spec["temperature_schedule"], total_steps=total_steps)
+      if temperature is None:
+        raise ValueError(f"{where}: temperature_schedule needs final_temperature")
     terms.append(Term(name, method, weight,
                       None if method.inputs == LOGITS else student_tap,
                       None if method.inputs == LOGITS else teacher_tap, hyper,
-                      adapter=adapter, num_train=num_train))
+                      adapter=adapter, num_train=num_train, temperature=temperature))
   return Objective(float(distill_config.get("ce_weight", 1.0)), tuple(terms),
                    float(distill_config.get("label_smoothing", 0.0)))
 

@@ -4,6 +4,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from kd_jax import configs, models, objective
@@ -28,8 +29,10 @@ def _taps(name, shape):
 @pytest.mark.parametrize("name, variant, expected_terms", [
     ("digits", "", ["kd"]),
     ("digits", "tiny", ["kd"]),
-    ("digits_features", "", ["kd", "fitnet/stage_2", "attention_transfer/stage_3"]),
-    ("digits_features", "tiny", ["kd", "fitnet/stage_2", "attention_transfer/stage_3"]),
+    ("digits_features", "", ["kd", "fitnet/stage_2", "correlation_congruence/embedding",
+                             "attention_transfer/stage_3"]),
+    ("digits_features", "tiny", ["kd", "fitnet/stage_2", "correlation_congruence/embedding",
+                                 "attention_transfer/stage_3"]),
 ])
 def test_digits_configs_build_their_objective(name, variant, expected_terms):
   c = _load(name, variant)
@@ -41,6 +44,24 @@ def test_digits_configs_build_their_objective(name, variant, expected_terms):
   for term in obj.terms:
     if term.adapter:  # sized to the teacher tap's channels
       assert term.teacher_features == _taps(c.teacher.name, (8, 8, 1))[term.teacher_tap].shape[-1]
+
+
+def test_digits_features_runs_with_two_adapters(tmp_path):
+  import json
+  from kd_jax import experiment
+  c = _load("digits_features", "tiny")
+  c.export.variants = ()
+  summary = experiment.distill(c, str(tmp_path))
+  assert 0.1 < summary["distilled_accuracy"] <= 1.0
+  with open(tmp_path / "metrics.jsonl") as f:
+    logged = [json.loads(line) for line in f]
+  last = [r for r in logged if r["phase"] == "distilled" and r["kind"] == "train"][-1]
+  for name in ("kd", "fitnet/stage_2", "correlation_congruence/embedding",
+               "attention_transfer/stage_3"):
+    assert np.isfinite(last[name]) and np.isfinite(last[name + "_weighted"])
+  # Exported students carry no adapter: the saved variables are the student's alone.
+  with open(tmp_path / "distilled" / "model.json") as f:
+    assert json.load(f)["model"] == "resnet8"
 
 
 def test_default_config_is_the_digits_file():

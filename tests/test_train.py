@@ -179,3 +179,21 @@ def test_fingerprint_is_byte_exact():
   b = {"w": np.arange(3, dtype=np.float32) + np.float32(1e-7) * np.array([0, 0, 1])}
   assert train.fingerprint(a) == train.fingerprint(jax.tree.map(np.copy, a))
   assert train.fingerprint(a) != train.fingerprint(b)
+
+
+def test_temperature_schedule_feeds_the_loss():
+  obj = objective_lib.build(
+      {"ce_weight": 0.0, "terms": [dict(method="kd", weight=1.0, temperature=8.0,
+                                        temperature_schedule="linear",
+                                        final_temperature=2.0)]},
+      total_steps=10, steps_per_epoch=5)
+  rng = np.random.default_rng(0)
+  s = jnp.asarray(rng.normal(size=(4, 10)), jnp.float32)
+  t = jnp.asarray(rng.normal(size=(4, 10)), jnp.float32)
+  labels = jnp.zeros((4,), jnp.int32)
+  for step, temp in ((0, 8.0), (5, 5.0), (10, 2.0), (20, 2.0)):  # 8 → 2 over 10 steps
+    total, parts, _ = obj(jnp.int32(step), {}, s, {}, t, {}, labels, train=False)
+    np.testing.assert_allclose(parts["kd"], losses.kd(s, t, temperature=temp), rtol=1e-6)
+  with pytest.raises(ValueError, match="needs final_temperature"):
+    objective_lib.build({"terms": [dict(method="kd", temperature_schedule="linear")]},
+                        total_steps=1, steps_per_epoch=1)
