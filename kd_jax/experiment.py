@@ -210,11 +210,10 @@ def teacher_phase(config, workdir: str, mesh, info, writer: MetricWriter) -> Pha
     _log(f"teacher: loaded {meta['model']} from {source} "
          f"(accuracy {meta.get('metrics', {}).get('accuracy', float('nan')):.4f})")
     return PhaseResult(variables, meta.get("metrics", {}))
-  result = train_phase(config, phase=TEACHER, model=teacher,
-                       train_config=config.teacher.train, distill_config={"ce_weight": 1.0},
-                       workdir=workdir, mesh=mesh, info=info, writer=writer,
-                       seed=config.seed + 1)
-  return result
+  return train_phase(config, phase=TEACHER, model=teacher,
+                     train_config=config.teacher.train, distill_config={"ce_weight": 1.0},
+                     workdir=workdir, mesh=mesh, info=info, writer=writer,
+                     seed=config.seed + 1)
 
 
 def student_phases(config, workdir, mesh, info, writer, teacher_result):
@@ -239,13 +238,13 @@ def export_student(config, workdir: str, student, variables, info) -> dict[str, 
   from kd_jax import export as export_lib
   ecfg = config.export
   rep = data_lib.representative_images(config.data, int(ecfg.num_calibration_images))
-  results = export_lib.export_all(
-      student.clone(dtype=jnp.float32), variables, tuple(info.image_shape), os.path.join(workdir, "export"),
+  return export_lib.export_all(
+      student.clone(dtype=jnp.float32), variables, tuple(info.image_shape),
+      os.path.join(workdir, "export"),
       variants=tuple(ecfg.variants), representative_images=rep,
       eval_batches_fn=lambda: data_lib.eval_iterator(
           config.data, batch_size=config.eval_batch_size, process_index=0, process_count=1),
       parity_images=rep[:16], latency_runs=int(ecfg.get("latency_runs", 50)))
-  return results
 
 
 def distill(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
