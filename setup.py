@@ -41,7 +41,9 @@ setup(
     package_dir={"kd_jax.experiments": "experiments"},
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100",
+                 # tests/test_notebooks.py executes notebooks/*.ipynb
+                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "matplotlib>=3.8"],
     },
     entry_points={"console_scripts": ["kd-jax=kd_jax.cli:main"]},
     classifiers=[
