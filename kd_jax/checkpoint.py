@@ -45,7 +45,7 @@ class Checkpointer:
         continue
       try:
         state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
-        _check_finite_structure(state, like)
+        _check_structure(state, like)
         return step, state
       except Exception as e:  # orbax raises many types for damaged files
         aside = self._move_aside(step)
@@ -72,7 +72,7 @@ class Checkpointer:
     self._manager.close()
 
 
-def _check_finite_structure(state: Any, like: Any) -> None:
+def _check_structure(state: Any, like: Any) -> None:
   if jax.tree.structure(state) != jax.tree.structure(like):
     raise ValueError("checkpoint structure differs from the train state")
 

@@ -52,11 +52,9 @@ def learning_rate_schedule(train_config: Mapping[str, Any], steps_per_epoch: int
     boundaries = {int(e * steps_per_epoch): float(train_config.get("decay_factor", 0.1))
                   for e in train_config.get("decay_epochs", ())}
     main = optax.piecewise_constant_schedule(lr, boundaries)
-    if warmup:
-      main = optax.join_schedules(
-          [optax.linear_schedule(0.0, lr, warmup),
-           lambda s: optax.piecewise_constant_schedule(lr, boundaries)(s + warmup)],
-          [warmup])
+    if warmup:  # join_schedules restarts the count at the boundary: shift it back
+      return optax.join_schedules(
+          [optax.linear_schedule(0.0, lr, warmup), lambda s: main(s + warmup)], [warmup])
     return main
   if kind == "cosine":
     return optax.warmup_cosine_decay_schedule(0.0 if warmup else lr, lr, warmup,
