@@ -113,6 +113,19 @@ def to_tflite(model, variables, input_shape, quantization="fp32",
     ValueError: unknown quantization, 'int8' without calibration images, or a model
       that needs ops outside TFLITE_BUILTINS (the message names them).
   """
+  return function_to_tflite(_logits_fn(model, variables), input_shape, quantization,
+                            representative_images, batch_size)
+
+
+def function_to_tflite(fn, input_shape, quantization="fp32", representative_images=None,
+                       batch_size=1):
+  """Converts any JAX function of a float32 image batch to a TFLite flatbuffer.
+
+  `fn(images) -> array` (or a tuple of arrays: one output tensor each) is traced once;
+  only the ops its outputs depend on reach the flatbuffer, so a function that returns
+  an intermediate feature exports just the layers up to it. Arguments and errors are
+  as for `to_tflite`.
+  """
   if quantization not in QUANTIZATIONS:
     raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}.")
   batch_size, example_shape = _example_shape(input_shape, batch_size)
@@ -129,9 +142,8 @@ def to_tflite(model, variables, input_shape, quantization="fp32",
   tf = _tensorflow()
   from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
 
-  logits_fn = _logits_fn(model, variables)
   serving_fn = tf.function(
-      jax2tf.convert(logits_fn, with_gradient=False, native_serialization_platforms=("cpu",)),
+      jax2tf.convert(fn, with_gradient=False, native_serialization_platforms=("cpu",)),
       input_signature=[tf.TensorSpec(shape, tf.float32, name="images")],
       autograph=False)
   converter = tf.lite.TFLiteConverter.from_concrete_functions(
@@ -151,7 +163,7 @@ def to_tflite(model, variables, input_shape, quantization="fp32",
       warnings.filterwarnings("ignore", "Statistics for quantized inputs")
       return converter.convert()
   except Exception as e:  # tf.lite's ConverterError is not public API.
-    ops = _unsupported_ops(str(e), logits_fn, shape)
+    ops = _unsupported_ops(str(e), fn, shape)
     if not ops:
       raise
     raise ValueError(f"TFLite {quantization} conversion needs ops outside TFLITE_BUILTINS "
