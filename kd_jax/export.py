@@ -29,6 +29,7 @@ TensorFlow is imported on first use only, with its logging quietened and its GPU
 hidden (so a GPU build of TF never grabs accelerator memory that JAX is using).
 """
 import functools
+import json
 import os
 import re
 import time
@@ -64,13 +65,16 @@ def _tensorflow():
 
 
 def _example_shape(input_shape, batch_size):
-  """Splits `input_shape` ((H, W, C) or (B, H, W, C)) into (batch, (H, W, C))."""
-  input_shape = tuple(int(d) for d in input_shape)
+  """Splits `input_shape` ((H, W, C) or (B, H, W, C)) into (batch, (H, W, C)).
+
+  A batch of None stays None: the batch-polymorphic signature.
+  """
+  input_shape = tuple(input_shape)
   if len(input_shape) == 4:
-    return input_shape[0], input_shape[1:]
+    batch_size, input_shape = input_shape[0], input_shape[1:]
   if len(input_shape) != 3:
     raise ValueError(f"input_shape must be (H, W, C) or (B, H, W, C), got {input_shape}.")
-  return int(batch_size), input_shape
+  return (None if batch_size is None else int(batch_size)), tuple(int(d) for d in input_shape)
 
 
 def _logits_fn(model, variables):
@@ -103,7 +107,8 @@ def to_tflite(model, variables, input_shape, quantization="fp32",
     quantization: one of 'fp32', 'fp16', 'dynamic', 'int8' (see module docstring).
     representative_images: float32 [N, H, W, C] calibration images; required for
       'int8' (ignored otherwise). Fed in batches of `batch_size`.
-    batch_size: the fixed batch dimension of the TFLite input tensor.
+    batch_size: the batch dimension of the TFLite input tensor; None makes it
+      polymorphic (the interpreter's input is resized to each call's batch).
 
   Returns:
     The TFLite model as bytes. Its input is float32 [batch, H, W, C] and its output
@@ -130,10 +135,12 @@ def function_to_tflite(fn, input_shape, quantization="fp32", representative_imag
     raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}.")
   batch_size, example_shape = _example_shape(input_shape, batch_size)
   shape = (batch_size, *example_shape)
+  calibration_batch = batch_size or 1
   if quantization == "int8":
-    if representative_images is None or len(representative_images) < batch_size:
+    if representative_images is None or len(representative_images) < calibration_batch:
       raise ValueError("quantization='int8' needs representative_images: a float32 "
-                       f"[N, {', '.join(map(str, example_shape))}] array with N >= {batch_size}.")
+                       f"[N, {', '.join(map(str, example_shape))}] array with "
+                       f"N >= {calibration_batch}.")
     representative_images = np.asarray(representative_images, np.float32)
     if representative_images.shape[1:] != example_shape:
       raise ValueError(f"representative_images have shape {representative_images.shape}, "
@@ -142,8 +149,10 @@ def function_to_tflite(fn, input_shape, quantization="fp32", representative_imag
   tf = _tensorflow()
   from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
 
+  polymorphic = None if batch_size else [f"(b, {', '.join(map(str, example_shape))})"]
   serving_fn = tf.function(
-      jax2tf.convert(fn, with_gradient=False, native_serialization_platforms=("cpu",)),
+      jax2tf.convert(fn, with_gradient=False, polymorphic_shapes=polymorphic,
+                     native_serialization_platforms=("cpu",)),
       input_signature=[tf.TensorSpec(shape, tf.float32, name="images")],
       autograph=False)
   converter = tf.lite.TFLiteConverter.from_concrete_functions(
@@ -156,14 +165,15 @@ def function_to_tflite(fn, input_shape, quantization="fp32", representative_imag
   if quantization == "int8":
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     converter.representative_dataset = lambda: (
-        [representative_images[i:i + batch_size]]
-        for i in range(0, len(representative_images) - batch_size + 1, batch_size))
+        [representative_images[i:i + calibration_batch]]
+        for i in range(0, len(representative_images) - calibration_batch + 1,
+                       calibration_batch))
   try:
     with warnings.catch_warnings():  # int8: the input stays float, by design.
       warnings.filterwarnings("ignore", "Statistics for quantized inputs")
       return converter.convert()
   except Exception as e:  # tf.lite's ConverterError is not public API.
-    ops = _unsupported_ops(str(e), fn, shape)
+    ops = _unsupported_ops(str(e), fn, (calibration_batch, *example_shape))
     if not ops:
       raise
     raise ValueError(f"TFLite {quantization} conversion needs ops outside TFLITE_BUILTINS "
@@ -193,8 +203,10 @@ class TFLiteModel:
   """A TFLite classifier callable on float images: `logits = TFLiteModel(b)(images)`.
 
   Batches of any size are run in chunks of the model's fixed input batch (the last one
-  zero-padded). Integer input/output tensors are (de)quantised with their own scales.
+  zero-padded); a batch-polymorphic model is resized to chunks of `DYNAMIC_CHUNK`.
+  Integer input/output tensors are (de)quantised with their own scales.
   """
+  DYNAMIC_CHUNK = 64
 
   def __init__(self, tflite_model, num_threads=1):
     """`tflite_model`: flatbuffer bytes or a path to a .tflite file."""
@@ -206,14 +218,25 @@ class TFLiteModel:
     self._interpreter.allocate_tensors()
     (self._input,) = self._interpreter.get_input_details()
     (self._output,) = self._interpreter.get_output_details()
+    self.polymorphic = int(self._input["shape_signature"][0]) == -1
 
   @property
   def input_shape(self):
-    """The input tensor's shape, (batch, H, W, C)."""
+    """The input tensor's current shape, (batch, H, W, C)."""
     return tuple(int(d) for d in self._input["shape"])
+
+  def _resize(self, batch):
+    if batch != self.input_shape[0]:
+      self._interpreter.resize_tensor_input(self._input["index"],
+                                            [batch, *self.input_shape[1:]])
+      self._interpreter.allocate_tensors()
+      (self._input,) = self._interpreter.get_input_details()
+      (self._output,) = self._interpreter.get_output_details()
 
   def invoke(self, chunk):
     """Runs one input-batch-sized float32 chunk; returns float32 logits."""
+    if self.polymorphic:
+      self._resize(len(chunk))
     scale, zero_point = self._input["quantization"]
     if scale:
       info = np.iinfo(self._input["dtype"])
@@ -228,8 +251,8 @@ class TFLiteModel:
 
   def __call__(self, images):
     images = np.asarray(images, np.float32)
-    batch = self.input_shape[0]
     n = len(images)
+    batch = min(n, self.DYNAMIC_CHUNK) if self.polymorphic else self.input_shape[0]
     padded = np.zeros((-(-n // batch) * batch, *images.shape[1:]), np.float32)
     padded[:n] = images
     return np.concatenate(
@@ -280,7 +303,7 @@ def latency_ms(tflite_model, input_shape, runs=50, warmup=5, num_threads=1):
     dict(median_ms=..., p90_ms=...).
   """
   tflite_model = _as_model(tflite_model, num_threads)
-  batch = tflite_model.input_shape[0]
+  batch = 1 if tflite_model.polymorphic else tflite_model.input_shape[0]
   image = np.random.default_rng(0).uniform(size=(batch, *input_shape[-3:]))
   image = image.astype(np.float32)
   for _ in range(warmup):
@@ -293,52 +316,124 @@ def latency_ms(tflite_model, input_shape, runs=50, warmup=5, num_threads=1):
   return dict(median_ms=float(np.median(times)), p90_ms=float(np.percentile(times, 90)))
 
 
+def all_threads():
+  """The thread count used for the 'all threads' latency: the host's CPU count."""
+  return os.cpu_count() or 1
+
+
+def measure(tflite_model, input_shape, *, eval_batches_fn=None, parity_images=None,
+            reference_logits=None, latency_runs=50):
+  """Size, ops, accuracy, parity and latency of one TFLite classifier.
+
+  Args:
+    tflite_model: flatbuffer bytes.
+    input_shape: one example's shape (H, W, C).
+    eval_batches_fn: optional callable returning a fresh iterator of eval batches
+      (see `evaluate_tflite`).
+    parity_images, reference_logits: optional float32 [N, H, W, C] images and the
+      JAX logits for them; the largest absolute difference is reported.
+    latency_runs: timed single-image invokes per thread setting.
+
+  Returns:
+    dict(bytes, ops, accuracy, num_examples, max_abs_logit_diff, latency_ms,
+    latency_p90_ms (1 thread), latency_all_threads_ms, latency_all_threads_p90_ms,
+    threads); accuracy/num_examples and max_abs_logit_diff are None without their
+    inputs.
+  """
+  model = TFLiteModel(tflite_model, num_threads=1)
+  evaluation = (evaluate_tflite(model, eval_batches_fn()) if eval_batches_fn is not None
+                else dict(accuracy=None, num_examples=None))
+  one = latency_ms(model, input_shape, runs=latency_runs)
+  many = latency_ms(TFLiteModel(tflite_model, num_threads=all_threads()), input_shape,
+                    runs=latency_runs)
+  diff = None
+  if parity_images is not None and reference_logits is not None:
+    diff = float(np.max(np.abs(model(parity_images) - np.asarray(reference_logits))))
+  return dict(bytes=len(tflite_model), ops=op_names(tflite_model),
+              accuracy=evaluation["accuracy"], num_examples=evaluation["num_examples"],
+              max_abs_logit_diff=diff,
+              latency_ms=one["median_ms"], latency_p90_ms=one["p90_ms"],
+              latency_all_threads_ms=many["median_ms"],
+              latency_all_threads_p90_ms=many["p90_ms"], threads=all_threads())
+
+
+def jax_logits(fn, images):
+  """`fn(images)` at full float32 matmul precision (no TF32 on GPUs): the reference."""
+  with jax.default_matmul_precision("highest"):
+    return np.asarray(jax.jit(fn)(np.asarray(images, np.float32)))
+
+
 def export_all(model, variables, input_shape, out_dir, variants=("fp32", "int8"),
                representative_images=None, eval_batches_fn=None, parity_images=None,
-               num_threads=1, latency_runs=50):
-  """Converts, writes and measures each TFLite variant of a student.
+               latency_runs=50, name="student", batch_polymorphic=False):
+  """Converts, writes and measures each TFLite variant of a model.
 
-  Writes `<out_dir>/student_<variant>.tflite` (out_dir joined as given).
+  Writes `<out_dir>/<name>_<variant>.tflite` (out_dir joined as given).
 
   Args:
     model, variables, input_shape, representative_images: as for `to_tflite`.
     out_dir: directory for the .tflite files (created if missing).
     variants: quantizations to export.
-    eval_batches_fn: optional callable returning a fresh iterator of eval batches
-      (see `evaluate_tflite`).
+    eval_batches_fn: optional callable returning a fresh iterator of eval batches.
     parity_images: optional float32 [N, H, W, C]; logits compared with JAX's.
-    num_threads: interpreter threads for evaluation and latency.
+    latency_runs: timed single-image invokes (at 1 thread and at all threads).
+    name: the files' prefix.
+    batch_polymorphic: export with a polymorphic batch dimension instead of 1.
 
   Returns:
-    {variant: dict(path, bytes, accuracy, num_examples, latency_ms, latency_p90_ms,
-    max_abs_logit_diff, ops)}; accuracy/num_examples are None without
-    eval_batches_fn, max_abs_logit_diff is None without parity_images.
+    {variant: dict(path, **measure(...))}.
   """
   os.makedirs(out_dir, exist_ok=True)
-  jax_logits = None
+  reference = None
   if parity_images is not None:
-    parity_images = np.asarray(parity_images, np.float32)
-    with jax.default_matmul_precision("highest"):  # no TF32 on GPUs: a fair reference
-      jax_logits = np.asarray(jax.jit(_logits_fn(model, variables))(parity_images))
+    reference = jax_logits(_logits_fn(model, variables), parity_images)
   results = {}
   for variant in variants:
-    flatbuffer = to_tflite(model, variables, input_shape, variant, representative_images)
-    path = os.path.join(out_dir, f"student_{variant}.tflite")
+    flatbuffer = to_tflite(model, variables, input_shape, variant, representative_images,
+                           batch_size=None if batch_polymorphic else 1)
+    path = os.path.join(out_dir, f"{name}_{variant}.tflite")
     with open(path, "wb") as f:
       f.write(flatbuffer)
-    tflite_model = TFLiteModel(flatbuffer, num_threads=num_threads)
-    evaluation = (evaluate_tflite(tflite_model, eval_batches_fn())
-                  if eval_batches_fn is not None else dict(accuracy=None, num_examples=None))
-    latency = latency_ms(tflite_model, input_shape, runs=latency_runs)
-    results[variant] = dict(
-        path=path,
-        bytes=len(flatbuffer),
-        accuracy=evaluation["accuracy"],
-        num_examples=evaluation["num_examples"],
-        latency_ms=latency["median_ms"],
-        latency_p90_ms=latency["p90_ms"],
-        max_abs_logit_diff=(
-            float(np.max(np.abs(tflite_model(parity_images) - jax_logits)))
-            if jax_logits is not None else None),
-        ops=op_names(flatbuffer))
+    results[variant] = dict(path=path, **measure(
+        flatbuffer, input_shape, eval_batches_fn=eval_batches_fn,
+        parity_images=parity_images, reference_logits=reference,
+        latency_runs=latency_runs))
   return results
+
+
+_TABLE_COLUMNS = (
+    ("model", "{}"), ("bytes", "{:,}"), ("accuracy", "{:.4f}"), ("jax_accuracy", "{:.4f}"),
+    ("max_abs_logit_diff", "{:.1e}"), ("latency_ms", "{:.3f}"), ("latency_p90_ms", "{:.3f}"),
+    ("latency_all_threads_ms", "{:.3f}"), ("latency_all_threads_p90_ms", "{:.3f}"),
+    ("macs", "{:,}"), ("params", "{:,}"))
+
+
+def write_table(rows, out_dir):
+  """Writes `<out_dir>/export.json` (the rows) and `export.md` (one Markdown table).
+
+  Args:
+    rows: {label: dict} as returned by `measure` / `export_all`, optionally with
+      `jax_accuracy` (the JAX model's accuracy), `macs` and `params`.
+    out_dir: where to write.
+
+  Returns:
+    The Markdown text.
+  """
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "export.json"), "w") as f:
+    json.dump(rows, f, indent=2)
+  header = [c for c, _ in _TABLE_COLUMNS]
+  lines = ["| " + " | ".join(h.replace("_", " ") for h in header) + " |",
+           "|" + "---|" * len(header)]
+  for label, row in rows.items():
+    cells = [label]
+    for column, fmt in _TABLE_COLUMNS[1:]:
+      value = row.get(column)
+      cells.append("–" if value is None else fmt.format(value))
+    lines.append("| " + " | ".join(cells) + " |")
+  threads = next((r["threads"] for r in rows.values() if "threads" in r), all_threads())
+  text = ("\n".join(lines) + f"\n\nLatency: one image, median and p90 of timed "
+          f"invokes in the LiteRT interpreter at 1 and {threads} threads.\n")
+  with open(os.path.join(out_dir, "export.md"), "w") as f:
+    f.write(text)
+  return text

@@ -1,4 +1,5 @@
 """Tests for kd_jax.export: conversion, parity in the LiteRT interpreter, metrics."""
+import json
 import os
 
 import flax.linen as nn
@@ -57,6 +58,8 @@ def test_export_all_writes_every_variant(exported):
     assert os.path.getsize(result["path"]) == result["bytes"] > 0
     assert result["num_examples"] == 128
     assert result["latency_ms"] > 0 and result["latency_p90_ms"] >= result["latency_ms"]
+    assert 0 < result["latency_all_threads_ms"] <= result["latency_all_threads_p90_ms"]
+    assert result["threads"] == export.all_threads()
 
 
 def test_fp32_matches_jax(exported, student):
@@ -100,6 +103,41 @@ def test_fixed_batch_pads_last_chunk(student):
   assert model.input_shape == (4, *IMAGE_SHAPE)
   np.testing.assert_allclose(model(student["images"][:10]), student["logits"][:10],
                              atol=1e-4)
+
+
+def test_batch_polymorphic_signature(student):
+  flatbuffer = export.to_tflite(student["model"], student["variables"], IMAGE_SHAPE,
+                                batch_size=None)
+  model = export.TFLiteModel(flatbuffer)
+  assert model.polymorphic
+  for n in (1, 7, 70):  # 70: two chunks of at most DYNAMIC_CHUNK rows
+    np.testing.assert_allclose(model(student["images"][:n]), student["logits"][:n],
+                               atol=1e-4)
+
+
+def test_prefix_function_exports_only_the_prefix(student):
+  """Only the ops an output depends on reach the flatbuffer."""
+  model, variables = student["model"], student["variables"]
+  full = export.to_tflite(model, variables, IMAGE_SHAPE)
+  prefix = export.function_to_tflite(
+      lambda x: model.apply(variables, x)[1]["stage_1"].mean(axis=(1, 2)), IMAGE_SHAPE)
+  # stage_1 of resnet8 holds 4,800 of its 78,000 weights (stem 144 + 2 x 2,304).
+  assert len(prefix) < len(full) / 8
+  assert "FULLY_CONNECTED" not in export.op_names(prefix)
+
+
+def test_write_table(exported, tmp_path):
+  rows = {f"student {v}": dict(r, jax_accuracy=1.0, macs=1000, params=10)
+          for v, r in exported["results"].items()}
+  text = export.write_table(rows, str(tmp_path))
+  with open(tmp_path / "export.json") as f:
+    assert json.load(f) == rows
+  assert (tmp_path / "export.md").read_text() == text
+  table = [line for line in text.splitlines() if line.startswith("| student")]
+  assert len(table) == len(export.QUANTIZATIONS)
+  fp32 = next(line for line in table if line.startswith("| student fp32 "))
+  assert f"| {rows['student fp32']['bytes']:,} |" in fp32
+  assert f"| {rows['student fp32']['latency_ms']:.3f} |" in fp32
 
 
 def test_evaluate_counts_only_unmasked_rows(exported, student):
