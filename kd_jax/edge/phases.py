@@ -1,0 +1,209 @@
+"""The edge phases of a run: QAT, pruning and early exits after the distilled student.
+
+Each phase starts from the distilled student and keeps the teacher as its guide:
+
+  qat      the student with int8 arithmetic simulated (`quantize.quant_aware`),
+           fine-tuned by the run's objective, exported to full-int8 TFLite;
+  pruned   the student pruned to `flops_ratio` of its MACs (`prune.prune`), then
+           distilled again to recover, exported to fp32 and int8 TFLite;
+  exits    exit heads on the frozen student (`early_exit.train_exit_heads`), the
+           accuracy / average-MACs table per confidence threshold, one TFLite
+           model per exit.
+
+QAT and pruned train in their own workdir folders (`qat/`, `pruned/`) with the same
+checkpointing and exact resume as the other phases; exits save their heads in `exits/`.
+Every exported model is measured in the LiteRT interpreter and added to
+`<workdir>/export/export.{json,md}` (`rows`).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from kd_jax import checkpoint as ckpt_lib
+from kd_jax import data as data_lib
+from kd_jax import evaluate as eval_lib
+from kd_jax import export as export_lib
+from kd_jax import parallel
+from kd_jax.edge import cost
+from kd_jax.edge import early_exit
+from kd_jax.edge import prune as prune_lib
+from kd_jax.edge import quantize
+
+QAT, PRUNED, EXITS = "qat", "pruned", "exits"
+_CONFIG_KEYS = {QAT: "qat", PRUNED: "prune", EXITS: "exits"}  # phase -> config.edge.<key>
+
+
+def enabled(config: ml_collections.ConfigDict) -> list[str]:
+  """The edge phases a config turns on, in the order they run."""
+  edge = config.get("edge")
+  if not edge:
+    return []
+  return [phase for phase, key in _CONFIG_KEYS.items() if edge[key].get("enabled")]
+
+
+def _train_config(config, phase_config):
+  """The student's recipe with the phase's overrides (epochs, learning rate, ...)."""
+  recipe = config.train.copy_and_resolve_references()
+  recipe.update(dict(phase_config.get("train", {})))
+  return recipe
+
+
+def _measure(flatbuffer, path, input_shape, eval_batches_fn, parity_images, reference,
+             latency_runs, **extra):
+  with open(path, "wb") as f:
+    f.write(flatbuffer)
+  return dict(path=path, **export_lib.measure(
+      flatbuffer, input_shape, eval_batches_fn=eval_batches_fn, parity_images=parity_images,
+      reference_logits=reference, latency_runs=latency_runs), **extra)
+
+
+def run(config, workdir: str, *, mesh, info, writer, teacher, teacher_variables,
+        student, distilled, train_phase) -> tuple[dict[str, Any], dict[str, dict]]:
+  """Runs the enabled edge phases after the distilled student.
+
+  Args:
+    config, workdir, mesh, info, writer: the run's.
+    teacher, teacher_variables: the teacher module and its replicated variables.
+    student: the student module; distilled: the distilled phase's `PhaseResult`.
+    train_phase: `kd_jax.experiment.train_phase` (passed in to avoid an import cycle).
+
+  Returns:
+    `(summary, rows)`: per phase a summary dict for summary.json, and the exported
+    models' rows for the export table ({} on processes other than 0).
+  """
+  phases = enabled(config)
+  if not phases:
+    return {}, {}
+  edge = config.edge
+  shape = tuple(info.image_shape)
+  ecfg = config.export
+  export_dir = os.path.join(workdir, "export")
+  rep = data_lib.representative_images(config.data, int(ecfg.num_calibration_images))
+  parity = rep[:16]
+  runs = int(ecfg.get("latency_runs", 50))
+  eval_fn = lambda: data_lib.eval_iterator(config.data, batch_size=config.eval_batch_size)
+  host_eval_fn = lambda: data_lib.eval_iterator(
+      config.data, batch_size=config.eval_batch_size, process_index=0, process_count=1)
+  write = jax.process_index() == 0
+  phase_args = dict(workdir=workdir, mesh=mesh, info=info, writer=writer, teacher=teacher,
+                    teacher_variables=teacher_variables)
+  summary, rows = {}, {}
+  student_macs = cost.macs(student, distilled.variables, shape)
+
+  if QAT in phases:
+    qcfg = edge.qat
+    bits = int(qcfg.get("bits", 8))
+    result = train_phase(config, phase=QAT, model=quantize.quant_aware(student, bits),
+                         train_config=_train_config(config, qcfg),
+                         distill_config=config.distill, init_variables=distilled.variables,
+                         model_meta={"quantization": f"int{bits} fake-quant (QAT)"},
+                         **phase_args)
+    summary[QAT] = {"accuracy": result.metrics["accuracy"], "metrics": result.metrics}
+    if write:
+      weights = quantize.materialize(result.variables, bits)
+      flatbuffer = export_lib.to_tflite(student, weights, shape, "int8", rep)
+      qat_model = quantize.quant_aware(student, bits)
+      reference = export_lib.jax_logits(
+          lambda x: qat_model.apply(result.variables, x, train=False)[0], parity)
+      row = _measure(flatbuffer, os.path.join(export_dir, "qat_int8.tflite"), shape,
+                     host_eval_fn, parity, reference, runs,
+                     jax_accuracy=result.metrics["accuracy"], macs=student_macs,
+                     params=cost.count_params(weights))
+      rows["qat int8"] = row
+      summary[QAT]["tflite_int8"] = row
+
+  if PRUNED in phases:
+    pcfg = edge.prune
+    pruned = prune_lib.prune(student, distilled.variables, shape,
+                             float(pcfg.flops_ratio), pcfg.get("criterion", "bn_scale"))
+    before = eval_lib.evaluate(pruned.model, parallel.replicate(pruned.variables, mesh),
+                               eval_fn(), mesh, num_classes=info.num_classes)
+    result = train_phase(config, phase=PRUNED, model=pruned.model,
+                         train_config=_train_config(config, pcfg),
+                         distill_config=config.distill, init_variables=pruned.variables,
+                         model_meta={"model_kwargs": {"mid_widths": list(pruned.mid_widths)}},
+                         **phase_args)
+    summary[PRUNED] = {
+        "flops_ratio": float(pcfg.flops_ratio), "mid_widths": list(pruned.mid_widths),
+        "params_before": pruned.params_before, "params_after": pruned.params_after,
+        "macs_before": pruned.macs_before, "macs_after": pruned.macs_after,
+        "accuracy_before_pruning": distilled.metrics["accuracy"],
+        "accuracy_after_pruning": before["accuracy"],
+        "accuracy_after_recovery": result.metrics["accuracy"], "metrics": result.metrics}
+    if write:
+      results = export_lib.export_all(
+          pruned.model, result.variables, shape, export_dir, variants=("fp32", "int8"),
+          representative_images=rep, eval_batches_fn=host_eval_fn, parity_images=parity,
+          latency_runs=runs, name="pruned")
+      for variant, row in results.items():
+        rows[f"pruned {variant}"] = dict(row, jax_accuracy=result.metrics["accuracy"],
+                                         macs=pruned.macs_after,
+                                         params=pruned.params_after)
+      summary[PRUNED]["tflite"] = results
+
+  if EXITS in phases:
+    summary[EXITS], exit_rows = _exits(config, workdir, mesh=mesh, info=info,
+                                       teacher=teacher, teacher_variables=teacher_variables,
+                                       student=student, distilled=distilled, rep=rep,
+                                       parity=parity, runs=runs, eval_fn=eval_fn,
+                                       write=write)
+    rows.update(exit_rows)
+  return summary, rows
+
+
+def _exits(config, workdir, *, mesh, info, teacher, teacher_variables, student, distilled,
+           rep, parity, runs, eval_fn, write):
+  """Trains (or reloads) the exit heads, tabulates thresholds, exports one model per exit."""
+  xcfg = config.edge.exits
+  heads = early_exit.ExitHeads(info.num_classes, taps=tuple(xcfg.taps),
+                               hidden=xcfg.get("hidden") or None)
+  directory = os.path.join(workdir, EXITS)
+  shape = tuple(info.image_shape)
+  like = jax.eval_shape(lambda: early_exit.init_exit_heads(
+      heads, student, distilled.variables, shape))
+  if ckpt_lib.has_variables(directory):
+    head_vars, _ = ckpt_lib.load_variables(directory, like)
+  else:
+    data_config = config.data.copy_and_resolve_references()
+    split = config.student.get("train_split")
+    if split:
+      data_config.train_split = split
+    head_vars, history = early_exit.train_exit_heads(
+        student, distilled.variables, teacher, teacher_variables, data_config, heads=heads,
+        steps=int(xcfg.steps), batch_size=int(xcfg.get("batch_size", config.train.batch_size)),
+        learning_rate=float(xcfg.learning_rate),
+        temperature=float(xcfg.get("temperature", 4.0)),
+        ce_weight=float(xcfg.get("ce_weight", 0.1)), kd_weight=float(xcfg.get("kd_weight", 0.9)),
+        seed=config.seed, mesh=mesh)
+    ckpt_lib.save_variables(directory, head_vars, {
+        "taps": list(heads.taps), "hidden": heads.hidden, "steps": int(xcfg.steps),
+        "final_loss": float(np.asarray(history["loss"])[-1])})
+  outputs, labels = early_exit.exit_outputs(student, distilled.variables, heads, head_vars,
+                                            eval_fn(), mesh=mesh)
+  macs = early_exit.exit_macs(student, distilled.variables, heads, head_vars, shape)
+  table = early_exit.threshold_table(outputs, labels, macs, tuple(xcfg.thresholds))
+  accuracy = {name: float(np.mean(np.argmax(logits, -1) == labels))
+              for name, logits in outputs.items()}
+  summary = {"taps": list(heads.taps), "accuracy": accuracy,
+             "macs": {name: m["macs"] for name, m in macs.items()}, "thresholds": table}
+  rows = {}
+  if write:
+    exported = early_exit.export_exits(student, distilled.variables, heads, head_vars, shape,
+                                       os.path.join(workdir, "export"), parity_images=parity,
+                                       latency_runs=runs)
+    for name, row in exported.items():
+      if name != early_exit.FINAL:
+        rows[f"exit {name} fp32"] = dict(row, accuracy=accuracy[name],
+                                         jax_accuracy=accuracy[name],
+                                         macs=macs[name]["macs"])
+    summary["tflite"] = exported
+    with open(os.path.join(directory, "thresholds.md"), "w") as f:
+      f.write(early_exit.format_table(table) if hasattr(early_exit, "format_table")
+              else "\n".join(str(r) for r in table) + "\n")
+  return summary, rows
