@@ -107,8 +107,9 @@ def run(config, workdir: str, *, mesh, info, writer, teacher, teacher_variables,
     summary[QAT] = {"accuracy": result.metrics["accuracy"], "metrics": result.metrics}
     if write:
       weights = quantize.materialize(result.variables, bits)
-      flatbuffer = export_lib.to_tflite(student, weights, shape, "int8", rep)
-      qat_model = quantize.quant_aware(student, bits)
+      float_student = student.clone(dtype=jnp.float32)
+      flatbuffer = export_lib.to_tflite(float_student, weights, shape, "int8", rep)
+      qat_model = quantize.quant_aware(float_student, bits)
       reference = export_lib.jax_logits(
           lambda x: qat_model.apply(result.variables, x, train=False)[0], parity)
       row = _measure(flatbuffer, os.path.join(export_dir, "qat_int8.tflite"), shape,
@@ -138,7 +139,8 @@ def run(config, workdir: str, *, mesh, info, writer, teacher, teacher_variables,
         "accuracy_after_recovery": result.metrics["accuracy"], "metrics": result.metrics}
     if write:
       results = export_lib.export_all(
-          pruned.model, result.variables, shape, export_dir, variants=("fp32", "int8"),
+          pruned.model.clone(dtype=jnp.float32), result.variables, shape, export_dir,
+          variants=("fp32", "int8"),
           representative_images=rep, eval_batches_fn=host_eval_fn, parity_images=parity,
           latency_runs=runs, name="pruned")
       for variant, row in results.items():
@@ -150,15 +152,15 @@ def run(config, workdir: str, *, mesh, info, writer, teacher, teacher_variables,
   if EXITS in phases:
     summary[EXITS], exit_rows = _exits(config, workdir, mesh=mesh, info=info,
                                        teacher=teacher, teacher_variables=teacher_variables,
-                                       student=student, distilled=distilled, rep=rep,
+                                       student=student, distilled=distilled,
                                        parity=parity, runs=runs, eval_fn=eval_fn,
-                                       write=write)
+                                       host_eval_fn=host_eval_fn, write=write)
     rows.update(exit_rows)
   return summary, rows
 
 
 def _exits(config, workdir, *, mesh, info, teacher, teacher_variables, student, distilled,
-           rep, parity, runs, eval_fn, write):
+           parity, runs, eval_fn, host_eval_fn, write):
   """Trains (or reloads) the exit heads, tabulates thresholds, exports one model per exit."""
   xcfg = config.edge.exits
   heads = early_exit.ExitHeads(info.num_classes, taps=tuple(xcfg.taps),
@@ -194,16 +196,26 @@ def _exits(config, workdir, *, mesh, info, teacher, teacher_variables, student, 
              "macs": {name: m["macs"] for name, m in macs.items()}, "thresholds": table}
   rows = {}
   if write:
-    exported = early_exit.export_exits(student, distilled.variables, heads, head_vars, shape,
-                                       os.path.join(workdir, "export"), parity_images=parity,
-                                       latency_runs=runs)
-    for name, row in exported.items():
-      if name != early_exit.FINAL:
-        rows[f"exit {name} fp32"] = dict(row, accuracy=accuracy[name],
-                                         jax_accuracy=accuracy[name],
-                                         macs=macs[name]["macs"])
+    exported = early_exit.export_exits(
+        student.clone(dtype=jnp.float32), distilled.variables, heads, head_vars, shape,
+        os.path.join(workdir, "export"), parity_images=parity, eval_batches_fn=host_eval_fn,
+        latency_runs=runs)
+    for name in heads.taps:
+      rows[f"exit {name} fp32"] = dict(exported[name], jax_accuracy=accuracy[name],
+                                       macs=macs[name]["macs"])
     summary["tflite"] = exported
     with open(os.path.join(directory, "thresholds.md"), "w") as f:
-      f.write(early_exit.format_table(table) if hasattr(early_exit, "format_table")
-              else "\n".join(str(r) for r in table) + "\n")
+      f.write(threshold_markdown(table, heads.taps))
   return summary, rows
+
+
+def threshold_markdown(table, taps) -> str:
+  """The exit cascade's accuracy / MACs table (`early_exit.threshold_table` rows)."""
+  exits = [*taps, early_exit.FINAL]
+  lines = ["| threshold | accuracy | avg MACs | × full | avg MACs, separate models | "
+           + " / ".join(exits) + " share |", "|---|---|---|---|---|---|"]
+  for r in table:
+    shares = " / ".join(f"{r['exit_share'][e]:.3f}" for e in exits)
+    lines.append(f"| {r['threshold']:g} | {r['accuracy']:.4f} | {r['avg_macs']:,.0f} | "
+                 f"{r['macs_ratio']:.3f} | {r['avg_macs_separate_models']:,.0f} | {shares} |")
+  return "\n".join(lines) + "\n"
