@@ -25,6 +25,7 @@ INSTALL_REQUIRES = [
     "scikit-learn>=1.4",  # ships the offline digits dataset of the default run
     "tqdm>=4.66",
     "tensorboardX>=2.6",
+    "matplotlib>=3.8",  # the plots of `kd-jax report` and `kd-jax profile`
 ]
 
 setup(
@@ -43,7 +44,7 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100",
                  # tests/test_notebooks.py executes notebooks/*.ipynb
-                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "matplotlib>=3.8"],
+                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
     },
     entry_points={"console_scripts": ["kd-jax=kd_jax.cli:main"]},
     classifiers=[

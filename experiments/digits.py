@@ -34,7 +34,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
   c.teacher = ml_collections.ConfigDict(dict(
       name="wrn_16_2", checkpoint=config_dict.placeholder(str),
-      train_split=config_dict.placeholder(str), kwargs={}))
+      train_split=config_dict.placeholder(str), kwargs={},
+      bf16_forward=False))  # True: the teacher's forward pass in bfloat16
   c.teacher.train = ml_collections.ConfigDict(recipe)
   # The student's labelled budget: a slice of the training split (TFDS split syntax);
   # unset, it trains on data.train_split like the teacher.
@@ -47,7 +48,32 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
   # objective = ce_weight · CE + Σ weight · term
   c.distill = ml_collections.ConfigDict(dict(
-      ce_weight=0.1, terms=[dict(method="kd", weight=0.9, temperature=4.0)]))
+      ce_weight=0.1, terms=[dict(method="kd", weight=0.9, temperature=4.0)],
+      # True: teacher logits computed once for the training split and reused
+      # (needs data.augment='none'; kd_jax/teacher_cache.py).
+      cache_teacher_logits=False))
+  # Self-paced weights of the distilled student's CE and KD (kd_jax/objective.py):
+  # kind none | hard | linear | soft, e.g. --config.distill.self_paced.kind=hard.
+  c.distill.self_paced = ml_collections.ConfigDict(dict(
+      kind="none", start_threshold=2.0, final_threshold=6.0, full_at_epoch=30.0,
+      softness=0.25))
+  # Teacher-ranked curriculum for the distilled student (kd_jax/data/curriculum.py):
+  # pacing none | linear | root | geometric | step, e.g. --config.curriculum.pacing=root.
+  c.curriculum = ml_collections.ConfigDict(dict(
+      pacing="none", scoring="teacher_loss", start_fraction=0.3, full_at_epoch=30.0,
+      stages=4))
+
+  # Compression after distillation (kd_jax/edge/phases.py), each starting from the
+  # distilled student, guided by the same teacher and objective; off here,
+  # experiments/digits_edge.py turns them on. `train` overrides c.train's recipe.
+  c.edge = ml_collections.ConfigDict(dict(
+      qat=dict(enabled=False, bits=8, train=dict(epochs=15, learning_rate=0.01)),
+      prune=dict(enabled=False, flops_ratio=0.5, criterion="bn_scale",
+                 train=dict(epochs=30, learning_rate=0.02)),
+      exits=dict(enabled=False, taps=("stage_1", "stage_2"), hidden=64, steps=600,
+                 batch_size=32, learning_rate=0.01, temperature=4.0, ce_weight=0.1,
+                 kd_weight=0.9, thresholds=(0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.01)),
+  ))
 
   c.export = ml_collections.ConfigDict(dict(
       variants=("fp32", "int8"), num_calibration_images=256, latency_runs=50))

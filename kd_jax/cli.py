@@ -2,11 +2,13 @@
 
   kd-jax distill       [--config=experiments/x.py[:variant]] [--workdir=DIR] [--config.a.b=v]
   kd-jax train-teacher [--config=...] [--workdir=DIR]
-  kd-jax evaluate      --workdir=DIR
+  kd-jax evaluate      --workdir=DIR [--robustness]
   kd-jax export        --workdir=DIR
   kd-jax report        --workdir=DIR
   kd-jax reproduce     --workdir=DIR [--pairs=P,...] [--methods=M,...] [--tiny]
                        [--data_dir=DIR] [--export]
+  kd-jax profile       [--config=experiments/profile_cifar.py[:tiny]] [--workdir=DIR]
+                       [--config.candidates=NAME_OR_DIR,...]
 
 With no --config, the embedded default (experiments/digits.py, offline digits) runs.
 Bad input ends in one line naming what to change, with exit status 2.
@@ -16,7 +18,8 @@ from __future__ import annotations
 import os
 import sys
 
-COMMANDS = ("distill", "train-teacher", "evaluate", "export", "report", "reproduce")
+COMMANDS = ("distill", "train-teacher", "evaluate", "export", "report", "reproduce",
+            "profile")
 _USAGE = ("usage: kd-jax {" + ",".join(COMMANDS) + "} [--config=FILE[:variant]] "
           "[--workdir=DIR] [--config.KEY=VALUE ...]")
 
@@ -73,10 +76,14 @@ def _run(command: str, argv: list[str]) -> None:
                        flag_values=fv)
   flags.DEFINE_integer("process_id", None, "multi-host: this process's index",
                        flag_values=fv)
+  flags.DEFINE_bool("robustness", False, "evaluate: also accuracy under every edge "
+                    "corruption at 5 severities", flag_values=fv)
   try:
     # Defining the flag reads argv to register the --config.* overrides.
+    default = (os.path.join(configs.EXPERIMENTS_DIR, "profile_cifar.py")
+               if command == "profile" else configs.DEFAULT_CONFIG)
     config_flag = config_flags.DEFINE_config_file(
-        "config", default=configs.DEFAULT_CONFIG, help_string="experiment config file",
+        "config", default=default, help_string="experiment config file",
         flag_values=fv, sys_argv=argv)
     fv(argv)
     config = config_flag.value
@@ -88,6 +95,11 @@ def _run(command: str, argv: list[str]) -> None:
   parallel.maybe_initialize_distributed(fv.coordinator_address, fv.num_processes,
                                         fv.process_id)
   workdir = fv.workdir
+  if command == "profile":  # not an experiment config: kd_jax.profile checks its own
+    from kd_jax import profile
+    profile.run(config, workdir or os.path.join(
+        "runs", configs.config_name(fv["config"].config_filename)))
+    return
   if command in ("evaluate", "export", "report"):
     if not workdir:
       raise UsageError(f"kd-jax {command} needs --workdir=DIR of a finished run")
@@ -105,7 +117,7 @@ def _run(command: str, argv: list[str]) -> None:
     configs.save_run_config(config, workdir)
     experiment.train_teacher(config, workdir)
   elif command == "evaluate":
-    experiment.evaluate_run(config, workdir)
+    experiment.evaluate_run(config, workdir, robustness=fv.robustness)
   elif command == "export":
     experiment.export_run(config, workdir)
   elif command == "report":

@@ -88,6 +88,24 @@ OPTIONAL = {
     **{f"{p}train.{k}": t for p in ("", "teacher.") for k, t in (
         ("accumulation_steps", int), ("max_nonfinite_steps", int),
         ("rollback_lr_factor", float), ("max_rollbacks", int))},
+    "curriculum.pacing": str, "curriculum.scoring": str,
+    "curriculum.start_fraction": float, "curriculum.full_at_epoch": float,
+    "curriculum.stages": int, "distill.self_paced.kind": str,
+    **{f"distill.self_paced.{k}": float for k in (
+        "start_threshold", "final_threshold", "full_at_epoch", "softness")},
+    "teacher.bf16_forward": bool, "distill.cache_teacher_logits": bool,
+    # kd_jax.workflows: the workflow a config runs, and its config block.
+    "workflow": str, "heads.tap": str, "heads.hidden": int, "heads.joint": tuple,
+    "heads.added": tuple, "heads.export": tuple, "heads.weight": float,
+    "heads.temperature": float, "domain.corruption": str, "domain.severity": int,
+    "domain.train_split": str, "domain.distill.ce_weight": float,
+    "domain.distill.terms": None, "continual.old_classes": tuple,
+    "continual.new_classes": tuple, "continual.new_percent": int,
+    "continual.anchors": tuple, "continual.anchor_weight": float,
+    "continual.temperature": float,
+    **{f"{block}.train.{key}": kind for block in ("heads", "domain", "continual")
+       for key, kind in (("epochs", float), ("learning_rate", float),
+                         ("batch_size", int), ("checkpoint_every_steps", int))},
 }
 _FREE = ("published", "teacher.kwargs", "student.kwargs", "distill.terms", "data.cache")
 
@@ -189,6 +207,12 @@ def validate(config: ml_collections.ConfigDict, *, deep: bool = False) -> None:
     raise ValueError("config key distill.terms must be a list of dicts such as "
                      "dict(method='kd', weight=0.9)")
   obj = objective.build(config.distill, total_steps=1, steps_per_epoch=1)
+  from kd_jax.data import augment, curriculum
+  augment.parse(config.data.get("edge_augment"))
+  curriculum.settings(config.get("curriculum"))
+  if config.distill.get("cache_teacher_logits"):
+    from kd_jax import teacher_cache
+    teacher_cache.check_cacheable(config.data, obj)
   if deep:
     _check_taps(config, obj)
 

@@ -25,6 +25,7 @@ from kd_jax import evaluate as eval_lib
 from kd_jax import models
 from kd_jax import objective as objective_lib
 from kd_jax import parallel
+from kd_jax import teacher_cache
 from kd_jax import train as train_lib
 from kd_jax.metric_writer import MetricWriter
 
@@ -68,8 +69,19 @@ def _variables_like(model, input_shape) -> Any:
 def train_phase(config: ml_collections.ConfigDict, *, phase: str, model, train_config,
                 distill_config: Mapping[str, Any], workdir: str, mesh, info,
                 writer: MetricWriter, teacher=None, teacher_variables=None,
-                seed: int | None = None) -> PhaseResult:
-  """Trains `model` for one phase (resuming from its checkpoints) and evaluates it."""
+                seed: int | None = None,
+                curriculum: data_lib.curriculum.Curriculum | None = None,
+                init_variables: Any = None,
+                model_meta: Mapping[str, Any] | None = None) -> PhaseResult:
+  """Trains `model` for one phase (resuming from its checkpoints) and evaluates it.
+
+  `init_variables` (host variables of `model`) replace its random initialisation,
+  e.g. to fine-tune a trained student; `model_meta` joins the metadata saved with
+  the phase's final variables (e.g. the `model_kwargs` of a pruned architecture).
+
+  With `curriculum`, batches are drawn by the curriculum sampler and its fraction and
+  batch difficulty are logged with the train metrics.
+  """
   seed = config.seed if seed is None else seed
   batch = int(train_config.batch_size)
   train_data = _train_data(config, TEACHER if phase == TEACHER else "student")
@@ -95,9 +107,14 @@ def train_phase(config: ml_collections.ConfigDict, *, phase: str, model, train_c
                                       config.teacher.name)
 
   def fresh_state():
-    return parallel.replicate(train_lib.init_state(
+    state = train_lib.init_state(
         model, optimizer, input_shape, jax.random.key(seed), objective, teacher,
-        teacher_variables, batch_size=batch // jax.device_count()), mesh)
+        teacher_variables, batch_size=batch // jax.device_count())
+    if init_variables is not None:
+      state = state.replace(
+          params={**state.params, "student": init_variables["params"]},
+          batch_stats={"student": init_variables.get("batch_stats", {})})
+    return parallel.replicate(state, mesh)
 
   state = fresh_state()
   phase_dir = os.path.join(workdir, phase)
@@ -115,15 +132,30 @@ def train_phase(config: ml_collections.ConfigDict, *, phase: str, model, train_c
   max_rollbacks = int(train_config.get("max_rollbacks", 3))
   rollbacks = 0
   if start < total_steps:
-    step_fn = train_lib.make_train_step(model, teacher, objective, optimizer, mesh)
-    t_vars = teacher_variables if objective.needs_teacher else {}
+    step_fn = train_lib.make_train_step(
+        model, teacher, objective, optimizer, mesh,
+        teacher_bf16=bool(config.teacher.get("bf16_forward", False)))
+    cached_logits = None
+    if objective.needs_teacher and distill_config.get("cache_teacher_logits", False):
+      cached_logits = teacher_cache.load_or_compute(
+          os.path.join(phase_dir, "teacher_logits.npy"), teacher, teacher_variables,
+          train_data, objective, mesh, batch_size=batch)  # the step's per-device shapes
+    t_vars = teacher_variables if objective.needs_teacher and cached_logits is None else {}
+
+    def batches_from(step):
+      """Global batches from `step` on (with cached teacher logits), prefetched."""
+      batches = data_lib.train_iterator(train_data, global_batch_size=batch, seed=seed,
+                                        start_step=step, curriculum=curriculum)
+      if cached_logits is not None:
+        batches = teacher_cache.attach(batches, cached_logits)
+      return parallel.prefetch_to_device(batches, mesh)
+
     log_every = max(1, int(config.get("log_every_steps", 50)))
     progress = _progress(phase, start, total_steps)
-    batches = data_lib.train_iterator(train_data, global_batch_size=batch, seed=seed,
-                                      start_step=start)
+    batches = batches_from(start)
     t0, seen, step = time.perf_counter(), 0, start
     while step < total_steps:
-      batch_arrays = parallel.to_global(next(batches), mesh)
+      batch_arrays = next(batches)
       state, metrics = step_fn(state, t_vars, batch_arrays, train_lib.step_rng(seed, step))
       step += 1
       seen += batch
@@ -143,14 +175,15 @@ def train_phase(config: ml_collections.ConfigDict, *, phase: str, model, train_c
         _log(f"{phase}: {max_nonfinite} non-finite steps in a row at step {step}; rolled "
              f"back to step {good} with learning rate x{lr_scale:g}")
         step = good
-        batches = data_lib.train_iterator(train_data, global_batch_size=batch,
-                                          seed=seed, start_step=step)
+        batches = batches_from(step)
         progress.reset(total=total_steps)
         progress.update(step)
         continue
       if step % log_every == 0 or step == total_steps:
         metrics = jax.device_get(metrics)
         rate = seen / (time.perf_counter() - t0)
+        if curriculum is not None:
+          metrics.update(curriculum.metrics(step - 1, batch_arrays))
         writer.write(phase, step, {**metrics, "images_per_second": rate,
                                    "learning_rate": schedule((step - 1) // accumulate)
                                    * float(state.lr_scale)})
@@ -168,13 +201,15 @@ def train_phase(config: ml_collections.ConfigDict, *, phase: str, model, train_c
       data_lib.eval_iterator(config.data, batch_size=config.eval_batch_size), mesh,
       num_classes=info.num_classes,
       teacher=teacher if phase != TEACHER else None,
-      teacher_variables=teacher_variables if phase != TEACHER else None)
+      teacher_variables=teacher_variables if phase != TEACHER else None,
+      objective=objective,
+      term_variables={"params": state.params.get("terms", {}), **state.term_state})
   writer.write(phase, total_steps, metrics, kind="eval")
   # The finished phase's model, for `teacher.checkpoint`, evaluate and export.
   ckpt_lib.save_variables(phase_dir, variables, {
       "model": config.teacher.name if phase == TEACHER else config.student.name,
       "phase": phase, "num_classes": info.num_classes, "dataset": config.data.name,
-      "steps": total_steps, "metrics": metrics})
+      "steps": total_steps, "metrics": metrics, **(model_meta or {})})
   _log(f"{phase}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
                                 if isinstance(v, float)))
   return PhaseResult(variables, metrics)
@@ -186,21 +221,29 @@ def _progress(phase: str, start: int, total: int):
               disable=jax.process_index() != 0, mininterval=1.0)
 
 
+def teacher_source(config, workdir: str) -> str:
+  """The folder holding a run's teacher variables.
+
+  `teacher.checkpoint` (a `kd-jax train-teacher` workdir or its `teacher/` folder),
+  else `<workdir>/teacher`.
+  """
+  source = config.teacher.get("checkpoint")
+  if not source:
+    return os.path.join(workdir, TEACHER)
+  inner = os.path.join(source, TEACHER)
+  return inner if os.path.isdir(inner) else source
+
+
 def teacher_phase(config, workdir: str, mesh, info, writer: MetricWriter) -> PhaseResult:
   """Loads the teacher named by `teacher.checkpoint`, or trains (and saves) one."""
   teacher = _model(config, "teacher", info.num_classes)
   like = _variables_like(teacher, info.image_shape)
-  source = config.teacher.get("checkpoint")
-  if source:
-    source = os.path.join(source, TEACHER) if os.path.isdir(
-        os.path.join(source, TEACHER)) else source
-    if not ckpt_lib.has_variables(source):
-      raise FileNotFoundError(
-          f"teacher checkpoint {source!r} not found; train one with `kd-jax train-teacher "
-          f"--workdir=DIR` (then --config.teacher.checkpoint=DIR) or unset "
-          f"--config.teacher.checkpoint to train the teacher in this run")
-  else:
-    source = os.path.join(workdir, TEACHER)
+  source = teacher_source(config, workdir)
+  if config.teacher.get("checkpoint") and not ckpt_lib.has_variables(source):
+    raise FileNotFoundError(
+        f"teacher checkpoint {source!r} not found; train one with `kd-jax train-teacher "
+        f"--workdir=DIR` (then --config.teacher.checkpoint=DIR) or unset "
+        f"--config.teacher.checkpoint to train the teacher in this run")
   if ckpt_lib.has_variables(source):
     variables, meta = ckpt_lib.load_variables(source, like)
     if meta.get("model") != config.teacher.name:
@@ -227,9 +270,13 @@ def student_phases(config, workdir, mesh, info, writer, teacher_result):
                           distill_config={"ce_weight": 1.0}, workdir=workdir, mesh=mesh,
                           info=info, writer=writer, teacher=teacher,
                           teacher_variables=t_vars)
+  curriculum = data_lib.curriculum.for_run(
+      config, workdir, train_data=_train_data(config, "student"), teacher=teacher,
+      teacher_variables=t_vars, mesh=mesh)
   distilled = train_phase(config, phase=DISTILLED, model=student, train_config=config.train,
                           distill_config=config.distill, workdir=workdir, mesh=mesh,
-                          info=info, writer=writer, teacher=teacher, teacher_variables=t_vars)
+                          info=info, writer=writer, teacher=teacher, teacher_variables=t_vars,
+                          curriculum=curriculum)
   return student, vanilla, distilled
 
 
@@ -248,7 +295,13 @@ def export_student(config, workdir: str, student, variables, info) -> dict[str, 
 
 
 def distill(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """`kd-jax distill`: all phases, evaluation, export; writes `<workdir>/summary.json`."""
+  """`kd-jax distill`: all phases, evaluation, export; writes `<workdir>/summary.json`.
+
+  A config that sets `workflow` runs that workflow instead (`kd_jax.workflows`).
+  """
+  if config.get("workflow"):
+    from kd_jax import workflows
+    return workflows.run(config, workdir)
   t0 = time.perf_counter()
   os.makedirs(workdir, exist_ok=True)
   mesh = parallel.data_mesh()
@@ -274,6 +327,14 @@ def distill(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     summary["tflite"] = export_student(config, workdir, student, distilled.variables, info)
   else:
     summary["tflite"] = {}
+  from kd_jax.edge import phases as edge_phases
+  summary["edge"], edge_rows = edge_phases.run(
+      config, workdir, mesh=mesh, info=info, writer=writer,
+      teacher=_model(config, "teacher", info.num_classes),
+      teacher_variables=parallel.replicate(teacher.variables, mesh), student=student,
+      distilled=distilled, train_phase=train_phase)
+  if jax.process_index() == 0:
+    _write_export_table(workdir, student, distilled, info, summary["tflite"], edge_rows)
   summary["wall_seconds"] = time.perf_counter() - t0
   writer.close()
   if jax.process_index() == 0:
@@ -281,6 +342,32 @@ def distill(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       json.dump(summary, f, indent=2, default=_json_default)
     _log(f"wrote {os.path.join(workdir, 'summary.json')}")
   return summary
+
+
+def _write_export_table(workdir, student, distilled, info, tflite, other_rows=None):
+  """`<workdir>/export/export.{json,md}`: the student's variants, then any other rows.
+
+  Rows already in export.json that are not rewritten here (e.g. the edge phases' when
+  only the student is re-exported) are kept.
+  """
+  from kd_jax import export as export_lib
+  from kd_jax.edge import cost
+  out_dir = os.path.join(workdir, "export")
+  path = os.path.join(out_dir, "export.json")
+  rows = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      rows = json.load(f)
+  shape = tuple(info.image_shape)
+  macs = cost.macs(student.clone(dtype=jnp.float32), distilled.variables, shape)
+  params = cost.count_params(distilled.variables)
+  student_rows = {f"student {variant}": dict(
+      row, jax_accuracy=distilled.metrics["accuracy"], macs=macs, params=params)
+      for variant, row in tflite.items()}
+  rows = {**student_rows, **{k: v for k, v in rows.items() if k not in student_rows},
+          **(other_rows or {})}
+  if rows:
+    export_lib.write_table(json.loads(json.dumps(rows, default=_json_default)), out_dir)
 
 
 def _json_default(x):
@@ -313,25 +400,44 @@ def load_phase(config, workdir: str, phase: str, info) -> tuple[Any, Any]:
   return model, variables
 
 
-def evaluate_run(config, workdir: str) -> dict[str, Any]:
-  """`kd-jax evaluate`: metrics of the teacher and of each student phase of a run."""
+def load_teacher(config, workdir: str, info) -> tuple[Any, Any]:
+  """The teacher model and the variables a run uses (see `teacher_source`)."""
+  model = _model(config, "teacher", info.num_classes)
+  source = teacher_source(config, workdir)
+  if not ckpt_lib.has_variables(source):
+    raise FileNotFoundError(f"no teacher in {source}; run `kd-jax distill "
+                            f"--workdir={workdir}` first (it resumes)")
+  variables, _ = ckpt_lib.load_variables(source, _variables_like(model, info.image_shape))
+  return model, variables
+
+
+def evaluate_run(config, workdir: str, robustness: bool = False) -> dict[str, Any]:
+  """`kd-jax evaluate`: metrics of the teacher and of each student phase of a run.
+
+  With `robustness`, also their accuracy under every edge corruption at 5 severities
+  (`kd_jax.robustness`), under the key 'robustness'.
+  """
   mesh = parallel.data_mesh()
   info = data_lib.get_info(config.data)
-  teacher = _model(config, "teacher", info.num_classes)
-  source = config.teacher.get("checkpoint") or os.path.join(workdir, TEACHER)
-  t_vars, _ = ckpt_lib.load_variables(source, _variables_like(teacher, info.image_shape))
+  teacher, t_vars = load_teacher(config, workdir, info)
   batches = lambda: data_lib.eval_iterator(config.data, batch_size=config.eval_batch_size)
   results = {TEACHER: eval_lib.evaluate(teacher, t_vars, batches(), mesh,
                                         num_classes=info.num_classes)}
+  models = {TEACHER: (teacher, t_vars)}
   for phase in (VANILLA, DISTILLED):
     if os.path.isdir(os.path.join(workdir, phase)):
       model, variables = load_phase(config, workdir, phase, info)
+      models[phase] = (model, variables)
       results[phase] = eval_lib.evaluate(model, variables, batches(), mesh,
                                          num_classes=info.num_classes, teacher=teacher,
                                          teacher_variables=t_vars)
   for phase, metrics in results.items():
     _log(f"{phase}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
                                   if isinstance(v, float)))
+  if robustness:
+    from kd_jax import robustness as robustness_lib
+    results["robustness"] = robustness_lib.evaluate_run(config, workdir, models, mesh,
+                                                        info.num_classes)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "evaluation.json"), "w") as f:
       json.dump(results, f, indent=2)
@@ -342,14 +448,18 @@ def export_run(config, workdir: str) -> dict[str, Any]:
   """`kd-jax export`: TFLite variants of a run's distilled student; updates summary.json."""
   info = data_lib.get_info(config.data)
   model, variables = load_phase(config, workdir, DISTILLED, info)
-  results = export_student(config, workdir, model, parallel.to_host(variables), info)
+  variables = parallel.to_host(variables)
+  results = export_student(config, workdir, model, variables, info)
   path = os.path.join(workdir, "summary.json")
+  summary = {}
   if os.path.exists(path):
     with open(path) as f:
       summary = json.load(f)
     summary["tflite"] = results
     with open(path, "w") as f:
       json.dump(summary, f, indent=2, default=_json_default)
+  distilled = PhaseResult(variables, summary.get("distilled_metrics") or {"accuracy": None})
+  _write_export_table(workdir, model, distilled, info, results)
   for variant, r in results.items():
     _log(f"{variant}: {r['bytes']} bytes, accuracy {r.get('accuracy', float('nan')):.4f}, "
          f"{r['latency_ms']:.3f} ms -> {r['path']}")
@@ -357,32 +467,6 @@ def export_run(config, workdir: str) -> dict[str, Any]:
 
 
 def report_run(config, workdir: str) -> str:
-  """`kd-jax report`: a Markdown summary of a run (`<workdir>/report.md`)."""
-  path = os.path.join(workdir, "summary.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found; finish `kd-jax distill --workdir={workdir}`"
-                            " (rerunning it resumes) before reporting")
-  with open(path) as f:
-    s = json.load(f)
-  lines = [f"# kd-jax run: {s['teacher']} → {s['student']} on {s['dataset']}", "",
-           "| model | accuracy | NLL | ECE | teacher agreement |", "|---|---|---|---|---|"]
-  for label, key in (("teacher", "teacher_metrics"), ("vanilla student", "student_metrics"),
-                     ("distilled student", "distilled_metrics")):
-    m = s.get(key) or {}
-    if m:
-      lines.append(f"| {label} | {m['accuracy']:.4f} | {m.get('nll', float('nan')):.4f} | "
-                   f"{m.get('ece', float('nan')):.4f} | "
-                   f"{m.get('teacher_agreement', float('nan')):.4f} |")
-  if s.get("tflite"):
-    lines += ["", "| TFLite | bytes | accuracy | latency (ms, median) | max abs logit diff |",
-              "|---|---|---|---|---|"]
-    for variant, r in s["tflite"].items():
-      lines.append(f"| {variant} | {r['bytes']} | {r.get('accuracy', float('nan')):.4f} | "
-                   f"{r['latency_ms']:.3f} | {r.get('max_abs_logit_diff', float('nan')):.2e} |")
-  lines += ["", f"student fingerprint: `{s['student_fingerprint']}`",
-            f"wall time: {s['wall_seconds']:.1f} s"]
-  text = "\n".join(lines) + "\n"
-  with open(os.path.join(workdir, "report.md"), "w") as f:
-    f.write(text)
-  print(text)
-  return text
+  """`kd-jax report`: `<workdir>/report.md` with its plots (see `kd_jax.report`)."""
+  from kd_jax import report
+  return report.write_report(config, workdir)

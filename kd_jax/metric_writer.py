@@ -1,4 +1,12 @@
-"""Metrics to `<workdir>/metrics.jsonl` and TensorBoard event files, from process 0 only."""
+"""Metrics to `<workdir>/metrics.jsonl` and TensorBoard event files, from process 0 only.
+
+Each line of `metrics.jsonl` is one record: `phase` (teacher, vanilla, distilled),
+`kind` (`train` every `log_every_steps`, `eval` at the end of a phase, `rollback`),
+`step`, and the scalars, e.g. `loss`, `ce`, each term's value and `<term>_weighted`,
+`grad_norm`, `grad_norm/student`, `grad_norm/<term>`, `learning_rate`,
+`temperature/<term>` (train) or `accuracy`, `nll`, `ece`, `teacher_agreement`,
+`cka/<pair>` (eval). TensorBoard gets every scalar as `<phase>/<kind>/<name>`.
+"""
 from __future__ import annotations
 
 import json
@@ -7,6 +15,17 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_records(workdir: str) -> list[dict[str, Any]]:
+  """The records of `<workdir>/metrics.jsonl` in order; [] when nothing was logged."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
 
 
 def _plain(value: Any) -> Any:
@@ -21,7 +40,8 @@ class MetricWriter:
   """Appends one JSON object per record; mirrors scalars to TensorBoard under `<phase>/`."""
 
   def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.workdir = workdir
+    self.path = os.path.join(workdir, METRICS_FILE)
     self._enabled = jax.process_index() == 0
     self._tb = None
     if self._enabled:
@@ -30,10 +50,9 @@ class MetricWriter:
 
   def drop_after(self, phase: str, step: int) -> None:
     """On resume: forget records of `phase` logged after the restored `step`."""
-    if not self._enabled or not os.path.exists(self.path):
+    if not self._enabled:
       return
-    with open(self.path) as f:
-      records = [json.loads(line) for line in f if line.strip()]
+    records = read_records(self.workdir)
     kept = [r for r in records if not (r.get("phase") == phase and r.get("step", 0) > step)]
     if len(kept) != len(records):
       tmp = self.path + ".tmp"

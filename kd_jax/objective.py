@@ -10,6 +10,18 @@ feature and relation methods, the student and teacher taps it compares, e.g.
                           student_tap='stage_2', teacher_tap='stage_2')]
 
 Adding a method is one loss function and one `register(...)` call.
+
+Self-paced learning (`distill.self_paced`) weighs each example by the student's own
+cross-entropy `l_b` against a threshold `λ(step)` growing linearly from
+`start_threshold` to `final_threshold` by `full_at_epoch`:
+
+    hard:   v_b = 1[l_b < λ]                       (Kumar et al., NeurIPS 2010)
+    linear: v_b = max(0, 1 − l_b / λ)              (Jiang et al., ACM MM 2014)
+    soft:   v_b = sigmoid((λ − l_b) / softness)    (a smooth step at λ)
+
+and the CE and every logit term with a per-example form (kd, lskd, dkd) become
+`mean_b(v_b · loss_b)`; other terms are left unweighted. The weights are constants
+(no gradient flows through them).
 """
 from __future__ import annotations
 
@@ -21,6 +33,7 @@ from typing import Any, Callable, Mapping, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from kd_jax import losses
 
@@ -43,6 +56,7 @@ class Method:
   fn: Any
   inputs: str
   needs_labels: bool = False
+  per_example: Any = None  # Same arguments as `fn`, returns the [B] values it averages.
 
   @property
   def is_module(self) -> bool:
@@ -63,20 +77,23 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, fn: Any, inputs: str, needs_labels: bool = False) -> None:
+def register(name: str, fn: Any, inputs: str, needs_labels: bool = False,
+             per_example: Any = None) -> None:
   """Makes `fn` usable as `method=name` in a config's `distill.terms`.
 
   `fn(student, teacher, [labels,] **hyper) -> scalar` for a pure loss, or a Flax
   module class (see `Method`) for a method with learned parameters or state.
+  `per_example`, with the same arguments, returns the `[B]` values whose mean is
+  `fn`'s; self-paced weights apply to the terms that have one.
   """
   if inputs not in INPUTS:
     raise ValueError(f"inputs must be one of {', '.join(INPUTS)}; got {inputs!r}")
-  METHODS[name] = Method(fn, inputs, needs_labels)
+  METHODS[name] = Method(fn, inputs, needs_labels, per_example)
 
 
-register("kd", losses.kd, LOGITS)
-register("dkd", losses.dkd, LOGITS, needs_labels=True)
-register("lskd", losses.lskd, LOGITS)
+register("kd", losses.kd, LOGITS, per_example=losses.kd_per_example)
+register("dkd", losses.dkd, LOGITS, needs_labels=True, per_example=losses.dkd_per_example)
+register("lskd", losses.lskd, LOGITS, per_example=losses.lskd_per_example)
 register("fitnet", losses.fitnet, FEATURES)
 register("attention_transfer", losses.attention_transfer, FEATURES)
 register("similarity_preserving", losses.similarity_preserving, FEATURES)
@@ -95,6 +112,9 @@ _TERM_KEYS = ("method", "weight", "schedule", "warmup_epochs", "decay_epochs",
 TEMPERATURE_SCHEDULES = ("constant", "linear", "cosine")
 ADAPTERS = ("conv1x1", "linear")
 SCHEDULES = ("constant", "linear_warmup", "cosine", "step")
+SELF_PACED = ("none", "hard", "linear", "soft")
+_SELF_PACED_DEFAULTS = dict(kind="none", start_threshold=2.0, final_threshold=6.0,
+                            full_at_epoch=30.0, softness=0.25)
 
 
 def weight_schedule(weight: float, kind: str = "constant", *, total_steps: int,
@@ -122,7 +142,8 @@ def weight_schedule(weight: float, kind: str = "constant", *, total_steps: int,
 
 def temperature_schedule(start: float, end: float | None, kind: str, *,
                          total_steps: int) -> Callable[[jax.Array], jax.Array] | None:
-  """A term's temperature by step: from `start` to `end` linearly or along a cosine."""
+  """A term's temperature (or the self-paced threshold) by step: from `start` to `end`
+  linearly or along a cosine over `total_steps`, then `end`."""
   if kind == "constant" or end is None:
     return None
   frac = lambda step: jnp.minimum(step.astype(jnp.float32) / max(1, total_steps), 1.0)
@@ -132,6 +153,75 @@ def temperature_schedule(start: float, end: float | None, kind: str, *,
     return lambda step: end + (start - end) * 0.5 * (1 + jnp.cos(math.pi * frac(step)))
   raise ValueError(f"unknown temperature_schedule {kind!r}; use one of "
                    f"{', '.join(TEMPERATURE_SCHEDULES)}")
+
+
+def self_paced_weights(per_example_loss: jax.Array, threshold: jax.Array, kind: str,
+                       softness: float = 0.25) -> jax.Array:
+  """Per-example weights in [0, 1] from per-example losses and the threshold λ.
+
+  hard: `1[l < λ]`; linear: `max(0, 1 − l / λ)`; soft: `sigmoid((λ − l) / softness)`.
+  """
+  if kind == "hard":
+    return (per_example_loss < threshold).astype(per_example_loss.dtype)
+  if kind == "linear":
+    return jnp.maximum(0.0, 1.0 - per_example_loss / threshold)
+  if kind == "soft":
+    return jax.nn.sigmoid((threshold - per_example_loss) / softness)
+  raise ValueError(f"distill.self_paced.kind={kind!r} is unknown; use one of "
+                   f"{', '.join(SELF_PACED)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SelfPaced:
+  """Self-paced example weights: `kind` against the threshold schedule `threshold`."""
+  kind: str
+  threshold: Callable[[jax.Array], jax.Array]
+  softness: float = 0.25
+
+  def __call__(self, step, per_example_loss: jax.Array
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(weights [B], logged parts: threshold, admitted share, mean weight)."""
+    per_example_loss = lax.stop_gradient(per_example_loss)
+    threshold = self.threshold(jnp.asarray(step))
+    weights = self_paced_weights(per_example_loss, threshold, self.kind, self.softness)
+    return weights, {
+        "self_paced/threshold": threshold,
+        "self_paced/admitted": jnp.mean((per_example_loss < threshold).astype(jnp.float32)),
+        "self_paced/mean_weight": jnp.mean(weights)}
+
+
+def build_self_paced(spec: Mapping[str, Any] | None, *,
+                     steps_per_epoch: int) -> SelfPaced | None:
+  """`distill.self_paced` as a `SelfPaced` (None when absent or kind='none').
+
+  Absent or unset (None) fields take their defaults: thresholds 2 -> 6 nats by epoch
+  30, softness 0.25.
+  """
+  given = {key: value for key, value in dict(spec or {}).items() if value is not None}
+  unknown = sorted(set(given) - set(_SELF_PACED_DEFAULTS))
+  if unknown:
+    raise ValueError(f"distill.self_paced has no {', '.join(unknown)}; its keys: "
+                     f"{', '.join(_SELF_PACED_DEFAULTS)}")
+  spec = {**_SELF_PACED_DEFAULTS, **given}
+  if spec["kind"] not in SELF_PACED:
+    raise ValueError(f"distill.self_paced.kind={spec['kind']!r} is unknown; use one of "
+                     f"{', '.join(SELF_PACED)}")
+  if spec["kind"] == "none":
+    return None
+  start, final = float(spec["start_threshold"]), float(spec["final_threshold"])
+  if not 0 < start <= final:
+    raise ValueError("distill.self_paced needs 0 < start_threshold <= final_threshold, "
+                     f"got {start} and {final}")
+  if spec["softness"] <= 0:
+    raise ValueError(f"distill.self_paced.softness must be positive, got "
+                     f"{spec['softness']}")
+  if spec["full_at_epoch"] < 0:
+    raise ValueError("distill.self_paced.full_at_epoch must not be negative, got "
+                     f"{spec['full_at_epoch']}")
+  full_step = max(1, round(spec["full_at_epoch"] * steps_per_epoch))
+  return SelfPaced(spec["kind"], temperature_schedule(start, final, "linear",
+                                                      total_steps=full_step),
+                   float(spec["softness"]))
 
 
 class Adapter(nn.Module):
@@ -169,7 +259,7 @@ class Term(nn.Module):
 
   @nn.compact
   def __call__(self, s_logits, s_taps, t_logits, t_taps, labels, index, train: bool,
-               step=None):
+               step=None, example_weights=None):
     if self.method.inputs == LOGITS:
       s, t = s_logits, t_logits
     elif self.method.inputs == MULTI:
@@ -188,6 +278,8 @@ class Term(nn.Module):
     hyper = dict(self.hyper)
     if self.temperature is not None and step is not None:
       hyper["temperature"] = self.temperature(step)
+    if example_weights is not None and self.method.per_example is not None:
+      return jnp.mean(example_weights * self.method.per_example(*args, **hyper))
     return self.method.fn(*args, **hyper)
 
 
@@ -197,10 +289,12 @@ class Objective:
 
   Terms with learned parts (adapters, module methods) keep their parameters in
   `variables['params'][name]` and their other collections in `variables[collection]`.
+  With `self_paced`, the CE and the per-example terms are weighted per example.
   """
   ce_weight: float
   terms: tuple[Term, ...]
   label_smoothing: float = 0.0
+  self_paced: SelfPaced | None = None
 
   @property
   def needs_teacher(self) -> bool:
@@ -219,9 +313,16 @@ class Objective:
   def __call__(self, step, variables, s_logits, s_taps, t_logits, t_taps, labels,
                index=None, *, train: bool = True, axis_name: str | None = None):
     """Returns (total, parts, updated non-param collections)."""
-    ce = losses.cross_entropy(s_logits, labels, label_smoothing=self.label_smoothing)
+    weights, self_paced_parts = None, {}
+    if self.self_paced is None:
+      ce = losses.cross_entropy(s_logits, labels, label_smoothing=self.label_smoothing)
+    else:
+      ce_each = losses.cross_entropy_per_example(s_logits, labels,
+                                                 label_smoothing=self.label_smoothing)
+      weights, self_paced_parts = self.self_paced(step, ce_each)
+      ce = jnp.mean(weights * ce_each)
     total = self.ce_weight * ce
-    parts = {"ce": ce}
+    parts = {"ce": ce, **self_paced_parts}
     updates: dict[str, dict] = {}
     for term in self.terms:
       term_vars = {c: tree[term.name_] for c, tree in variables.items()
@@ -229,7 +330,7 @@ class Objective:
       mutable = [c for c in term_vars if c != "params"] if train else False
       out = term.clone(bn_axis_name=axis_name).apply(
           term_vars, s_logits, s_taps, t_logits, t_taps, labels, index, train=train,
-          step=jnp.asarray(step),
+          step=jnp.asarray(step), example_weights=weights,
           mutable=mutable)
       value, new = out if mutable is not False else (out, {})
       for collection, tree in new.items():
@@ -301,7 +402,9 @@ def build(distill_config: Mapping[str, Any], *, total_steps: int,
                       None if method.inputs == LOGITS else teacher_tap, hyper,
                       adapter=adapter, num_train=num_train, temperature=temperature))
   return Objective(float(distill_config.get("ce_weight", 1.0)), tuple(terms),
-                   float(distill_config.get("label_smoothing", 0.0)))
+                   float(distill_config.get("label_smoothing", 0.0)),
+                   build_self_paced(distill_config.get("self_paced"),
+                                    steps_per_epoch=steps_per_epoch))
 
 
 def _names(taps: str | Sequence[str]) -> tuple[str, ...]:

@@ -7,8 +7,9 @@ form of what `jax.pmap` used to do), with explicit `lax.pmean` over ``'data'``.
 """
 from __future__ import annotations
 
+import collections
 import os
-from typing import Any, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -73,6 +74,23 @@ def to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
   sharding = batch_sharded(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in batch.items()}
+
+
+def prefetch_to_device(batches: Iterable[Mapping[str, np.ndarray]], mesh: Mesh,
+                       size: int = 2) -> Iterator[dict[str, jax.Array]]:
+  """`to_global` of each host batch, `size` batches ahead of the consumer.
+
+  The transfers of the next batches are issued while the current step runs (JAX
+  dispatches asynchronously), so the step never waits for its input to reach the
+  devices.
+  """
+  queue = collections.deque()
+  for batch in batches:
+    queue.append(to_global(batch, mesh))
+    if len(queue) > size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

@@ -117,21 +117,38 @@ def init_state(model: nn.Module, optimizer: optax.GradientTransformation,
 def make_train_step(student: nn.Module, teacher: nn.Module | None,
                     objective: objective_lib.Objective,
                     optimizer: optax.GradientTransformation,
-                    mesh: Mesh) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+                    mesh: Mesh, *, teacher_bf16: bool = False,
+                    ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
   """Builds the jitted, data-parallel `train_step(state, teacher_variables, batch, rng)`.
 
   The state is donated; teacher variables are a separate, non-donated argument that
   is never differentiated. Metrics are global means (replicated scalars).
+
+  The teacher runs once per step, in inference mode and outside the differentiated
+  function, so a KD step costs a teacher forward plus a student step. With
+  `teacher_bf16` its forward computes in bfloat16 (its variables stay float32; logits
+  and taps reach the objective as float32). A batch that carries `teacher_logits`
+  (see `kd_jax.teacher_cache`) skips the teacher: those logits are used instead, and
+  the objective may then use logits only.
   """
   student_train = student.clone(bn_axis_name=parallel.DATA_AXIS)
   axis = parallel.DATA_AXIS
+  teacher_forward = (teacher.clone(dtype=jnp.bfloat16)
+                     if teacher_bf16 and teacher is not None else teacher)
+
+  def teacher_outputs(teacher_variables, batch):
+    """(logits, taps) of the teacher for this shard: cached logits or a forward pass."""
+    if "teacher_logits" in batch:
+      return batch["teacher_logits"], {}
+    logits, taps = teacher_forward.apply(teacher_variables, batch["image"], train=False)
+    return lax.stop_gradient(
+        (logits, jax.tree.map(lambda t: t.astype(jnp.float32), taps)))
 
   def per_shard_step(state, teacher_variables, batch, rng):
     images, labels = batch["image"], batch["label"]
     rng = jax.random.fold_in(rng, lax.axis_index(axis))
     if objective.needs_teacher:
-      t_logits, t_taps = lax.stop_gradient(
-          teacher.apply(teacher_variables, images, train=False))
+      t_logits, t_taps = teacher_outputs(teacher_variables, batch)
     else:
       t_logits, t_taps = None, None
 
@@ -158,7 +175,7 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None,
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     metrics = {"loss": loss, **parts,
                "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
-               "grad_norm": grad_norm}
+               "grad_norm": grad_norm, **monitors(objective, state.step, grads)}
     if t_logits is not None:
       metrics["teacher_agreement"] = jnp.mean(
           jnp.argmax(logits, -1) == jnp.argmax(t_logits, -1))
@@ -176,6 +193,26 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None,
                        in_specs=(P(), P(), P(axis), P()), out_specs=(P(), P()),
                        check_vma=False)
   return jax.jit(step, donate_argnums=(0,))
+
+
+def monitors(objective: objective_lib.Objective, step: jax.Array,
+             grads: Any) -> dict[str, jax.Array]:
+  """Per-step scalars beside the loss terms, computed from what the step already has.
+
+  `grad_norm/student` and `grad_norm/<term>` (the global norm of the gradient of the
+  student's and of each term's learned parameters: adapter, method parameters), and
+  `temperature/<term>` for each term with a temperature: its schedule's value at
+  `step`, or the constant it sets.
+  """
+  out = {"grad_norm/student": optax.global_norm(grads["student"])}
+  for name, term_grads in grads.get("terms", {}).items():
+    out[f"grad_norm/{name}"] = optax.global_norm(term_grads)
+  for term in objective.terms:
+    if term.temperature is not None:
+      out[f"temperature/{term.name_}"] = term.temperature(step)
+    elif "temperature" in term.hyper:
+      out[f"temperature/{term.name_}"] = jnp.asarray(term.hyper["temperature"], jnp.float32)
+  return out
 
 
 def step_rng(seed: int, step: int | jax.Array) -> jax.Array:

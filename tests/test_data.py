@@ -414,3 +414,36 @@ def test_cifar_augmentation_without_flip_never_mirrors():
   for s in range(8):
     np.testing.assert_array_equal(
         augmentation.train(TINY, tf.constant([s, 0], tf.int64)), TINY)
+
+
+# --- edge-condition ops in the training stream ----------------------------------------
+
+
+def test_edge_ops_apply_to_the_augmented_training_images(digits_config):
+  config = raw_pixels(with_fields(
+      digits_config, augment="none",
+      edge_augment=({"op": "low_light", "prob": 1.0, "severity": 3},)))
+  split = train_split_images(config).astype(np.float32)
+  (batch,) = train_batches(config, 1)
+  # Severity 3: exposure 0.5, gamma 1.6.
+  expected = 255 * 0.5 * (split[batch["index"]] / 255) ** 1.6
+  np.testing.assert_allclose(batch["image"], expected, rtol=1e-5, atol=1e-3)
+
+
+def test_random_edge_ops_are_a_function_of_the_position(digits_config):
+  config = with_fields(digits_config, edge_augment=(
+      {"op": "cutout", "prob": 0.5, "severity": (1, 5)},
+      {"op": "gaussian_noise", "prob": 0.5}))
+  steps = 4
+  single = train_batches(config, steps)
+  assert not np.array_equal(single[0]["image"], train_batches(digits_config, 1)[0]["image"])
+  hosts = [train_batches(config, steps, process_index=i, process_count=2) for i in range(2)]
+  for step in range(steps):
+    np.testing.assert_array_equal(
+        np.concatenate([host[step]["image"] for host in hosts]), single[step]["image"])
+  assert_batches_equal(train_batches(config, 2, start_step=2), single[2:])
+
+
+def test_bad_edge_augment_fails_when_the_data_is_resolved(digits_config):
+  with pytest.raises(ValueError, match=r"data.edge_augment\[0\]: unknown edge op 'fog'"):
+    data.get_info(with_fields(digits_config, edge_augment=({"op": "fog"},)))

@@ -12,7 +12,7 @@ pytest.importorskip("matplotlib")
 
 NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                          "notebooks")
-NAMES = ["quickstart.ipynb", "custom_method.ipynb"]
+NAMES = ["quickstart.ipynb", "custom_method.ipynb", "edge.ipynb"]
 KERNEL = "kd-jax-test"
 
 

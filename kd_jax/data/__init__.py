@@ -1,15 +1,20 @@
 """Input pipeline: TFDS datasets -> deterministic, resumable, host-sharded batches.
 
 Importing this package registers the offline `kd_digits` TFDS builder. See `pipeline`
-for how batch order, augmentation randomness and per-host slices are defined, and
-`preprocess` for the ops and augmentation presets.
+for how batch order, augmentation randomness and per-host slices are defined,
+`preprocess` for the ops and augmentation presets, `augment` for the edge-condition
+ops (low light, motion blur, sensor noise, JPEG, reduced colour, occlusion) and
+`curriculum` for teacher-scored difficulty, pacing and curriculum sampling.
 """
 
+from kd_jax.data import augment
+from kd_jax.data import curriculum
 from kd_jax.data import kd_digits
 from kd_jax.data import preprocess
 from kd_jax.data.pipeline import DatasetInfo
 from kd_jax.data.pipeline import default_data_config
 from kd_jax.data.pipeline import eval_dataset
+from kd_jax.data.pipeline import eval_datasets
 from kd_jax.data.pipeline import eval_iterator
 from kd_jax.data.pipeline import get_info
 from kd_jax.data.pipeline import representative_images
@@ -18,8 +23,11 @@ from kd_jax.data.pipeline import train_iterator
 
 __all__ = [
     "DatasetInfo",
+    "augment",
+    "curriculum",
     "default_data_config",
     "eval_dataset",
+    "eval_datasets",
     "eval_iterator",
     "get_info",
     "kd_digits",

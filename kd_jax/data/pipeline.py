@@ -24,16 +24,27 @@ host `c % P`'s slice of step `c // P`), and each kept chunk is decoded and augme
 as one tf.data element (`tf.map_fn` over its examples): per-element tf.data overhead,
 not augmentation, dominates for small images.
 
+With a curriculum (`kd_jax.data.curriculum`) the stream is defined by the step
+instead: global batch `s` is `B` distinct examples drawn, with seeds (seed, s), from the
+easiest examples that the pacing function admits at step `s`, host `i` takes entries
+[i * B/P, (i + 1) * B/P) of that draw, and the example at entry `p` is augmented with
+seeds (seed, s, p); the training split is held in memory for the draws. Batches then
+also carry each example's `difficulty`.
+
+Edge-condition ops (`data.edge_augment`, see `augment`) run after the preset's
+augmentation, seeded by the same per-example seed; with none configured, the stream is
+exactly the one without them.
+
 Determinism relies on the op-level seeds only; do not set TensorFlow's global seed
 (`tf.random.set_seed`), which would change the shuffle order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 import dataclasses
 import math
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import jax
 import ml_collections
@@ -42,8 +53,12 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from kd_jax.data import augment
 from kd_jax.data import kd_digits
 from kd_jax.data import preprocess
+
+if TYPE_CHECKING:
+  from kd_jax.data import curriculum as curriculum_lib
 
 try:  # JAX owns the accelerators; TensorFlow only feeds data from the CPU.
   tf.config.set_visible_devices([], "GPU")
@@ -58,6 +73,7 @@ _PREPARE_ON_DEMAND = (kd_digits.KdDigits.name,)
 _CACHE_LIMIT_BYTES = 1 << 30
 _UNCACHED_SHUFFLE_BUFFER = 16_384
 _SHUFFLE_SALT, _AUGMENT_SALT = 0, 1
+_CORRUPTION_SEED = 0  # Eval corruptions: example p is corrupted with seeds (0, 0, p).
 
 # Defaults of the config fields left at None; mean/std: per channel, [0, 1] pixels.
 _DATASET_DEFAULTS = {
@@ -106,6 +122,10 @@ def default_data_config() -> ml_collections.ConfigDict:
     shuffle_buffer: None -> the whole split when cached, else 16384.
     cache: keep decoded training images in memory: True, False, or 'auto' -> cache
       when the decoded split is under 1 GiB (strings 'true'/'false' also accepted).
+    edge_augment: edge-condition ops applied to training images after `augment`, a
+      tuple of dicts `{'op': name, 'prob': p, 'severity': s or (low, high)}` (see
+      `kd_jax.data.augment`); () -> none. From the command line:
+      --config.data.edge_augment="({'op': 'jpeg', 'prob': 0.3, 'severity': (1, 5)},)".
   """
   config = ml_collections.ConfigDict()
   config.name = "kd_digits"
@@ -121,6 +141,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   config.shuffle_buffer = config_dict.placeholder(int)
   # Typed `object` so both --config.data.cache=False and cache='auto' are accepted.
   config.cache = config_dict.FieldReference("auto", field_type=object)
+  config.edge_augment = ()
   return config
 
 
@@ -148,6 +169,7 @@ class _Source:
   info: DatasetInfo
   decode: Callable[[tf.Tensor], tf.Tensor]  # Encoded image -> uint8 [H, W, C].
   augmentation: preprocess.Augmentation
+  edge: Optional[Callable[[tf.Tensor, tf.Tensor], tf.Tensor]]  # (image, seed) -> image
   mean: tuple[float, ...]
   std: tuple[float, ...]
   cache: bool  # Keep training examples in memory ...
@@ -264,6 +286,7 @@ def _source(data_config: DataConfig) -> _Source:
           pad=option("pad"),
           flip=option("flip"),
       ),
+      edge=augment.compose(data_config.get("edge_augment"), channels),
       mean=mean,
       std=std,
       cache=cache,
@@ -330,20 +353,26 @@ def _epoch_shuffle_seed(seed: int, epoch) -> tf.Tensor:
   return tf.random.stateless_uniform([], key, minval=None, maxval=None, dtype=tf.int64)
 
 
-def _preprocess_batch(source: _Source, images, labels, *, decoded: bool, seeds=None):
-  """Decodes (unless `decoded`), augments (with `seeds`) or eval-crops, normalises.
+def _preprocess_batch(source: _Source, images, labels, *, decoded: bool, train: bool,
+                      seeds=None, corruption=None):
+  """Decodes (unless `decoded`), augments or eval-crops, corrupts, normalises.
 
+  `train`: the preset's train augmentation then the config's edge ops, seeded by
+  `seeds`; otherwise the eval preprocessing then `corruption(image, seed)` if given.
   Examples are processed one by one (images may differ in size before cropping) with
   `tf.map_fn` inside one tf.data element, which costs far less than one tf.data
   element per example.
   """
+  edge = source.edge if train else corruption
+
   def one(args):
     image = args[0] if decoded else source.decode(args[0])
-    if seeds is None:
-      image = source.augmentation.eval(image)
-    else:
+    if train:
       image = source.augmentation.train(image, args[1])
-    return tf.cast(image, tf.float32)
+    else:
+      image = source.augmentation.eval(image)
+    image = tf.cast(image, tf.float32)
+    return image if edge is None else edge(image, args[1])
 
   images = tf.map_fn(
       one,
@@ -362,6 +391,18 @@ def _options() -> tf.data.Options:
   return options
 
 
+def _indexed_examples(source: _Source) -> tf.data.Dataset:
+  """The training split in file order as (image, label, index), decoded if cacheable."""
+  examples, _ = _read_split(source.builder, source.info.train_split)
+  examples = examples.enumerate().map(
+      lambda index, example: (*example, tf.cast(index, tf.int32)))
+  if source.cache_decoded:
+    examples = examples.map(
+        lambda image, label, index: (source.decode(image), label, index),
+        num_parallel_calls=tf.data.AUTOTUNE)
+  return examples
+
+
 def train_dataset(
     data_config: DataConfig,
     *,
@@ -370,6 +411,7 @@ def train_dataset(
     start_step: int = 0,
     process_index: Optional[int] = None,
     process_count: Optional[int] = None,
+    curriculum: Optional[curriculum_lib.Curriculum] = None,
 ) -> tf.data.Dataset:
   """The infinite tf.data stream behind `train_iterator` (same arguments)."""
   source = _source(data_config)
@@ -381,18 +423,15 @@ def train_dataset(
         f"global batch size {global_batch_size} exceeds the {source.info.num_train} "
         f"examples of {data_config.name}:{source.info.train_split}"
     )
+  if curriculum is not None:
+    return _curriculum_dataset(source, curriculum, global_batch_size, seed, start_step,
+                               process_index, process_count)
   start_epoch, skipped_steps = divmod(start_step, steps_per_epoch)
   # The stream is cut into chunks of `per_host` consecutive positions; chunk c is
   # host (c % P)'s slice of global step c // P.
   chunks_per_epoch = steps_per_epoch * process_count
 
-  examples, _ = _read_split(source.builder, source.info.train_split)
-  examples = examples.enumerate().map(
-      lambda index, example: (*example, tf.cast(index, tf.int32)))
-  if source.cache_decoded:
-    examples = examples.map(
-        lambda image, label, index: (source.decode(image), label, index),
-        num_parallel_calls=tf.data.AUTOTUNE)
+  examples = _indexed_examples(source)
   if source.cache:
     examples = examples.cache()
 
@@ -415,13 +454,49 @@ def train_dataset(
     positions = chunk * per_host + tf.range(per_host, dtype=tf.int64)
     return {**_preprocess_batch(
         source, images, labels,
-        decoded=source.cache_decoded,
+        decoded=source.cache_decoded, train=True,
         seeds=example_seeds(seed, epoch_index, positions)), "index": index}
 
   return (
       tf.data.Dataset.range(start_epoch, tf.int64.max)
       .flat_map(epoch)
       .map(process, num_parallel_calls=tf.data.AUTOTUNE)
+      .prefetch(tf.data.AUTOTUNE)
+      .with_options(_options())
+  )
+
+
+def _curriculum_dataset(source: _Source, curriculum, global_batch_size: int, seed: int,
+                        start_step: int, process_index: int,
+                        process_count: int) -> tf.data.Dataset:
+  """The curriculum stream (module docstring): step s's draw from the paced pool."""
+  num_train = source.info.num_train
+  if len(curriculum.difficulty) != num_train:
+    raise ValueError(
+        f"the curriculum scores {len(curriculum.difficulty)} examples but "
+        f"{source.info.train_split} has {num_train}; delete the saved difficulty "
+        "scores to recompute them")
+  per_host = global_batch_size // process_count
+  host_indices = curriculum.sampler(seed=seed, global_batch_size=global_batch_size,
+                                    process_index=process_index,
+                                    process_count=process_count)
+  difficulty = tf.constant(curriculum.difficulty, tf.float32)
+  positions = process_index * per_host + tf.range(per_host, dtype=tf.int64)
+
+  def draw(step, split):
+    images, labels, _ = split
+    chosen = host_indices(step)
+    batch = _preprocess_batch(
+        source, tf.gather(images, chosen), tf.gather(labels, chosen),
+        decoded=source.cache_decoded, train=True,
+        seeds=example_seeds(seed, step, positions))
+    return {**batch, "index": chosen, "difficulty": tf.gather(difficulty, chosen)}
+
+  # The whole split is one cached element, repeated alongside the step counter.
+  split = _indexed_examples(source).batch(num_train).cache().repeat()
+  return (
+      tf.data.Dataset.zip(tf.data.Dataset.range(start_step, tf.int64.max), split)
+      .map(draw, num_parallel_calls=tf.data.AUTOTUNE)
       .prefetch(tf.data.AUTOTUNE)
       .with_options(_options())
   )
@@ -435,6 +510,7 @@ def train_iterator(
     start_step: int = 0,
     process_index: Optional[int] = None,
     process_count: Optional[int] = None,
+    curriculum: Optional[curriculum_lib.Curriculum] = None,
 ) -> Iterator[Batch]:
   """Infinite iterator over this host's part of the augmented training batches.
 
@@ -445,11 +521,14 @@ def train_iterator(
     start_step: yield the uninterrupted stream's batches from this step on.
     process_index: this host's index; None -> `jax.process_index()`.
     process_count: number of hosts; None -> `jax.process_count()`.
+    curriculum: draw each step's batch from the examples its pacing admits (see the
+      module docstring); None -> the epoch stream.
 
   Returns:
     An iterator of `{'image': float32 [b, H, W, C] normalised, 'label': int32 [b],
     'index': int32 [b]}` with `b = global_batch_size // process_count`, `index` being
-    each example's position in the training split (in file order, before shuffling).
+    each example's position in the training split (in file order, before shuffling);
+    with a curriculum, also `'difficulty': float32 [b]`, each example's score.
   """
   return train_dataset(
       data_config,
@@ -458,6 +537,7 @@ def train_iterator(
       start_step=start_step,
       process_index=process_index,
       process_count=process_count,
+      curriculum=curriculum,
   ).as_numpy_iterator()
 
 
@@ -467,8 +547,23 @@ def eval_dataset(
     batch_size: int,
     process_index: Optional[int] = None,
     process_count: Optional[int] = None,
+    corruption: Optional[tuple[str, int]] = None,
 ) -> tf.data.Dataset:
   """The finite tf.data stream behind `eval_iterator` (same arguments)."""
+  (dataset,) = eval_datasets(data_config, [corruption], batch_size=batch_size,
+                             process_index=process_index, process_count=process_count)
+  return dataset
+
+
+def eval_datasets(
+    data_config: DataConfig,
+    corruptions: Sequence[Optional[tuple[str, int]]],
+    *,
+    batch_size: int,
+    process_index: Optional[int] = None,
+    process_count: Optional[int] = None,
+) -> list[tf.data.Dataset]:
+  """`eval_dataset` under each of `corruptions` (None: clean), resolving the data once."""
   source = _source(data_config)
   process_index, process_count, per_host = _host_partition(
       batch_size, process_index, process_count)
@@ -476,31 +571,41 @@ def eval_dataset(
   num_steps = -(-num_examples // batch_size)
   num_chunks = -(-num_examples // per_host)
   own_chunks = len(range(process_index, num_chunks, process_count))
-
-  def process(images, labels):
-    batch = _preprocess_batch(source, images, labels, decoded=False)
-    num_real = tf.shape(labels)[0]
-    padding = [[0, per_host - num_real]]
-    return {
-        "image": tf.pad(batch["image"], padding + [[0, 0]] * 3),
-        "label": tf.pad(batch["label"], padding),
-        "mask": tf.pad(tf.ones([num_real], tf.float32), padding),
-    }
-
   empty = tf.data.Dataset.from_tensors({
       "image": tf.zeros((per_host, *source.info.image_shape), tf.float32),
       "label": tf.zeros([per_host], tf.int32),
       "mask": tf.zeros([per_host], tf.float32),
   }).repeat(num_steps - own_chunks)
-  return (
-      examples.batch(per_host)
-      .enumerate()
-      .filter(lambda chunk, _: chunk % process_count == process_index)
-      .map(lambda chunk, batch: process(*batch), num_parallel_calls=tf.data.AUTOTUNE)
-      .concatenate(empty)
-      .prefetch(tf.data.AUTOTUNE)
-      .with_options(_options())
-  )
+  own = examples.batch(per_host).enumerate().filter(
+      lambda chunk, _: chunk % process_count == process_index)
+
+  def dataset(corruption):
+    corrupt = None if corruption is None else augment.corruption(
+        *corruption, channels=source.info.image_shape[-1])
+
+    def process(chunk, images, labels):
+      num_real = tf.shape(labels)[0]
+      positions = chunk * per_host + tf.range(num_real, dtype=tf.int64)
+      batch = _preprocess_batch(
+          source, images, labels, decoded=False, train=False, corruption=corrupt,
+          seeds=None if corrupt is None else example_seeds(_CORRUPTION_SEED, 0,
+                                                           positions))
+      padding = [[0, per_host - num_real]]
+      return {
+          "image": tf.pad(batch["image"], padding + [[0, 0]] * 3),
+          "label": tf.pad(batch["label"], padding),
+          "mask": tf.pad(tf.ones([num_real], tf.float32), padding),
+      }
+
+    return (
+        own.map(lambda chunk, batch: process(chunk, *batch),
+                num_parallel_calls=tf.data.AUTOTUNE)
+        .concatenate(empty)
+        .prefetch(tf.data.AUTOTUNE)
+        .with_options(_options())
+    )
+
+  return [dataset(corruption) for corruption in corruptions]
 
 
 def eval_iterator(
@@ -509,6 +614,7 @@ def eval_iterator(
     batch_size: int,
     process_index: Optional[int] = None,
     process_count: Optional[int] = None,
+    corruption: Optional[tuple[str, int]] = None,
 ) -> Iterator[Batch]:
   """One pass over this host's part of the evaluation split, without augmentation.
 
@@ -517,6 +623,10 @@ def eval_iterator(
   steps), host i's slice of step s being examples [s * B + i * b, s * B + (i + 1) * b)
   of the split in file order. Padding examples have `mask` 0, so summing a metric times
   `mask` over all hosts counts every example exactly once.
+
+  `corruption=(op, severity)` applies that edge op (`kd_jax.data.augment`) to every
+  example after the eval preprocessing, the example at position p of the split seeded
+  by `example_seeds(0, 0, [p])`: the same corrupted split on every run and host.
 
   Returns:
     An iterator of `{'image': float32 [b, H, W, C], 'label': int32 [b],
@@ -527,6 +637,7 @@ def eval_iterator(
       batch_size=batch_size,
       process_index=process_index,
       process_count=process_count,
+      corruption=corruption,
   ).as_numpy_iterator()
 
 
@@ -546,7 +657,7 @@ def representative_images(data_config: DataConfig, n: int, seed: int = 0) -> np.
       .batch(n)
       .take(1)
       .map(lambda images, labels: _preprocess_batch(
-          source, images, labels, decoded=False)["image"])
+          source, images, labels, decoded=False, train=False)["image"])
       .with_options(_options())
   )
   return next(images.as_numpy_iterator())

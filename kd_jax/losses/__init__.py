@@ -21,9 +21,13 @@ from kd_jax.losses._learned import adaptive_average_pool
 from kd_jax.losses._learned import contrast_loss
 from kd_jax.losses._learned import hierarchical_context_loss
 from kd_jax.losses._logit import cross_entropy
+from kd_jax.losses._logit import cross_entropy_per_example
 from kd_jax.losses._logit import dkd
+from kd_jax.losses._logit import dkd_per_example
 from kd_jax.losses._logit import kd
+from kd_jax.losses._logit import kd_per_example
 from kd_jax.losses._logit import lskd
+from kd_jax.losses._logit import lskd_per_example
 from kd_jax.losses._logit import standardize_logits
 from kd_jax.losses._relation import correlation_congruence
 from kd_jax.losses._relation import pkt
@@ -39,11 +43,15 @@ __all__ = [
     "contrast_loss",
     "correlation_congruence",
     "cross_entropy",
+    "cross_entropy_per_example",
     "dkd",
+    "dkd_per_example",
     "fitnet",
     "hierarchical_context_loss",
     "kd",
+    "kd_per_example",
     "lskd",
+    "lskd_per_example",
     "nst",
     "pkt",
     "rkd",

@@ -1,7 +1,9 @@
 """Losses on logits: cross-entropy, Hinton KD, logit-standardised KD and DKD.
 
 Reductions follow RepDistiller (`DistillKL`) and mdistiller (`dkd_loss`), so the
-published loss weights and temperatures carry over unchanged.
+published loss weights and temperatures carry over unchanged. Each loss has a
+`*_per_example` form returning the `[B]` values whose batch mean it is, for callers
+that weigh examples (self-paced learning).
 """
 import jax
 import jax.numpy as jnp
@@ -31,12 +33,24 @@ def cross_entropy(logits: jax.typing.ArrayLike,
     Szegedy et al., Rethinking the Inception Architecture for Computer Vision,
     CVPR 2016 (label smoothing).
   """
+  return -jnp.mean(_target_log_likelihood(logits, labels, label_smoothing))
+
+
+def cross_entropy_per_example(logits: jax.typing.ArrayLike,
+                              labels: jax.typing.ArrayLike,
+                              label_smoothing: float = 0.0) -> jax.Array:
+  """`[B]` cross-entropies `-sum_c q_bc log softmax(z_b)_c`; `cross_entropy` is their mean."""
+  return -_target_log_likelihood(logits, labels, label_smoothing)
+
+
+def _target_log_likelihood(logits, labels, label_smoothing) -> jax.Array:
+  """Per-sample `sum_c q_bc log softmax(z_b)_c` for the (smoothed) targets `q`."""
   logits = _common.as_float(logits)
   num_classes = logits.shape[-1]
   targets = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype)
   targets = (1.0 - label_smoothing) * targets + label_smoothing / num_classes
   log_probs = jax.nn.log_softmax(logits, axis=-1)
-  return -jnp.mean(jnp.sum(targets * log_probs, axis=-1))
+  return jnp.sum(targets * log_probs, axis=-1)
 
 
 def _kl_divergence(teacher_log_probs: jax.Array,
@@ -69,12 +83,24 @@ def kd(student_logits: jax.typing.ArrayLike,
     Hinton, Vinyals and Dean, Distilling the Knowledge in a Neural Network,
     NeurIPS Deep Learning Workshop 2014.
   """
+  return jnp.mean(_tempered_kl(student_logits, teacher_logits, temperature)
+                  ) * temperature**2
+
+
+def kd_per_example(student_logits: jax.typing.ArrayLike,
+                   teacher_logits: jax.typing.ArrayLike,
+                   temperature: float = 4.0) -> jax.Array:
+  """`[B]` values `T^2 KL(p_t,b || p_s,b)`; `kd` is their mean."""
+  return _tempered_kl(student_logits, teacher_logits, temperature) * temperature**2
+
+
+def _tempered_kl(student_logits, teacher_logits, temperature) -> jax.Array:
+  """Per-sample `KL(softmax(z_t / T) || softmax(z_s / T))`, the teacher a constant."""
   student, teacher = _common.as_student_and_teacher(student_logits,
                                                      teacher_logits)
   student_log_probs = jax.nn.log_softmax(student / temperature, axis=-1)
   teacher_log_probs = jax.nn.log_softmax(teacher / temperature, axis=-1)
-  kl = _kl_divergence(teacher_log_probs, student_log_probs)
-  return jnp.mean(kl) * temperature**2
+  return _kl_divergence(teacher_log_probs, student_log_probs)
 
 
 def standardize_logits(logits: jax.typing.ArrayLike,
@@ -132,6 +158,15 @@ def lskd(student_logits: jax.typing.ArrayLike,
             standardize_logits(teacher_logits, eps), temperature)
 
 
+def lskd_per_example(student_logits: jax.typing.ArrayLike,
+                     teacher_logits: jax.typing.ArrayLike,
+                     temperature: float = 2.0,
+                     eps: float = 1e-7) -> jax.Array:
+  """`[B]` per-sample values whose mean is `lskd`."""
+  return kd_per_example(standardize_logits(student_logits, eps),
+                        standardize_logits(teacher_logits, eps), temperature)
+
+
 def dkd(student_logits: jax.typing.ArrayLike,
         teacher_logits: jax.typing.ArrayLike,
         labels: jax.typing.ArrayLike,
@@ -169,6 +204,27 @@ def dkd(student_logits: jax.typing.ArrayLike,
   References:
     Zhao et al., Decoupled Knowledge Distillation, CVPR 2022.
   """
+  tckd, nckd = _dkd_parts(student_logits, teacher_logits, labels, temperature,
+                          mask_offset)
+  return (alpha * jnp.mean(tckd) + beta * jnp.mean(nckd)) * temperature**2
+
+
+def dkd_per_example(student_logits: jax.typing.ArrayLike,
+                    teacher_logits: jax.typing.ArrayLike,
+                    labels: jax.typing.ArrayLike,
+                    alpha: float = 1.0,
+                    beta: float = 8.0,
+                    temperature: float = 4.0,
+                    mask_offset: float = 1000.0) -> jax.Array:
+  """`[B]` values `(alpha TCKD_b + beta NCKD_b) T^2`; `dkd` is their mean."""
+  tckd, nckd = _dkd_parts(student_logits, teacher_logits, labels, temperature,
+                          mask_offset)
+  return (alpha * tckd + beta * nckd) * temperature**2
+
+
+def _dkd_parts(student_logits, teacher_logits, labels, temperature,
+               mask_offset) -> tuple[jax.Array, jax.Array]:
+  """Per-sample (TCKD, NCKD) KL divergences of `dkd`, before the T^2 factor."""
   student, teacher = _common.as_student_and_teacher(student_logits,
                                                      teacher_logits)
   labels = jnp.reshape(jnp.asarray(labels), (-1,))
@@ -187,8 +243,6 @@ def dkd(student_logits: jax.typing.ArrayLike,
     return jax.nn.log_softmax(logits / temperature - mask_offset * gt_mask,
                               axis=-1)
 
-  tckd = jnp.mean(_kl_divergence(binary_log_probs(teacher),
-                                 binary_log_probs(student)))
-  nckd = jnp.mean(_kl_divergence(non_target_log_probs(teacher),
-                                 non_target_log_probs(student)))
-  return (alpha * tckd + beta * nckd) * temperature**2
+  return (_kl_divergence(binary_log_probs(teacher), binary_log_probs(student)),
+          _kl_divergence(non_target_log_probs(teacher),
+                         non_target_log_probs(student)))

@@ -1,0 +1,319 @@
+"""`kd-jax profile`: what each candidate teacher costs on this host, and which to pick.
+
+For every candidate of the config (a model name of the zoo, or the folder of a saved
+model: a `kd-jax train-teacher` / `kd-jax distill` workdir or one of its phase
+folders), on synthetic input of the config's shape:
+
+  params                  scalars of the `params` collection (BatchNorm statistics
+                          excluded)
+  MACs                    XLA's cost analysis of the compiled batch-1 forward pass,
+                          flops / 2 (element-wise flops included, zero-padded
+                          convolution taps not)
+  peak activations        XLA's buffer assignment of the batch-1 forward pass: its
+                          temporary buffers (packed by live range) plus its output
+  JAX throughput          images/s of the jitted forward pass at `batch_size` on this
+                          host's default JAX device, timed after warm-up
+  TFLite latency, size    median single-image invoke in the LiteRT interpreter (one
+                          thread) and flatbuffer size, per quantization of
+                          `kd_jax.export` (int8 calibrated on synthetic images)
+  top-1                   the accuracy saved with a checkpoint (its `model.json`, on
+                          the config's `dataset`), else the published top-1 of
+                          `config.published`; each labelled with its source
+
+`run(config, workdir)` writes `<workdir>/profile.json`, `profile.md` (the table and the
+recommendation) and `pareto.png` (top-1 against latency, Pareto front marked). The
+recommendation follows `config.recommend.rule`:
+
+  best_accuracy_under_latency  the highest top-1 with `latency` ≤ `latency_budget_ms`
+  fastest_above_accuracy       the lowest `latency` with top-1 ≥ `min_accuracy` (%)
+
+`latency` names the TFLite variant that counts (`tflite_int8`, `tflite_fp32`, ...).
+No energy is shown: this host measures none.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from matplotlib.figure import Figure
+
+from kd_jax import checkpoint as ckpt_lib
+from kd_jax import export as export_lib
+from kd_jax import models
+from kd_jax.edge import cost
+
+RULES = ("best_accuracy_under_latency", "fastest_above_accuracy")
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+  """One teacher to profile: a model of the zoo, random or loaded from `checkpoint`."""
+  label: str
+  model_name: str
+  checkpoint: str | None = None
+  accuracy: float | None = None  # top-1 in percent
+  accuracy_source: str | None = None
+
+
+def _names(value: str | Sequence[str]) -> list[str]:
+  if isinstance(value, str):
+    return [v.strip() for v in value.split(",") if v.strip()]
+  return list(value)
+
+
+def _saved_model_folder(path: str) -> str | None:
+  """`path` or its `teacher/` subfolder, whichever holds a saved model; else None."""
+  for folder in (path, os.path.join(path, "teacher")):
+    if ckpt_lib.has_variables(folder):
+      return folder
+  return None
+
+
+def resolve_candidates(config: ml_collections.ConfigDict) -> list[Candidate]:
+  """The config's candidates with their top-1 and its source; one-line errors."""
+  published = dict(config.get("published") or {})
+  candidates = []
+  for name in _names(config.candidates):
+    folder = _saved_model_folder(name) if os.path.isdir(name) else None
+    if folder is None:
+      if name not in models.available():
+        raise ValueError(f"candidate {name!r} is neither a model nor a folder with a "
+                         f"saved model (model.json + variables); known models: "
+                         f"{', '.join(models.available())}")
+      accuracy = published.get(name)
+      candidates.append(Candidate(name, name, None, accuracy,
+                                  config.get("published_source") if accuracy else None))
+      continue
+    with open(os.path.join(folder, "model.json")) as f:
+      meta = json.load(f)
+    for key in ("dataset", "num_classes"):
+      if meta.get(key) != config[key]:
+        raise ValueError(f"candidate {name!r} has {key}={meta.get(key)!r}, not the "
+                         f"config's {key}={config[key]!r}; set --config.{key} or drop it")
+    accuracy = meta.get("metrics", {}).get("accuracy")
+    candidates.append(Candidate(
+        f"{meta['model']} ({os.path.basename(os.path.normpath(name))})", meta["model"],
+        folder, None if accuracy is None else 100.0 * accuracy,
+        f"checkpoint ({meta['dataset']} eval)"))
+  if not candidates:
+    raise ValueError("config.candidates is empty; list model names or checkpoint folders, "
+                     "e.g. --config.candidates=resnet56,vgg13")
+  return candidates
+
+
+def _check(config: ml_collections.ConfigDict) -> None:
+  """One-line errors for the settings `run` relies on."""
+  rule = config.recommend.rule
+  if rule not in RULES:
+    raise ValueError(f"recommend.rule={rule!r} is unknown; use one of {', '.join(RULES)}")
+  unknown = [q for q in config.quantizations if q not in export_lib.QUANTIZATIONS]
+  if unknown:
+    raise ValueError(f"quantizations {unknown} are unknown; use some of "
+                     f"{', '.join(export_lib.QUANTIZATIONS)}")
+  variants = [f"tflite_{q}" for q in config.quantizations]
+  if config.recommend.latency not in variants:
+    raise ValueError(f"recommend.latency={config.recommend.latency!r} is not measured; "
+                     f"use one of {', '.join(variants)} (set by quantizations)")
+
+
+def _initial_variables(model, input_shape: Sequence[int]) -> Any:
+  """Random variables of `model` (initialised under jit: fast for deep models)."""
+  return jax.jit(lambda rng, images: model.init(rng, images, train=False))(
+      jax.random.key(0), jnp.zeros((1, *input_shape)))
+
+
+def _forward(model):
+  return jax.jit(lambda variables, images: model.apply(variables, images, train=False)[0])
+
+
+def compiled_costs(model, variables: Any, input_shape: Sequence[int]) -> dict[str, float]:
+  """MACs (flops / 2) and peak activation bytes of the compiled batch-1 forward pass."""
+  compiled = _forward(model).lower(variables, jnp.zeros((1, *input_shape))).compile()
+  memory = compiled.memory_analysis()
+  return {"macs": compiled.cost_analysis()["flops"] / 2,
+          "peak_activation_bytes": memory.temp_size_in_bytes + memory.output_size_in_bytes}
+
+
+def throughput(model, variables: Any, input_shape: Sequence[int], batch_size: int, *,
+               min_seconds: float = 2.0, warmup: int = 2) -> float:
+  """Images per second of the jitted forward pass, timed after `warmup` calls."""
+  forward = _forward(model)
+  variables = jax.device_put(variables)
+  images = jax.device_put(np.random.default_rng(0).normal(
+      size=(batch_size, *input_shape)).astype(np.float32))
+  for _ in range(warmup):
+    forward(variables, images).block_until_ready()
+  calls, start = 0, time.perf_counter()
+  while calls < 3 or time.perf_counter() - start < min_seconds:
+    forward(variables, images).block_until_ready()
+    calls += 1
+  return calls * batch_size / (time.perf_counter() - start)
+
+
+def profile_model(model, variables: Any, input_shape: Sequence[int], *, batch_size: int,
+                  quantizations: Sequence[str] = ("fp32", "int8"), latency_runs: int = 50,
+                  min_seconds: float = 2.0, num_calibration_images: int = 8
+                  ) -> dict[str, Any]:
+  """Every measured cost of one model (see the module docstring), as a flat dict."""
+  input_shape = tuple(input_shape)
+  row = {"params": cost.count_params(variables),
+         **compiled_costs(model, variables, input_shape),
+         "throughput_images_per_s": throughput(model, variables, input_shape, batch_size,
+                                               min_seconds=min_seconds)}
+  calibration = np.random.default_rng(1).normal(
+      size=(num_calibration_images, *input_shape)).astype(np.float32)
+  for quantization in quantizations:
+    flatbuffer = export_lib.to_tflite(model, variables, input_shape, quantization,
+                                      representative_images=calibration)
+    latency = export_lib.latency_ms(flatbuffer, input_shape, runs=latency_runs)
+    row[f"tflite_{quantization}_ms"] = latency["median_ms"]
+    row[f"tflite_{quantization}_bytes"] = len(flatbuffer)
+  return row
+
+
+def pareto_front(rows: Sequence[Mapping[str, Any]], latency: str) -> list[bool]:
+  """Whether each row is Pareto-optimal in (top-1 ↑, `<latency>_ms` ↓).
+
+  Only rows with a top-1 compete; rows without one are never on the front.
+  """
+  key = f"{latency}_ms"
+  known = [r for r in rows if r.get("accuracy") is not None]
+  return [r.get("accuracy") is not None and not any(
+      o["accuracy"] >= r["accuracy"] and o[key] <= r[key]
+      and (o["accuracy"] > r["accuracy"] or o[key] < r[key]) for o in known)
+      for r in rows]
+
+
+def recommend(rows: Sequence[Mapping[str, Any]], recommend_config: Mapping[str, Any]
+              ) -> tuple[int | None, str]:
+  """(index of the recommended row or None, a sentence saying why)."""
+  rule, latency = recommend_config["rule"], recommend_config["latency"]
+  key, what = f"{latency}_ms", latency.replace("tflite_", "TFLite ")
+  known = [(i, r) for i, r in enumerate(rows) if r.get("accuracy") is not None]
+  if rule == "best_accuracy_under_latency":
+    budget = float(recommend_config["latency_budget_ms"])
+    fits = [(i, r) for i, r in known if r[key] <= budget]
+    if not fits:
+      return None, f"no candidate with a top-1 has {what} latency ≤ {budget:g} ms"
+    i, r = max(fits, key=lambda ir: (ir[1]["accuracy"], -ir[1][key]))
+    return i, (f"{r['label']}: the highest top-1 ({r['accuracy']:.2f}%) of the "
+               f"{len(fits)} candidates with {what} latency ≤ {budget:g} ms "
+               f"({r[key]:.2f} ms)")
+  if rule == "fastest_above_accuracy":
+    floor = float(recommend_config["min_accuracy"])
+    fits = [(i, r) for i, r in known if r["accuracy"] >= floor]
+    if not fits:
+      return None, f"no candidate reaches top-1 ≥ {floor:g}%"
+    i, r = min(fits, key=lambda ir: (ir[1][key], -ir[1]["accuracy"]))
+    return i, (f"{r['label']}: the lowest {what} latency ({r[key]:.2f} ms) of the "
+               f"{len(fits)} candidates with top-1 ≥ {floor:g}% ({r['accuracy']:.2f}%)")
+  raise ValueError(f"recommend.rule={rule!r} is unknown; use one of {', '.join(RULES)}")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
+  """`kd-jax profile`: profiles every candidate; writes profile.json/.md and pareto.png."""
+  _check(config)
+  candidates = resolve_candidates(config)
+  input_shape = tuple(config.input_shape)
+  rows = []
+  for candidate in candidates:
+    model = models.create(candidate.model_name, config.num_classes)
+    variables = _initial_variables(model, input_shape)
+    if candidate.checkpoint:
+      variables, _ = ckpt_lib.load_variables(candidate.checkpoint, variables)
+    print(f"[kd-jax] profiling {candidate.label}", flush=True)
+    rows.append({**dataclasses.asdict(candidate), **profile_model(
+        model, variables, input_shape, batch_size=config.batch_size,
+        quantizations=tuple(config.quantizations), latency_runs=config.latency_runs,
+        min_seconds=config.min_seconds,
+        num_calibration_images=config.num_calibration_images)})
+  front = pareto_front(rows, config.recommend.latency)
+  chosen, reason = recommend(rows, config.recommend)
+  for i, row in enumerate(rows):
+    row.update(pareto=front[i], recommended=i == chosen)
+  host = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+          "cpu_count": os.cpu_count(), "input_shape": list(input_shape),
+          "batch_size": config.batch_size}
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "profile.json"), "w") as f:
+    json.dump({"host": host, "recommendation": reason, "rows": rows}, f, indent=2)
+  plotted = plot_pareto(rows, config.recommend, os.path.join(workdir, "pareto.png"))
+  text = markdown(rows, host, config, reason, plotted)
+  with open(os.path.join(workdir, "profile.md"), "w") as f:
+    f.write(text)
+  print(text)
+  return rows
+
+
+def markdown(rows: Sequence[Mapping[str, Any]], host: Mapping[str, Any],
+             config: ml_collections.ConfigDict, reason: str, plotted: bool) -> str:
+  """profile.md: the host, the table, the recommendation and the plot."""
+  quantizations = tuple(config.quantizations)
+  header = ["model", "top-1 (%)", "top-1 source", "params (M)", "MACs (M)",
+            "peak activations (MiB)", f"JAX img/s (batch {host['batch_size']})"]
+  header += [f"TFLite {q} {unit}" for q in quantizations for unit in ("(ms)", "(MB)")]
+  lines = [f"# Teacher profile: {len(rows)} candidates, input "
+           f"{tuple(host['input_shape'])}, {config.num_classes} classes ({config.dataset})",
+           "", f"JAX on {host['backend']} ({host['device']}), {host['cpu_count']} CPU "
+           "cores; MACs and peak activations from XLA's compiled batch-1 forward pass "
+           "(flops / 2; temporary buffers + output); TFLite: median of "
+           f"{config.latency_runs} single-image invokes, one thread. Synthetic input.", "",
+           "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+  for r in rows:
+    cells = [r["label"] + (" **★**" if r["recommended"] else ""),
+             "—" if r["accuracy"] is None else f"{r['accuracy']:.2f}",
+             r["accuracy_source"] or "—", f"{r['params'] / 1e6:.2f}",
+             f"{r['macs'] / 1e6:.1f}", f"{r['peak_activation_bytes'] / 2**20:.2f}",
+             f"{r['throughput_images_per_s']:.0f}"]
+    cells += [f"{r[f'tflite_{q}_ms']:.2f}" if unit == "ms" else
+              f"{r[f'tflite_{q}_bytes'] / 1e6:.2f}"
+              for q in quantizations for unit in ("ms", "MB")]
+    lines.append("| " + " | ".join(cells) + " |")
+  lines += ["", f"Recommendation ({config.recommend.rule}): {reason}."]
+  if plotted:
+    lines += ["", "![top-1 against latency](pareto.png)"]
+  else:
+    lines += ["", "No candidate has a top-1, so there is no Pareto plot."]
+  return "\n".join(lines) + "\n"
+
+
+def plot_pareto(rows: Sequence[Mapping[str, Any]], recommend_config: Mapping[str, Any],
+                path: str) -> bool:
+  """Top-1 against latency, the Pareto front joined, the pick starred.
+
+  Returns False (and draws nothing) when no row has a top-1.
+  """
+  latency = recommend_config["latency"]
+  key = f"{latency}_ms"
+  known = [r for r in rows if r.get("accuracy") is not None]
+  if not known:
+    return False
+  fig = Figure(figsize=(6.5, 4.5), layout="constrained")
+  ax = fig.subplots()
+  ax.scatter([r[key] for r in known], [r["accuracy"] for r in known], color="tab:blue")
+  for r in known:
+    ax.annotate(r["label"], (r[key], r["accuracy"]), textcoords="offset points",
+                xytext=(5, 4), fontsize=8)
+  front = sorted((r[key], r["accuracy"]) for r in known if r.get("pareto"))
+  if front:
+    ax.step(*zip(*front), where="post", color="tab:orange", label="Pareto front")
+  for r in known:
+    if r.get("recommended"):
+      ax.scatter([r[key]], [r["accuracy"]], s=250, marker="*", color="tab:red",
+                 label="recommended", zorder=3)
+  if recommend_config["rule"] == "best_accuracy_under_latency":
+    ax.axvline(float(recommend_config["latency_budget_ms"]), color="gray", linestyle="--",
+               label="latency budget")
+  ax.set_xscale("log")
+  ax.set(xlabel=f"{latency.replace('tflite_', 'TFLite ')} latency (ms, one thread)",
+         ylabel="top-1 (%)", title="Candidate teachers: top-1 against latency")
+  ax.legend(fontsize=8)
+  fig.savefig(path, dpi=100)
+  return True

@@ -1,0 +1,91 @@
+"""What the workflows share: the run's context, derived configs, evaluation, the summary."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Mapping
+
+import jax
+import ml_collections
+
+from kd_jax import data as data_lib
+from kd_jax import evaluate as eval_lib
+from kd_jax import experiment
+from kd_jax import parallel
+from kd_jax.metric_writer import MetricWriter
+
+
+@dataclasses.dataclass
+class Context:
+  """The mesh, dataset info and metric writer of one workflow run."""
+  workdir: str
+  mesh: Any
+  info: data_lib.DatasetInfo
+  writer: MetricWriter
+  start: float
+
+  @property
+  def phase_args(self) -> dict[str, Any]:
+    """The keyword arguments `experiment.train_phase` takes from the run."""
+    return dict(workdir=self.workdir, mesh=self.mesh, info=self.info, writer=self.writer)
+
+
+def start(config: ml_collections.ConfigDict, workdir: str) -> Context:
+  """Creates `workdir` and the run's mesh, dataset info and metric writer."""
+  os.makedirs(workdir, exist_ok=True)
+  info = data_lib.get_info(config.data)
+  experiment._log(f"workflow {config.workflow}: {jax.device_count()} "
+                  f"{jax.default_backend()} device(s); dataset {config.data.name}")
+  return Context(workdir, parallel.data_mesh(), info, MetricWriter(workdir),
+                 time.perf_counter())
+
+
+def finish(context: Context, summary: dict[str, Any]) -> dict[str, Any]:
+  """Adds `wall_seconds`, writes `<workdir>/summary.json` and closes the writer."""
+  summary["wall_seconds"] = time.perf_counter() - context.start
+  context.writer.close()
+  if jax.process_index() == 0:
+    path = os.path.join(context.workdir, "summary.json")
+    with open(path, "w") as f:
+      json.dump(summary, f, indent=2, default=experiment._json_default)
+    experiment._log(f"wrote {path}")
+  return summary
+
+
+def derived(config: ml_collections.ConfigDict,
+            updates: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """A copy of `config` with dotted keys set, e.g. {'student.train_split': 'train'}."""
+  copy = config.copy_and_resolve_references()
+  for dotted, value in updates.items():
+    *parents, key = dotted.split(".")
+    node = copy
+    for parent in parents:
+      node = node[parent]
+    node[key] = value
+  return copy
+
+
+def recipe(config: ml_collections.ConfigDict,
+           overrides: Mapping[str, Any] | None) -> ml_collections.ConfigDict:
+  """The student's training recipe (`config.train`) with a phase's overrides."""
+  return ml_collections.ConfigDict({**config.train.to_dict(), **dict(overrides or {})})
+
+
+def accuracy_fn(model, context: Context, eval_batch_size: int):
+  """`accuracy(variables, data_config, corruption=None)`: top-1 of `model` on eval splits.
+
+  One compiled evaluation step serves every call (variables of the same shapes, any
+  eval split, optionally under a `kd_jax.data.augment` corruption `(op, severity)`).
+  """
+  eval_step = eval_lib.make_eval_step(model)
+
+  def accuracy(variables, data_config: ml_collections.ConfigDict,
+               corruption: tuple[str, int] | None = None) -> float:
+    batches = data_lib.eval_iterator(data_config, batch_size=eval_batch_size,
+                                     corruption=corruption)
+    return eval_lib.evaluate(
+        model, parallel.replicate(variables, context.mesh), batches, context.mesh,
+        num_classes=context.info.num_classes, eval_step=eval_step)["accuracy"]
+  return accuracy

@@ -1,0 +1,93 @@
+"""Domain adaptation by distillation: from a clean source to an unlabelled target domain.
+
+The target domain is the dataset under one edge corruption of `kd_jax.data.augment`
+at a fixed severity (`domain.corruption`, `domain.severity`): training images are
+corrupted on the fly (`data.edge_augment`, probability 1), evaluation images with
+the fixed per-example seeds of `kd_jax.data.eval_iterator(corruption=...)`.
+
+The workflow (`run`, `workflow='domain_adaptation'`), every phase resumable:
+  1. teacher    trained on the clean source (or loaded from `teacher.checkpoint`);
+  2. distilled  the student distilled on the clean source (the run's objective,
+                labelled budget `student.train_split`): the deployed model;
+  3. adapted    that student distilled further on the target images of
+                `domain.train_split`, without their labels: the objective
+                `domain.distill` must have CE weight 0 and no term that reads labels
+                (the teacher's soft labels and feature alignment through adapters).
+Teacher and student are evaluated on the clean and on the corrupted test split.
+
+Reference: the unlabelled-target setting of knowledge adaptation, Ruder, Ghaffari and
+Breslin, "Knowledge Adaptation: Teaching to Adapt", arXiv:1702.02052 (2017).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from kd_jax import data as data_lib
+from kd_jax import experiment
+from kd_jax import objective as objective_lib
+from kd_jax import parallel
+from kd_jax.workflows import common
+
+ADAPTED = "adapted"
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """One-line errors for a `domain` block the workflow cannot run."""
+  block = config.get("domain")
+  if block is None:
+    raise ValueError("workflow='domain_adaptation' needs a config block domain; see "
+                     "experiments/digits_domain.py")
+  data_lib.augment.parse(target_augment(block))
+  distill = block.distill
+  if float(distill.get("ce_weight", 1.0)) != 0.0:
+    raise ValueError("the target images are unlabelled: set "
+                     "--config.domain.distill.ce_weight=0")
+  objective = objective_lib.build(distill, total_steps=1, steps_per_epoch=1)
+  labelled = [t.name_ for t in objective.terms if t.method.needs_labels]
+  if labelled or not objective.terms:
+    raise ValueError(f"domain.distill.terms must be teacher-only terms (no labels), "
+                     f"got {labelled or 'none'}; use e.g. kd and fitnet")
+
+
+def target_augment(block: ml_collections.ConfigDict) -> tuple[dict[str, Any], ...]:
+  """`data.edge_augment` of the target domain: the corruption on every image."""
+  return ({"op": block.corruption, "prob": 1.0, "severity": int(block.severity)},)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """`workflow='domain_adaptation'`: the phases of the module docstring; summary.json."""
+  check_config(config)
+  block = config.domain
+  context = common.start(config, workdir)
+  info = context.info
+  teacher_result = experiment.teacher_phase(config, workdir, context.mesh, info,
+                                            context.writer)
+  student, _, source = experiment.student_phases(config, workdir, context.mesh, info,
+                                                 context.writer, teacher_result)
+  teacher = experiment._model(config, "teacher", info.num_classes)
+  target_config = common.derived(config, {
+      "data.edge_augment": target_augment(block),
+      "student.train_split": block.train_split})
+  adapted = experiment.train_phase(
+      target_config, phase=ADAPTED, model=student,
+      train_config=common.recipe(config, block.get("train")),
+      distill_config=block.distill.to_dict(), teacher=teacher,
+      teacher_variables=parallel.replicate(teacher_result.variables, context.mesh),
+      init_variables=source.variables, **context.phase_args)
+
+  corruption = (block.corruption, int(block.severity))
+  teacher_accuracy = common.accuracy_fn(teacher, context, config.eval_batch_size)
+  student_accuracy = common.accuracy_fn(student, context, config.eval_batch_size)
+  accuracy = {}
+  for name, accuracy_of, variables in (
+      ("teacher", teacher_accuracy, teacher_result.variables),
+      ("distilled", student_accuracy, source.variables),
+      (ADAPTED, student_accuracy, adapted.variables)):
+    accuracy[name] = {domain: accuracy_of(variables, config.data, corrupt)
+                      for domain, corrupt in (("source", None), ("target", corruption))}
+  summary = {"workflow": "domain_adaptation", "teacher": config.teacher.name,
+             "student": config.student.name, "target": f"{corruption[0]}@{corruption[1]}",
+             "accuracy": accuracy}
+  return common.finish(context, summary)

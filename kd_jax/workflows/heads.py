@@ -1,0 +1,364 @@
+"""Decoupled task heads: one distilled student trunk shared by several classifiers.
+
+A task is a label set derived from the dataset's classes by a label map (`TASKS`,
+class c -> task class `map[c]`), e.g. the parity of a digit. Each head reads one tap
+of the trunk (an NHWC stage output): an optional 1x1 conv-BN-ReLU, a global average
+pool and a dense layer (`kd_jax.edge.early_exit.ExitHead`); the trunk keeps its own
+classifier, the head of the base task ('digit'). A head learns from the teacher
+alone, no labels: the teacher's class probabilities summed within the task's groups
+are exactly its probabilities for the derived task, and the head matches them at
+temperature T (`grouped_kd`):
+
+    P_t(g) = Σ_{c: map[c] = g} softmax(z_t / T)_c,
+    L      = T² · mean_b KL(P_t,b || softmax(z_head,b / T)).
+
+The workflow (`run`, `workflow='heads'`), every phase resumable:
+  1. teacher    loaded (`teacher.checkpoint`) or trained;
+  2. distilled  the single-head student with the run's objective (the baseline);
+  3. trunk      the student with the `heads.joint` heads, trained together: the run's
+                objective (CE + KD + feature alignment on the shared taps) plus one
+                `grouped_kd` term per head;
+  4. added      the `heads.added` heads on the trained, frozen trunk, trained alone
+                (the trunk is a constant of the model: bit-identical afterwards);
+  5. export     the trunk with the `heads.export` heads as one TFLite model whose
+                output is their logits side by side, checked against JAX.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from kd_jax import data as data_lib
+from kd_jax import experiment
+from kd_jax import export as export_lib
+from kd_jax import losses
+from kd_jax import objective as objective_lib
+from kd_jax import parallel
+from kd_jax.edge.early_exit import ExitHead
+from kd_jax.workflows import common
+
+BASE = "digit"  # the trunk's own classifier: the identity task
+# Derived tasks of the 10 digit classes: class c -> task class map[c].
+TASKS: dict[str, tuple[int, ...]] = {
+    "parity": (0, 1, 0, 1, 0, 1, 0, 1, 0, 1),  # even / odd
+    "large": (0, 0, 0, 0, 0, 1, 1, 1, 1, 1),   # digit < 5 / digit >= 5
+}
+LOGITS_TAP = "logits"  # the teacher's logits, as a tap of `WithLogitsTap`
+
+
+def grouped_kd(student_logits: jax.typing.ArrayLike, teacher_logits: jax.typing.ArrayLike,
+               groups: Sequence[int], temperature: float = 4.0) -> jax.Array:
+  """KD of a head over task classes from a teacher over the base classes.
+
+  With `M` the one-hot [K, G] map of base class c to task class `groups[c]`, the
+  teacher's task probabilities are `P_t = softmax(z_t / T) M`, and
+
+    L = T² / B Σ_b KL(P_t,b || softmax(z_s,b / T)),
+
+  Hinton KD (`kd_jax.losses.kd`) against the logits `T log P_t`.
+
+  Args:
+    student_logits: `[B, G]` logits of the task head.
+    teacher_logits: `[B, K]` logits of the teacher over the base classes.
+    groups: length-K task class of each base class, in 0..G-1.
+    temperature: softmax temperature `T`.
+
+  Returns:
+    Scalar loss.
+  """
+  student_logits = jnp.asarray(student_logits)
+  mapping = jax.nn.one_hot(jnp.asarray(groups), student_logits.shape[-1])
+  probs = jax.nn.softmax(jnp.asarray(teacher_logits, jnp.float32) / temperature) @ mapping
+  tiny = jnp.finfo(jnp.float32).tiny
+  return losses.kd(student_logits, temperature * jnp.log(jnp.maximum(probs, tiny)),
+                   temperature)
+
+
+objective_lib.register("grouped_kd", grouped_kd, objective_lib.FEATURES)
+
+
+def task_labels(labels: np.ndarray, task: str) -> np.ndarray:
+  """The labels of `task` for base-class `labels` (`task='digit'`: unchanged)."""
+  return np.asarray(labels) if task == BASE else np.asarray(TASKS[task])[labels]
+
+
+def task_predictions(logits: np.ndarray, task: str) -> np.ndarray:
+  """A base classifier's answers to `task`: its class probabilities summed per group."""
+  if task == BASE:
+    return np.argmax(logits, -1)
+  probs = np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float32)))
+  return np.argmax(probs @ np.eye(max(TASKS[task]) + 1)[list(TASKS[task])], -1)
+
+
+class HeadSpec(NamedTuple):
+  """One task head: its task, the trunk tap it reads, its 1x1 conv width (0: none)."""
+  task: str
+  tap: str
+  hidden: int = 0
+
+  @property
+  def num_classes(self) -> int:
+    return max(TASKS[self.task]) + 1
+
+
+def _heads(specs: Sequence[HeadSpec], dtype, bn_axis_name) -> dict[str, nn.Module]:
+  return {spec.task: ExitHead(spec.num_classes, dtype=dtype, bn_axis_name=bn_axis_name,
+                              hidden=spec.hidden or None) for spec in specs}
+
+
+def _with_heads(heads: Mapping[str, nn.Module], specs: Sequence[HeadSpec], taps,
+                train: bool) -> dict[str, jax.Array]:
+  """`taps` plus each head's logits as the tap `head/<task>`."""
+  return {**taps, **{f"head/{spec.task}": heads[spec.task](taps[spec.tap], train)
+                     for spec in specs}}
+
+
+def _overrides(**fields) -> dict[str, Any]:
+  return {k: v for k, v in fields.items() if v is not None}
+
+
+class MultiHeadStudent(nn.Module):
+  """A zoo model (the trunk, with its classifier) and task heads on its taps.
+
+  Returns the trunk's `(logits, taps)`, the taps with each head's logits added as
+  `head/<task>`. The trunk's variables sit at the top level (it shares this
+  module's scope), each head's under `head_<task>`, so the variables of a trained
+  zoo model are the trunk's as they are.
+  """
+  trunk: nn.Module
+  heads: tuple[HeadSpec, ...] = ()
+  dtype: Any = None
+  bn_axis_name: str | None = None
+
+  def setup(self):
+    self.body = self.trunk.clone(**_overrides(dtype=self.dtype,
+                                              bn_axis_name=self.bn_axis_name))
+    nn.share_scope(self, self.body)
+    self.head = _heads(self.heads, self.body.dtype, self.bn_axis_name)
+
+  def __call__(self, x, train: bool = False):
+    logits, taps = self.body(x, train=train)
+    return logits, _with_heads(self.head, self.heads, taps, train)
+
+
+class HeadsOnFrozenTrunk(nn.Module):
+  """New heads on a trained trunk that is a constant: only the heads have variables.
+
+  The trunk (a `MultiHeadStudent` with `trunk_variables`) runs in inference mode
+  with its outputs cut from the gradient; outputs as `MultiHeadStudent`'s, with the
+  new heads' logits added.
+  """
+  trunk: MultiHeadStudent
+  trunk_variables: Any
+  heads: tuple[HeadSpec, ...]
+  dtype: Any = None
+  bn_axis_name: str | None = None
+
+  def setup(self):
+    self.head = _heads(self.heads, self.dtype or self.trunk.trunk.dtype,
+                       self.bn_axis_name)
+
+  def __call__(self, x, train: bool = False):
+    logits, taps = jax.lax.stop_gradient(
+        self.trunk.apply(self.trunk_variables, x, train=False))
+    return logits, _with_heads(self.head, self.heads, taps, train)
+
+
+class WithLogitsTap(nn.Module):
+  """A zoo model whose taps also hold its logits (`logits`), with the same variables."""
+  model: nn.Module
+  dtype: Any = None
+
+  def setup(self):
+    self.body = self.model.clone(**_overrides(dtype=self.dtype))
+    nn.share_scope(self, self.body)
+
+  def __call__(self, x, train: bool = False):
+    logits, taps = self.body(x, train=train)
+    return logits, {**taps, LOGITS_TAP: logits}
+
+
+def merge_variables(*trees: Mapping[str, Any]) -> dict[str, Any]:
+  """Variables of a `MultiHeadStudent` from its trunk's and its heads' (by collection)."""
+  merged: dict[str, Any] = {}
+  for tree in trees:
+    for collection, values in tree.items():
+      merged[collection] = {**merged.get(collection, {}), **values}
+  return merged
+
+
+def head_terms(specs: Sequence[HeadSpec], weight: float,
+               temperature: float) -> list[dict[str, Any]]:
+  """One `grouped_kd` objective term per head, against the teacher's logits."""
+  return [dict(method="grouped_kd", name=f"head/{spec.task}", weight=weight,
+               student_tap=f"head/{spec.task}", teacher_tap=LOGITS_TAP,
+               groups=TASKS[spec.task], temperature=temperature) for spec in specs]
+
+
+def export_function(model: MultiHeadStudent, variables: Any, tasks: Sequence[str]):
+  """`images -> logits of `tasks` side by side` ('digit': the trunk's classifier)."""
+  def fn(images):
+    logits, taps = model.apply(variables, images, train=False)
+    return jnp.concatenate([logits if task == BASE else taps[f"head/{task}"]
+                            for task in tasks], axis=-1)
+  return fn
+
+
+def split_outputs(outputs: np.ndarray, tasks: Sequence[str],
+                  num_classes: int) -> dict[str, np.ndarray]:
+  """The exported model's output split back into each task's logits."""
+  sizes = [num_classes if task == BASE else max(TASKS[task]) + 1 for task in tasks]
+  return dict(zip(tasks, np.split(outputs, np.cumsum(sizes)[:-1], axis=-1)))
+
+
+def task_accuracies(predict, data_config, batch_size: int,
+                    tasks: Sequence[str]) -> dict[str, float]:
+  """Accuracy on each task of `predict(images) -> {task: logits}` over the eval split.
+
+  A task `predict` has no head for is answered from the 'digit' logits
+  (`task_predictions`).
+  """
+  correct = dict.fromkeys(tasks, 0)
+  count = 0
+  for batch in data_lib.eval_iterator(data_config, batch_size=batch_size,
+                                      process_index=0, process_count=1):
+    keep = np.asarray(batch["mask"]) > 0
+    labels = np.asarray(batch["label"])[keep]
+    outputs = predict(batch["image"])
+    for task in tasks:
+      if task in outputs:
+        predictions = np.argmax(np.asarray(outputs[task])[keep], -1)
+      else:
+        predictions = task_predictions(np.asarray(outputs[BASE])[keep], task)
+      correct[task] += int(np.sum(predictions == task_labels(labels, task)))
+    count += int(keep.sum())
+  return {task: correct[task] / count for task in tasks}
+
+
+def head_specs(config: ml_collections.ConfigDict,
+               tasks: Sequence[str]) -> tuple[HeadSpec, ...]:
+  """The heads of `tasks` as the `heads` config block places them."""
+  return tuple(HeadSpec(task, config.heads.tap, int(config.heads.get("hidden", 0)))
+               for task in tasks)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """One-line errors for a `heads` block the workflow cannot run."""
+  block = config.get("heads")
+  if block is None:
+    raise ValueError("workflow='heads' needs a config block heads; see "
+                     "experiments/digits_heads.py")
+  joint, added = tuple(block.joint), tuple(block.added)
+  for key, tasks in (("joint", joint), ("added", added)):
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+      raise ValueError(f"heads.{key} names unknown tasks {unknown}; use some of "
+                       f"{', '.join(TASKS)}")
+  if set(joint) & set(added) or len(set(joint + added)) != len(joint + added):
+    raise ValueError(f"heads.joint {list(joint)} and heads.added {list(added)} must "
+                     "name each task once")
+  exported = [t for t in block.export if t not in (BASE, *joint, *added)]
+  if exported or not block.export:
+    raise ValueError(f"heads.export must name some of {[BASE, *joint, *added]}, "
+                     f"got {list(block.export)}")
+  info = data_lib.get_info(config.data)
+  if info.num_classes != len(next(iter(TASKS.values()))):
+    raise ValueError(f"the heads' tasks are derived from 10 digit classes, but "
+                     f"{config.data.name} has {info.num_classes}; set data.name=kd_digits")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """`workflow='heads'`: the phases of the module docstring; writes summary.json."""
+  check_config(config)
+  block = config.heads
+  context = common.start(config, workdir)
+  info = context.info
+  teacher_result = experiment.teacher_phase(config, workdir, context.mesh, info,
+                                            context.writer)
+  student, _, single = experiment.student_phases(config, workdir, context.mesh, info,
+                                                 context.writer, teacher_result)
+  teacher = WithLogitsTap(experiment._model(config, "teacher", info.num_classes))
+  t_vars = parallel.replicate(teacher_result.variables, context.mesh)
+  joint, added = head_specs(config, block.joint), head_specs(config, block.added)
+  weight, temperature = float(block.weight), float(block.temperature)
+
+  trunk_model = MultiHeadStudent(student, joint)
+  distill = config.distill.to_dict()
+  distill["terms"] = list(distill.get("terms", [])) + head_terms(joint, weight, temperature)
+  trunk = experiment.train_phase(
+      config, phase="trunk", model=trunk_model, train_config=config.train,
+      distill_config=distill, teacher=teacher, teacher_variables=t_vars,
+      **context.phase_args)
+  added_model = HeadsOnFrozenTrunk(trunk_model, trunk.variables, added)
+  new_heads = experiment.train_phase(
+      config, phase="added", model=added_model,
+      train_config=common.recipe(config, block.get("train")),
+      distill_config={"ce_weight": 0.0, "terms": head_terms(added, weight, temperature)},
+      teacher=teacher, teacher_variables=t_vars, **context.phase_args)
+
+  full_model = MultiHeadStudent(student.clone(dtype=jnp.float32), joint + added)
+  full_variables = merge_variables(trunk.variables, new_heads.variables)
+  tasks = (BASE, *TASKS)
+  batch_size = config.eval_batch_size
+
+  def predictor(model, variables, head_tasks):
+    forward = jax.jit(lambda variables, images: model.apply(variables, images))
+
+    def predict(images):
+      logits, taps = forward(variables, images)
+      return {BASE: logits, **{t: taps[f"head/{t}"] for t in head_tasks}}
+    return predict
+
+  accuracies = {
+      "teacher": task_accuracies(predictor(teacher, teacher_result.variables, ()),
+                                 config.data, batch_size, tasks),
+      "distilled": task_accuracies(predictor(student, single.variables, ()),
+                                   config.data, batch_size, tasks),
+      "trunk": task_accuracies(predictor(trunk_model, trunk.variables, block.joint),
+                               config.data, batch_size, tasks),
+      "added": task_accuracies(predictor(full_model, full_variables,
+                                         (*block.joint, *block.added)),
+                               config.data, batch_size, tasks),
+  }
+  summary = {
+      "workflow": "heads", "teacher": config.teacher.name, "student": config.student.name,
+      "joint_heads": list(block.joint), "added_heads": list(block.added),
+      "accuracy": accuracies,
+  }
+  if jax.process_index() == 0:
+    summary["tflite"] = export_heads(config, workdir, full_model, full_variables,
+                                     tuple(block.export), info)
+  return common.finish(context, summary)
+
+
+def export_heads(config: ml_collections.ConfigDict, workdir: str, model: MultiHeadStudent,
+                 variables: Any, tasks: tuple[str, ...], info) -> dict[str, Any]:
+  """The trunk with the heads of `tasks` as one fp32 TFLite model, measured.
+
+  Writes `<workdir>/export/heads_<task>+<task>_fp32.tflite`; returns its path,
+  `kd_jax.export.measure` results (parity against JAX on calibration images), the
+  output layout and each task's accuracy in the LiteRT interpreter.
+  """
+  fn = export_function(model, variables, tasks)
+  shape = tuple(info.image_shape)
+  flatbuffer = export_lib.function_to_tflite(fn, shape)
+  out_dir = os.path.join(workdir, "export")
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, f"heads_{'+'.join(tasks)}_fp32.tflite")
+  with open(path, "wb") as f:
+    f.write(flatbuffer)
+  images = data_lib.representative_images(config.data, 16)
+  result = export_lib.measure(flatbuffer, shape, parity_images=images,
+                              reference_logits=export_lib.jax_logits(fn, images),
+                              latency_runs=int(config.export.get("latency_runs", 50)))
+  interpreter = export_lib.TFLiteModel(flatbuffer)
+  predict = lambda images: split_outputs(interpreter(images), tasks, info.num_classes)
+  result.update(path=path, outputs=list(tasks), accuracy=task_accuracies(
+      predict, config.data, config.eval_batch_size, tasks))
+  return result

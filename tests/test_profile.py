@@ -1,0 +1,118 @@
+"""`kd-jax profile`: exact MACs, the Pareto front and the rules by hand, end to end on tiny
+candidates (a model name and a checkpoint folder), and its one-line errors."""
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+from kd_jax import checkpoint, cli, models, profile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "experiments", "profile_cifar.py:tiny")
+
+
+class _ConvNet(nn.Module):
+  """A 3x3 VALID convolution to 8 channels, then a dense layer; no biases."""
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    h = nn.Conv(8, (3, 3), padding="VALID", use_bias=False)(x)
+    logits = nn.Dense(self.num_classes, use_bias=False)(h.reshape(h.shape[0], -1))
+    return logits, {"embedding": h}
+
+
+def test_macs_and_peak_activations_of_a_known_network():
+  model = _ConvNet()
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+  costs = profile.compiled_costs(model, variables, (8, 8, 1))
+  # conv: 6x6x8 outputs x 3x3x1 taps = 2592; dense: 288 inputs x 10 outputs = 2880.
+  assert costs["macs"] == 2592 + 2880
+  # At least the conv output (288 floats) and the logits (10) are live at once; at most
+  # every intermediate buffer (conv output, its flattened copy) without any reuse.
+  assert 4 * (288 + 10) <= costs["peak_activation_bytes"] <= 4 * (2 * 288 + 10)
+
+
+ROWS = [dict(label="a", accuracy=70.0, tflite_int8_ms=1.0),
+        dict(label="b", accuracy=75.0, tflite_int8_ms=3.0),
+        dict(label="c", accuracy=74.0, tflite_int8_ms=4.0),   # b is better and faster
+        dict(label="d", accuracy=79.0, tflite_int8_ms=9.0),
+        dict(label="e", accuracy=None, tflite_int8_ms=0.5),   # no top-1: never picked
+        dict(label="f", accuracy=75.0, tflite_int8_ms=3.0)]   # ties b exactly
+
+
+def test_pareto_front_and_recommendation_rules_by_hand():
+  assert profile.pareto_front(ROWS, "tflite_int8") == [True, True, False, True, False, True]
+  rule = dict(rule="best_accuracy_under_latency", latency="tflite_int8",
+              latency_budget_ms=5.0, min_accuracy=0.0)
+  index, reason = profile.recommend(ROWS, rule)
+  assert index == 1  # b and f tie on both: the first listed
+  assert reason == ("b: the highest top-1 (75.00%) of the 4 candidates with TFLite int8 "
+                    "latency ≤ 5 ms (3.00 ms)")
+  assert profile.recommend(ROWS, {**rule, "latency_budget_ms": 0.9})[0] is None
+  index, reason = profile.recommend(
+      ROWS, {**rule, "rule": "fastest_above_accuracy", "min_accuracy": 74.5})
+  assert index == 1 and reason.startswith("b: the lowest TFLite int8 latency (3.00 ms) of "
+                                          "the 3 candidates with top-1 ≥ 74.5%")
+
+
+@pytest.fixture(scope="module")
+def saved_teacher(tmp_path_factory):
+  """A `kd-jax train-teacher`-style workdir holding a resnet8 with a recorded top-1."""
+  workdir = tmp_path_factory.mktemp("teacher")
+  model = models.create("resnet8", 10)
+  variables = model.init(jax.random.key(3), jnp.zeros((1, 8, 8, 1)))
+  checkpoint.save_variables(str(workdir / "teacher"), variables, {
+      "model": "resnet8", "num_classes": 10, "dataset": "kd_digits",
+      "metrics": {"accuracy": 0.5, "num_examples": 359}})
+  return str(workdir)
+
+
+def test_profile_command_on_a_name_and_a_checkpoint(saved_teacher, tmp_path, capsys):
+  out = str(tmp_path / "profile")
+  cli.main(["kd-jax", "profile", f"--config={TINY}", f"--workdir={out}",
+            f"--config.candidates=resnet8,{saved_teacher}"])
+  printed = capsys.readouterr().out
+  with open(os.path.join(out, "profile.json")) as f:
+    result = json.load(f)
+  named, loaded = result["rows"]
+  assert (named["label"], loaded["label"]) == (
+      "resnet8", f"resnet8 ({os.path.basename(saved_teacher)})")
+  # The published resnet8 count with 100 classes and 3 input channels, 83,892, less
+  # 90 classes x 65 classifier weights and 2 x 3x3x16 stem weights.
+  assert named["params"] == loaded["params"] == 83_892 - 90 * 65 - 2 * 9 * 16
+  assert named["macs"] == loaded["macs"] > 0  # same network, other weights
+  assert named["accuracy"] is None and loaded["accuracy"] == 50.0
+  assert loaded["accuracy_source"] == "checkpoint (kd_digits eval)"
+  for row in result["rows"]:
+    for key in ("tflite_fp32_ms", "tflite_int8_ms", "throughput_images_per_s"):
+      assert row[key] > 0, key
+    assert row["tflite_int8_bytes"] < 0.4 * row["tflite_fp32_bytes"]
+  assert [r["recommended"] for r in result["rows"]] == [False, True]
+  assert result["recommendation"].startswith("resnet8 (")
+  assert os.path.getsize(os.path.join(out, "pareto.png")) > 0
+  text = open(os.path.join(out, "profile.md")).read()
+  assert text in printed
+  assert f"| resnet8 ({os.path.basename(saved_teacher)}) **★** | 50.00 |" in text
+  assert f"| {named['params'] / 1e6:.2f} | {named['macs'] / 1e6:.1f} |" in text
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.candidates=resnet9", "candidate 'resnet9' is neither a model nor a folder"),
+    ("--config.recommend.rule=cheapest", "recommend.rule='cheapest' is unknown; use one of"),
+    ("--config.recommend.latency=tflite_fp16", "recommend.latency='tflite_fp16' is not "
+     "measured; use one of tflite_fp32, tflite_int8"),
+    ("--config.dataset=cifar100", "has dataset='kd_digits', not the config's "
+     "dataset='cifar100'"),
+])
+def test_bad_profile_input_is_one_line(override, message, saved_teacher, tmp_path, capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.main(["kd-jax", "profile", f"--config={TINY}", f"--workdir={tmp_path}",
+              f"--config.candidates=resnet8,{saved_teacher}", override])
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("kd-jax: error: ") and "\n" not in err, err
+  assert message in err
