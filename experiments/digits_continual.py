@@ -13,25 +13,16 @@ Run (about 5 minutes on 2 CPU cores with a reused teacher: add
   kd-jax distill --config=experiments/digits_continual.py --workdir=runs/digits_continual
 Tiny variant for tests: --config=experiments/digits_continual.py:tiny
 """
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _digits():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits.py")
-  spec = importlib.util.spec_from_file_location("kd_jax_experiments_digits", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from kd_jax import configs
 
 
 def get_config(variant: str = ""):
   if variant not in ("", "tiny"):
     raise ValueError(f"unknown variant {variant!r} of experiments/digits_continual.py; "
                      "use '' or 'tiny'")
-  c = _digits().get_config(variant)
+  c = configs.experiment_config("digits", variant)
   c.workflow = "continual"
   c.train_vanilla = False
   c.continual = ml_collections.ConfigDict(dict(

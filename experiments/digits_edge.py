@@ -16,23 +16,14 @@ Run (about 5 minutes on 2 CPU cores):
   kd-jax distill --config=experiments/digits_edge.py --workdir=runs/digits_edge
 The tests run `get_config('tiny')`.
 """
-import importlib.util
-import os
-
-
-def _digits():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits.py")
-  spec = importlib.util.spec_from_file_location("kd_jax_experiments_digits", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from kd_jax import configs
 
 
 def get_config(variant: str = ""):
   if variant not in ("", "tiny"):
     raise ValueError(f"unknown variant {variant!r} of experiments/digits_edge.py; "
                      "use '' or 'tiny'")
-  c = _digits().get_config(variant)
+  c = configs.experiment_config("digits", variant)
   c.export.variants = ("fp32", "fp16", "dynamic", "int8")
   for phase in ("qat", "prune", "exits"):
     c.edge[phase].enabled = True

@@ -11,20 +11,11 @@ Run (about 3 minutes on 2 CPU cores):
   kd-jax distill --config=experiments/digits_features.py --workdir=runs/digits_features
 Tiny variant for tests: --config=experiments/digits_features.py:tiny
 """
-import importlib.util
-import os
-
-
-def _digits():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits.py")
-  spec = importlib.util.spec_from_file_location("kd_jax_experiments_digits", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from kd_jax import configs
 
 
 def get_config(variant: str = ""):
-  c = _digits().get_config(variant)
+  c = configs.experiment_config("digits", variant)
   c.distill.terms = [
       dict(method="kd", weight=0.9, temperature=6.0, temperature_schedule="linear",
            final_temperature=4.0),

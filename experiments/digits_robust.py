@@ -13,22 +13,13 @@ Run (about 3 minutes on 2 CPU cores, then about a minute for the robustness tabl
 With the teacher-ranked curriculum as well: add --config.curriculum.pacing=root.
 Tiny variant for smoke runs: --config=experiments/digits_robust.py:tiny
 """
-import importlib.util
-import os
-
-
-def _digits():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits.py")
-  spec = importlib.util.spec_from_file_location("kd_jax_experiments_digits", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from kd_jax import configs
 
 
 EDGE_OPS = ("low_light", "motion_blur", "gaussian_noise", "shot_noise", "jpeg", "cutout")
 
 
 def get_config(variant: str = ""):
-  c = _digits().get_config(variant)
+  c = configs.experiment_config("digits", variant)
   c.data.edge_augment = tuple(dict(op=op, prob=0.2, severity=(1, 5)) for op in EDGE_OPS)
   return c

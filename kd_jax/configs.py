@@ -24,6 +24,22 @@ def _experiments_dir() -> str:
 EXPERIMENTS_DIR = _experiments_dir()
 DEFAULT_CONFIG = os.path.join(EXPERIMENTS_DIR, "digits.py")
 
+
+def experiment_config(name: str, variant: str = "") -> ml_collections.ConfigDict:
+  """`get_config(variant)` of `experiments/<name>.py`: where a config extends another.
+
+  e.g. `experiment_config("digits", variant)` starts experiments/digits_edge.py.
+  """
+  import importlib.util
+  path = os.path.join(EXPERIMENTS_DIR, f"{name}.py")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"experiments/{name}.py not found; use one of "
+                            f"{sorted(f[:-3] for f in os.listdir(EXPERIMENTS_DIR) if f.endswith('.py'))}")
+  spec = importlib.util.spec_from_file_location(f"kd_jax_experiments_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
 # Keys every experiment config must have, and the type each must be.
 REQUIRED = {
     "seed": int, "eval_batch_size": int, "data.name": str, "teacher.name": str,
