@@ -99,6 +99,23 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
   return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
 
 
+def gather_outputs(fn, variables: Any, batches: Iterable[Mapping[str, np.ndarray]],
+                   mesh: Mesh) -> dict[str, np.ndarray]:
+  """`jit(fn)(variables, batch) -> {name: [b, ...]}` over host batches, all hosts at once.
+
+  `batches` are host-local and carry 'mask' (e.g. `kd_jax.data.eval_iterator`); each is
+  sharded over `mesh`. Every host gets every real example's outputs, in batch order,
+  padding (mask 0) dropped.
+  """
+  fn = jax.jit(fn)
+  parts = []
+  for batch in batches:
+    global_batch = to_global(batch, mesh)
+    out, mask = to_host((fn(variables, global_batch), global_batch["mask"]))
+    parts.append({k: v[mask > 0] for k, v in out.items()})
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
 def to_host(tree: Any) -> Any:
   """Replicated or batch-sharded arrays -> numpy, the same on every process."""
   def fetch(x):

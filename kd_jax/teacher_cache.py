@@ -68,17 +68,11 @@ def compute_logits(model: nn.Module, variables: Any,
       rows come out in their order, padding (mask 0) dropped.
     mesh: the data mesh; every host gets all rows.
   """
-  @jax.jit
-  def forward(variables, images):
-    return model.apply(variables, images, train=False)[0]
+  def forward(variables, batch):
+    return {"logits": model.apply(variables, batch["image"], train=False)[0]}
 
-  kept = []
-  for batch in batches:
-    global_batch = parallel.to_global({k: batch[k] for k in ("image", "mask")}, mesh)
-    logits, mask = parallel.to_host((forward(variables, global_batch["image"]),
-                                     global_batch["mask"]))
-    kept.append(logits[mask > 0])
-  return np.concatenate(kept).astype(np.float32)
+  return parallel.gather_outputs(forward, variables, batches, mesh)["logits"].astype(
+      np.float32)
 
 
 def training_set_logits(model: nn.Module, variables: Any,

@@ -78,18 +78,11 @@ def difficulty_scores(model: nn.Module, variables: Any,
 
   `batches` are host-local eval batches (with 'mask'); every host gets all scores.
   """
-  @jax.jit
   def score(variables, batch):
     logits, _ = model.apply(variables, batch["image"], train=False)
-    return difficulty(logits, batch["label"], scoring)
+    return {"score": difficulty(logits, batch["label"], scoring)}
 
-  kept = []
-  for batch in batches:
-    global_batch = parallel.to_global(batch, mesh)
-    scores, mask = parallel.to_host((score(variables, global_batch),
-                                     global_batch["mask"]))
-    kept.append(scores[mask > 0])
-  return np.concatenate(kept).astype(np.float32)
+  return parallel.gather_outputs(score, variables, batches, mesh)["score"].astype(np.float32)
 
 
 def pacing_fraction(kind: str, step, *, start_fraction: float, full_step: int,

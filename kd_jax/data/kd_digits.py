@@ -79,18 +79,20 @@ class KdDigits(tfds.core.GeneratorBasedBuilder):
         homepage="https://archive.ics.uci.edu/dataset/80",
     )
 
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    del dl_manager  # The data ships with scikit-learn.
+  def _arrays(self):
+    """uint8 images [N, 8, 8, 1], int64 labels [N] and {split: indices}."""
     from sklearn import datasets  # pylint: disable=g-import-not-at-top
 
     digits = datasets.load_digits()
-    images = to_uint8(digits.images)[..., None]
     labels = digits.target.astype(np.int64)
-    train, test = stratified_split(labels)
-    return {
-        "train": self._generate_examples(images, labels, train),
-        "test": self._generate_examples(images, labels, test),
-    }
+    return (to_uint8(digits.images)[..., None], labels,
+            dict(zip(("train", "test"), stratified_split(labels))))
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    del dl_manager  # The data ships with scikit-learn.
+    images, labels, splits = self._arrays()
+    return {name: self._generate_examples(images, labels, indices)
+            for name, indices in splits.items()}
 
   def _generate_examples(self, images, labels, indices):
     for i in indices:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -71,39 +70,17 @@ def lwf(student_logits: jax.typing.ArrayLike, teacher_logits: jax.typing.ArrayLi
 objective_lib.register("lwf", lwf, objective_lib.LOGITS)
 
 
-class KdDigitsByClass(tfds.core.GeneratorBasedBuilder):
+class KdDigitsByClass(kd_digits.KdDigits):
   """`kd_digits` regrouped per class: splits `train_<c>` and `test_<c>`, c = 0..9."""
 
-  VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "kd_digits 1.0.0 split per class."}
-  code_path = epath.Path(__file__)
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
-        description="kd_digits with its train and test splits divided per class.",
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(8, 8, 1)),
-            "label": tfds.features.ClassLabel(num_classes=10),
-        }),
-        supervised_keys=("image", "label"),
-        homepage="https://archive.ics.uci.edu/dataset/80",
-    )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     del dl_manager  # The data ships with scikit-learn.
-    from sklearn import datasets  # pylint: disable=g-import-not-at-top
-
-    digits = datasets.load_digits()
-    images = kd_digits.to_uint8(digits.images)[..., None]
-    labels = digits.target.astype(np.int64)
-    splits = dict(zip(("train", "test"), kd_digits.stratified_split(labels)))
+    images, labels, splits = self._arrays()
     return {f"{name}_{c}": self._generate_examples(images, labels,
                                                    indices[labels[indices] == c])
             for name, indices in splits.items() for c in range(10)}
-
-  def _generate_examples(self, images, labels, indices):
-    for i in indices:
-      yield int(i), {"image": images[i], "label": labels[i]}
 
 
 def class_split(split: str, classes: Sequence[int], percent: int = 100) -> str:
