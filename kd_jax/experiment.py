@@ -51,6 +51,12 @@ def _model(config: ml_collections.ConfigDict, which: str, num_classes: int):
   return models.create(spec.name, num_classes, **kw)
 
 
+def student_recipe(config: ml_collections.ConfigDict,
+                   overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+  """The student's training recipe (`config.train`) with a phase's overrides."""
+  return ml_collections.ConfigDict({**config.train.to_dict(), **dict(overrides or {})})
+
+
 def _train_data(config: ml_collections.ConfigDict, which: str) -> ml_collections.ConfigDict:
   """The data config a model trains on: `data`, with `<which>.train_split` if set."""
   split = config[which].get("train_split")
@@ -332,7 +338,7 @@ def distill(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       config, workdir, mesh=mesh, info=info, writer=writer,
       teacher=_model(config, "teacher", info.num_classes),
       teacher_variables=parallel.replicate(teacher.variables, mesh), student=student,
-      distilled=distilled, train_phase=train_phase)
+      distilled=distilled)
   if jax.process_index() == 0:
     _write_export_table(workdir, student, distilled, info, summary["tflite"], edge_rows)
   summary["wall_seconds"] = time.perf_counter() - t0

@@ -28,6 +28,7 @@ import numpy as np
 from kd_jax import checkpoint as ckpt_lib
 from kd_jax import data as data_lib
 from kd_jax import evaluate as eval_lib
+from kd_jax import experiment
 from kd_jax import export as export_lib
 from kd_jax import parallel
 from kd_jax.edge import cost
@@ -47,13 +48,6 @@ def enabled(config: ml_collections.ConfigDict) -> list[str]:
   return [phase for phase, key in _CONFIG_KEYS.items() if edge[key].get("enabled")]
 
 
-def _train_config(config, phase_config):
-  """The student's recipe with the phase's overrides (epochs, learning rate, ...)."""
-  recipe = config.train.copy_and_resolve_references()
-  recipe.update(dict(phase_config.get("train", {})))
-  return recipe
-
-
 def _measure(flatbuffer, path, input_shape, eval_batches_fn, parity_images, reference,
              latency_runs, **extra):
   with open(path, "wb") as f:
@@ -64,14 +58,13 @@ def _measure(flatbuffer, path, input_shape, eval_batches_fn, parity_images, refe
 
 
 def run(config, workdir: str, *, mesh, info, writer, teacher, teacher_variables,
-        student, distilled, train_phase) -> tuple[dict[str, Any], dict[str, dict]]:
+        student, distilled) -> tuple[dict[str, Any], dict[str, dict]]:
   """Runs the enabled edge phases after the distilled student.
 
   Args:
     config, workdir, mesh, info, writer: the run's.
     teacher, teacher_variables: the teacher module and its replicated variables.
     student: the student module; distilled: the distilled phase's `PhaseResult`.
-    train_phase: `kd_jax.experiment.train_phase` (passed in to avoid an import cycle).
 
   Returns:
     `(summary, rows)`: per phase a summary dict for summary.json, and the exported
@@ -99,11 +92,11 @@ def run(config, workdir: str, *, mesh, info, writer, teacher, teacher_variables,
   if QAT in phases:
     qcfg = edge.qat
     bits = int(qcfg.get("bits", 8))
-    result = train_phase(config, phase=QAT, model=quantize.quant_aware(student, bits),
-                         train_config=_train_config(config, qcfg),
-                         distill_config=config.distill, init_variables=distilled.variables,
-                         model_meta={"quantization": f"int{bits} fake-quant (QAT)"},
-                         **phase_args)
+    result = experiment.train_phase(
+        config, phase=QAT, model=quantize.quant_aware(student, bits),
+        train_config=experiment.student_recipe(config, qcfg.get("train")),
+        distill_config=config.distill, init_variables=distilled.variables,
+        model_meta={"quantization": f"int{bits} fake-quant (QAT)"}, **phase_args)
     summary[QAT] = {"accuracy": result.metrics["accuracy"], "metrics": result.metrics}
     if write:
       weights = quantize.materialize(result.variables, bits)
@@ -125,11 +118,11 @@ def run(config, workdir: str, *, mesh, info, writer, teacher, teacher_variables,
                              float(pcfg.flops_ratio), pcfg.get("criterion", "bn_scale"))
     before = eval_lib.evaluate(pruned.model, parallel.replicate(pruned.variables, mesh),
                                eval_fn(), mesh, num_classes=info.num_classes)
-    result = train_phase(config, phase=PRUNED, model=pruned.model,
-                         train_config=_train_config(config, pcfg),
-                         distill_config=config.distill, init_variables=pruned.variables,
-                         model_meta={"model_kwargs": {"mid_widths": list(pruned.mid_widths)}},
-                         **phase_args)
+    result = experiment.train_phase(
+        config, phase=PRUNED, model=pruned.model,
+        train_config=experiment.student_recipe(config, pcfg.get("train")),
+        distill_config=config.distill, init_variables=pruned.variables,
+        model_meta={"model_kwargs": {"mid_widths": list(pruned.mid_widths)}}, **phase_args)
     summary[PRUNED] = {
         "flops_ratio": float(pcfg.flops_ratio), "mid_widths": list(pruned.mid_widths),
         "params_before": pruned.params_before, "params_after": pruned.params_after,

@@ -67,12 +67,6 @@ def derived(config: ml_collections.ConfigDict,
   return copy
 
 
-def recipe(config: ml_collections.ConfigDict,
-           overrides: Mapping[str, Any] | None) -> ml_collections.ConfigDict:
-  """The student's training recipe (`config.train`) with a phase's overrides."""
-  return ml_collections.ConfigDict({**config.train.to_dict(), **dict(overrides or {})})
-
-
 def accuracy_fn(model, context: Context, eval_batch_size: int):
   """`accuracy(variables, data_config, corruption=None)`: top-1 of `model` on eval splits.
 

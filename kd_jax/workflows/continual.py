@@ -171,7 +171,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     anchor_model, anchor_variables = anchors[anchor]
     results[f"new_{anchor}"] = experiment.train_phase(
         new_config, phase=f"new_{anchor}", model=student,
-        train_config=common.recipe(config, block.get("train")),
+        train_config=experiment.student_recipe(config, block.get("train")),
         distill_config=anchor_objective(anchor, block), teacher=anchor_model,
         teacher_variables=anchor_variables, init_variables=deployed.variables,
         **context.phase_args)

@@ -72,7 +72,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "student.train_split": block.train_split})
   adapted = experiment.train_phase(
       target_config, phase=ADAPTED, model=student,
-      train_config=common.recipe(config, block.get("train")),
+      train_config=experiment.student_recipe(config, block.get("train")),
       distill_config=block.distill.to_dict(), teacher=teacher,
       teacher_variables=parallel.replicate(teacher_result.variables, context.mesh),
       init_variables=source.variables, **context.phase_args)

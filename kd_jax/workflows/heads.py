@@ -298,7 +298,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   added_model = HeadsOnFrozenTrunk(trunk_model, trunk.variables, added)
   new_heads = experiment.train_phase(
       config, phase="added", model=added_model,
-      train_config=common.recipe(config, block.get("train")),
+      train_config=experiment.student_recipe(config, block.get("train")),
       distill_config={"ce_weight": 0.0, "terms": head_terms(added, weight, temperature)},
       teacher=teacher, teacher_variables=t_vars, **context.phase_args)
 
