@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kd_jax.models import layers as zoo_layers
+
 QUANTIZATIONS = ("fp32", "fp16", "dynamic", "int8")
 
 _BUILTIN_OP_NAMES = {
@@ -75,6 +77,15 @@ def _example_shape(input_shape, batch_size):
   if len(input_shape) != 3:
     raise ValueError(f"input_shape must be (H, W, C) or (B, H, W, C), got {input_shape}.")
   return (None if batch_size is None else int(batch_size)), tuple(int(d) for d in input_shape)
+
+
+def _with_lax_window_ops(fn):
+  """`fn`, traced with lax window ops (TFLite DEPTHWISE_CONV_2D, MAX_POOL_2D)."""
+  @functools.wraps(fn)
+  def traced(*args):
+    with zoo_layers.implementation("lax"):
+      return fn(*args)
+  return traced
 
 
 def _logits_fn(model, variables):
@@ -148,6 +159,7 @@ def function_to_tflite(fn, input_shape, quantization="fp32", representative_imag
 
   tf = _tensorflow()
   from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
+  fn = _with_lax_window_ops(fn)
 
   polymorphic = None if batch_size else [f"(b, {', '.join(map(str, example_shape))})"]
   serving_fn = tf.function(

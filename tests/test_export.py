@@ -218,3 +218,19 @@ def test_tflite_model_quantizes_integer_io():
   expected = images.reshape(5, 16) @ weights
   assert model._input["dtype"] == model._output["dtype"] == np.int8
   np.testing.assert_allclose(model(images), expected, atol=0.05 * np.ptp(expected))
+
+
+def test_depthwise_convs_export_as_depthwise_conv_2d():
+  """Training on the CPU traces depthwise convs as shifted views; exports keep the op."""
+  model = create("MobileNetV2", num_classes=NUM_CLASSES)
+  rng = np.random.default_rng(1)
+  images = structured_images(rng, 16)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, *IMAGE_SHAPE)))
+  _, updates = model.apply(variables, structured_images(rng, 64), train=True,
+                           mutable=["batch_stats"])
+  variables = {"params": variables["params"], "batch_stats": updates["batch_stats"]}
+  flatbuffer = export.to_tflite(model, variables, IMAGE_SHAPE)
+  ops = export.op_names(flatbuffer)
+  assert "DEPTHWISE_CONV_2D" in ops and "MUL" not in ops, ops
+  np.testing.assert_allclose(export.TFLiteModel(flatbuffer)(images),
+                             model.apply(variables, images)[0], atol=1e-4)

@@ -9,6 +9,7 @@ import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
 from kd_jax import models
+from kd_jax.models import layers
 
 IMAGENET = ("resnet18", "resnet34", "resnet50")
 
@@ -228,3 +229,90 @@ def test_bfloat16_computation_keeps_float32_params_and_logits():
   logits, taps = _abstract_apply(model, (2, 8, 8, 1))
   assert logits.dtype == jnp.float32
   assert taps["stage_1"].dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("shape, kernel_size, strides, padding", [
+    ((2, 9, 7, 5), 3, (1, 1), ((1, 1), (1, 1))),
+    ((2, 9, 8, 6), 3, (2, 2), ((1, 1), (1, 1))),
+    ((1, 6, 7, 3), 3, (2, 1), ((0, 1), (2, 0))),
+    ((2, 8, 8, 4), 5, (1, 2), ((2, 2), (2, 2))),
+])
+def test_depthwise_taps_match_xla_convolution_and_its_gradients(shape, kernel_size,
+                                                                strides, padding):
+  channels = shape[-1]
+  kx, kk, kr = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, shape)
+  kernel = jax.random.normal(kk, (kernel_size, kernel_size, 1, channels))
+
+  def xla(x, kernel):
+    return jax.lax.conv_general_dilated(
+        x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=channels)
+
+  def taps(x, kernel):
+    return layers.depthwise_conv_taps(x, kernel, strides, padding)
+
+  expected = xla(x, kernel)
+  np.testing.assert_allclose(taps(x, kernel), expected, rtol=1e-5, atol=1e-5)
+  weights = jax.random.normal(kr, expected.shape)
+  grads = [jax.grad(lambda x, k, f=f: jnp.sum(f(x, k) * weights), argnums=(0, 1))(
+      x, kernel) for f in (xla, taps)]
+  chex.assert_trees_all_close(grads[1], grads[0], rtol=1e-5, atol=1e-5)
+
+
+def test_depthwise_taps_by_hand():
+  # One channel, a 3x3 image 1..9, kernel with 1 at the centre and 10 at the
+  # bottom-right, zero padding 1: out[i, j] = x[i, j] + 10 * x[i + 1, j + 1].
+  x = jnp.arange(1.0, 10.0).reshape(1, 3, 3, 1)
+  kernel = jnp.zeros((3, 3, 1, 1)).at[1, 1].set(1.0).at[2, 2].set(10.0)
+  out = layers.depthwise_conv_taps(x, kernel, (1, 1), ((1, 1), (1, 1)))
+  np.testing.assert_array_equal(out[0, :, :, 0], [[51, 62, 3], [84, 95, 6], [7, 8, 9]])
+  strided = layers.depthwise_conv_taps(x, kernel, (2, 2), ((1, 1), (1, 1)))
+  np.testing.assert_array_equal(strided[0, :, :, 0], [[51, 3], [7, 9]])
+
+
+def _grouped_convs(model, x, variables):
+  jaxpr = jax.make_jaxpr(lambda x: model.apply(variables, x)[0])(x)
+  return [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "conv_general_dilated"
+          and eqn.params["feature_group_count"] > 1]
+
+
+# MobileNetV2: one depthwise conv per inverted residual (1+2+3+4+3+3+1 = 17).
+# ShuffleV2: two per down-sampling unit (3 x 2), one per unit (3 + 7 + 3).
+@pytest.mark.parametrize("name, depthwise_layers", [("MobileNetV2", 17), ("ShuffleV2", 19)])
+def test_zoo_depthwise_convs_are_taps_on_cpu_and_convolutions_on_request(name,
+                                                                         depthwise_layers):
+  model = models.create(name, 10)
+  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  variables = model.init(jax.random.key(0), x)
+  assert jax.default_backend() == "cpu"
+  assert not _grouped_convs(model, x, variables)  # 'auto' on the CPU: taps
+  with layers.implementation("lax"):
+    assert len(_grouped_convs(model, x, variables)) == depthwise_layers
+    expected = model.apply(variables, x)[0]
+  np.testing.assert_allclose(model.apply(variables, x)[0], expected, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="implementation must be one of"):
+    with layers.implementation("winograd"):
+      pass
+
+
+def test_max_pool_taps_match_nn_max_pool_with_first_maximum_gradients():
+  # Ties within windows (integers in 0..3): the gradient goes to one element per
+  # window, the first maximum in row-major order, as nn.max_pool and PyTorch route it.
+  x = jax.random.randint(jax.random.key(0), (2, 6, 8, 3), 0, 4).astype(jnp.float32)
+  weights = jax.random.normal(jax.random.key(1), (2, 3, 4, 3))
+  results = []
+  for name in ("taps", "lax"):
+    with layers.implementation(name):
+      pool = lambda x: layers.max_pool(x, (2, 2), (2, 2))
+      results.append((pool(x), jax.grad(lambda x: jnp.sum(pool(x) * weights))(x)))
+  (out, grad), (expected, expected_grad) = results
+  np.testing.assert_array_equal(out, expected)
+  np.testing.assert_array_equal(grad, expected_grad)
+  # By hand for the first window of the first channel.
+  window = np.asarray(x[0, :2, :2, 0]).ravel()
+  first = int(np.argmax(window))
+  hand = np.zeros(4)
+  hand[first] = weights[0, 0, 0, 0]
+  np.testing.assert_array_equal(np.asarray(grad[0, :2, :2, 0]).ravel(), hand)
+  assert out[0, 0, 0, 0] == window.max()

@@ -20,6 +20,8 @@ import jax
 from jax.extend import core as jex_core
 import jax.numpy as jnp
 
+from kd_jax.models import layers as zoo_layers
+
 
 def count_params(variables: Any) -> int:
   """Number of scalars in ``variables['params']`` (BatchNorm statistics are not counted)."""
@@ -64,7 +66,8 @@ def _one_image(input_shape: Sequence[int]) -> jax.ShapeDtypeStruct:
 
 def _traced_macs(fn: Callable[..., Any], *args: Any) -> int:
   """MACs of ``fn(*args)``, traced (not run) on arrays or their shapes."""
-  return _jaxpr_macs(jax.make_jaxpr(fn)(*args).jaxpr)
+  with zoo_layers.implementation("lax"):  # depthwise convolutions stay convolutions
+    return _jaxpr_macs(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
 def _jaxpr_macs(jaxpr: jex_core.Jaxpr) -> int:
