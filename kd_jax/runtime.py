@@ -15,7 +15,12 @@ import os
 # machine): YNNPACK/XNNPACK matmuls (`individual_dot`, only the classifier uses them),
 # 512-bit vectors, fast math, oneDNN (`xla_cpu_use_onednn`: it leaves convolutions
 # alone in this jaxlib) and two CPU devices for data parallelism over the two cores.
-# `python benchmarks/step_throughput.py` measures the current choice.
+# YNNPACK's reduce and element-wise fusions stay on: taking them off (`-reduce,-eltwise`)
+# took a vgg13 forward from 157 to 305-326 images/s but cost the resnet8x4 student step
+# ~20%. The VGG gain came from one library fusion swallowing the whole network around
+# its max pools, which the zoo now traces as element-wise maxima on the CPU instead
+# (`kd_jax.models.layers.implementation`). `python benchmarks/step_throughput.py`
+# measures the current choice.
 CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",)
 
 

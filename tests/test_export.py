@@ -220,9 +220,11 @@ def test_tflite_model_quantizes_integer_io():
   np.testing.assert_allclose(model(images), expected, atol=0.05 * np.ptp(expected))
 
 
-def test_depthwise_convs_export_as_depthwise_conv_2d():
-  """Training on the CPU traces depthwise convs as shifted views; exports keep the op."""
-  model = create("MobileNetV2", num_classes=NUM_CLASSES)
+@pytest.mark.parametrize("name, op", [("MobileNetV2", "DEPTHWISE_CONV_2D"),
+                                      ("vgg8", "MAX_POOL_2D")])
+def test_window_ops_export_as_their_tflite_ops(name, op):
+  """The CPU traces depthwise convs and max pools as shifted views; exports keep the ops."""
+  model = create(name, num_classes=NUM_CLASSES)
   rng = np.random.default_rng(1)
   images = structured_images(rng, 16)
   variables = model.init(jax.random.key(0), jnp.zeros((1, *IMAGE_SHAPE)))
@@ -231,6 +233,6 @@ def test_depthwise_convs_export_as_depthwise_conv_2d():
   variables = {"params": variables["params"], "batch_stats": updates["batch_stats"]}
   flatbuffer = export.to_tflite(model, variables, IMAGE_SHAPE)
   ops = export.op_names(flatbuffer)
-  assert "DEPTHWISE_CONV_2D" in ops and "MUL" not in ops, ops
+  assert op in ops and not {"MUL", "MAXIMUM", "SELECT", "SELECT_V2"} & set(ops), ops
   np.testing.assert_allclose(export.TFLiteModel(flatbuffer)(images),
                              model.apply(variables, images)[0], atol=1e-4)
