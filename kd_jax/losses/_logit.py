@@ -204,9 +204,8 @@ def dkd(student_logits: jax.typing.ArrayLike,
   References:
     Zhao et al., Decoupled Knowledge Distillation, CVPR 2022.
   """
-  tckd, nckd = _dkd_parts(student_logits, teacher_logits, labels, temperature,
-                          mask_offset)
-  return (alpha * jnp.mean(tckd) + beta * jnp.mean(nckd)) * temperature**2
+  return jnp.mean(dkd_per_example(student_logits, teacher_logits, labels, alpha, beta,
+                                  temperature, mask_offset))
 
 
 def dkd_per_example(student_logits: jax.typing.ArrayLike,

@@ -19,12 +19,18 @@ from kd_jax.metric_writer import MetricWriter
 
 @dataclasses.dataclass
 class Context:
-  """The mesh, dataset info and metric writer of one workflow run."""
+  """One workflow run: its mesh, dataset info, metric writer and teacher.
+
+  `teacher` is the teacher phase's result (its variables on the host);
+  `teacher_variables` the same variables replicated over `mesh`, for steps.
+  """
   workdir: str
   mesh: Any
   info: data_lib.DatasetInfo
   writer: MetricWriter
   start: float
+  teacher: experiment.PhaseResult
+  teacher_variables: Any
 
   @property
   def phase_args(self) -> dict[str, Any]:
@@ -33,13 +39,17 @@ class Context:
 
 
 def start(config: ml_collections.ConfigDict, workdir: str) -> Context:
-  """Creates `workdir` and the run's mesh, dataset info and metric writer."""
+  """Creates `workdir`, the run's mesh, dataset info and metric writer; runs the
+  teacher phase (loads `teacher.checkpoint`, or trains and saves the teacher)."""
   os.makedirs(workdir, exist_ok=True)
+  t0 = time.perf_counter()
   info = data_lib.get_info(config.data)
   experiment._log(f"workflow {config.workflow}: {jax.device_count()} "
                   f"{jax.default_backend()} device(s); dataset {config.data.name}")
-  return Context(workdir, parallel.data_mesh(), info, MetricWriter(workdir),
-                 time.perf_counter())
+  mesh, writer = parallel.data_mesh(), MetricWriter(workdir)
+  teacher = experiment.teacher_phase(config, workdir, mesh, info, writer)
+  return Context(workdir, mesh, info, writer, t0, teacher,
+                 parallel.replicate(teacher.variables, mesh))
 
 
 def finish(context: Context, summary: dict[str, Any]) -> dict[str, Any]:

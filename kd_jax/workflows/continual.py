@@ -30,7 +30,6 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import tensorflow_datasets as tfds
 
 from kd_jax import experiment
@@ -146,11 +145,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   block = config.continual
   context = common.start(config, workdir)
   info = context.info
-  teacher_result = experiment.teacher_phase(config, workdir, context.mesh, info,
-                                            context.writer)
   teacher = experiment._model(config, "teacher", info.num_classes)
   student = experiment._model(config, "student", info.num_classes)
-  t_vars = parallel.replicate(teacher_result.variables, context.mesh)
+  t_vars = context.teacher_variables
   data = by_class_data(config)
   old_classes, new_classes = tuple(block.old_classes), tuple(block.new_classes)
   old_config = common.derived(config, {
@@ -183,7 +180,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   evaluated = [(name, student_accuracy, result.variables)
                for name, result in results.items()]
   evaluated.append(("teacher", common.accuracy_fn(teacher, context, config.eval_batch_size),
-                    teacher_result.variables))
+                    context.teacher.variables))
   accuracy = {name: {task: accuracy_of(variables, test_data[task]) for task in tasks}
               for name, accuracy_of, variables in evaluated}
   summary = {"workflow": "continual", "teacher": config.teacher.name,

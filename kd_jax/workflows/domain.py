@@ -27,7 +27,6 @@ import ml_collections
 from kd_jax import data as data_lib
 from kd_jax import experiment
 from kd_jax import objective as objective_lib
-from kd_jax import parallel
 from kd_jax.workflows import common
 
 ADAPTED = "adapted"
@@ -62,10 +61,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   block = config.domain
   context = common.start(config, workdir)
   info = context.info
-  teacher_result = experiment.teacher_phase(config, workdir, context.mesh, info,
-                                            context.writer)
   student, _, source = experiment.student_phases(config, workdir, context.mesh, info,
-                                                 context.writer, teacher_result)
+                                                 context.writer, context.teacher)
   teacher = experiment._model(config, "teacher", info.num_classes)
   target_config = common.derived(config, {
       "data.edge_augment": target_augment(block),
@@ -74,7 +71,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       target_config, phase=ADAPTED, model=student,
       train_config=experiment.student_recipe(config, block.get("train")),
       distill_config=block.distill.to_dict(), teacher=teacher,
-      teacher_variables=parallel.replicate(teacher_result.variables, context.mesh),
+      teacher_variables=context.teacher_variables,
       init_variables=source.variables, **context.phase_args)
 
   corruption = (block.corruption, int(block.severity))
@@ -82,7 +79,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   student_accuracy = common.accuracy_fn(student, context, config.eval_batch_size)
   accuracy = {}
   for name, accuracy_of, variables in (
-      ("teacher", teacher_accuracy, teacher_result.variables),
+      ("teacher", teacher_accuracy, context.teacher.variables),
       ("distilled", student_accuracy, source.variables),
       (ADAPTED, student_accuracy, adapted.variables)):
     accuracy[name] = {domain: accuracy_of(variables, config.data, corrupt)

@@ -39,7 +39,6 @@ from kd_jax import experiment
 from kd_jax import export as export_lib
 from kd_jax import losses
 from kd_jax import objective as objective_lib
-from kd_jax import parallel
 from kd_jax.edge.early_exit import ExitHead
 from kd_jax.workflows import common
 
@@ -279,12 +278,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   block = config.heads
   context = common.start(config, workdir)
   info = context.info
-  teacher_result = experiment.teacher_phase(config, workdir, context.mesh, info,
-                                            context.writer)
   student, _, single = experiment.student_phases(config, workdir, context.mesh, info,
-                                                 context.writer, teacher_result)
+                                                 context.writer, context.teacher)
   teacher = WithLogitsTap(experiment._model(config, "teacher", info.num_classes))
-  t_vars = parallel.replicate(teacher_result.variables, context.mesh)
+  t_vars = context.teacher_variables
   joint, added = head_specs(config, block.joint), head_specs(config, block.added)
   weight, temperature = float(block.weight), float(block.temperature)
 
@@ -316,7 +313,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     return predict
 
   accuracies = {
-      "teacher": task_accuracies(predictor(teacher, teacher_result.variables, ()),
+      "teacher": task_accuracies(predictor(teacher, context.teacher.variables, ()),
                                  config.data, batch_size, tasks),
       "distilled": task_accuracies(predictor(student, single.variables, ()),
                                    config.data, batch_size, tasks),
