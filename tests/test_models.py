@@ -260,6 +260,40 @@ def test_depthwise_taps_match_xla_convolution_and_its_gradients(shape, kernel_si
   chex.assert_trees_all_close(grads[1], grads[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("batch, chunk_examples, strides, chunks", [
+    (6, 2, (1, 1), 3), (6, 4, (2, 2), 2), (5, 2, (1, 2), 5), (4, 9, (1, 1), 1)])
+def test_depthwise_kernel_gradient_in_batch_chunks(monkeypatch, batch, chunk_examples,
+                                                   strides, chunks):
+  # The kernel gradient is reduced over chunks of the largest divisor of the batch
+  # that fits the byte budget: 2, 3 and 1 examples, or the whole batch of 4 at once.
+  shape, channels = (batch, 8, 6, 5), 5
+  out_bytes = (8 // strides[0]) * (6 // strides[1]) * channels * 4
+  monkeypatch.setattr(layers, "_KERNEL_GRAD_CHUNK_BYTES", chunk_examples * out_bytes)
+  kx, kk, kr = jax.random.split(jax.random.key(3), 3)
+  x = jax.random.normal(kx, shape)
+  kernel = jax.random.normal(kk, (3, 3, 1, channels))
+  padding = ((1, 1), (1, 1))
+  weights = jax.random.normal(kr, (batch, 8 // strides[0], 6 // strides[1], channels))
+
+  def loss(f):
+    return lambda x, k: jnp.sum(f(x, k) * weights)
+
+  xla = loss(lambda x, k: jax.lax.conv_general_dilated(
+      x, k, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=channels))
+  taps = loss(lambda x, k: layers.depthwise_conv_taps(x, k, strides, padding))
+  expected = jax.grad(xla, argnums=(0, 1))(x, kernel)
+  loop = [eqn for eqn in jax.make_jaxpr(jax.grad(taps, argnums=1))(x, kernel).eqns
+          if eqn.primitive.name in ("while", "scan")]
+  assert [eqn.params.get("length") for eqn in loop] == ([] if chunks == 1 else [chunks])
+  chex.assert_trees_all_close(jax.jit(jax.grad(taps, argnums=(0, 1)))(x, kernel),
+                              expected, rtol=1e-5, atol=1e-5)
+  # A bfloat16 layer gets a bfloat16 kernel gradient, accumulated in float32.
+  low = jax.grad(taps, argnums=1)(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
+  assert low.dtype == jnp.bfloat16
+  np.testing.assert_allclose(low.astype(jnp.float32), expected[1], rtol=0.05, atol=0.3)
+
+
 def test_depthwise_taps_by_hand():
   # One channel, a 3x3 image 1..9, kernel with 1 at the centre and 10 at the
   # bottom-right, zero padding 1: out[i, j] = x[i, j] + 10 * x[i + 1, j + 1].

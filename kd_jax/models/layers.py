@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 from jax import lax
 import jax.numpy as jnp
+import numpy as np
 
 ModuleDef = Any  # a Module class, or a functools.partial of one
 
@@ -144,6 +145,10 @@ def depthwise_conv_taps(x: jnp.ndarray, kernel: jnp.ndarray, strides: Sequence[i
     ``[B, Ho, Wo, C]``, equal to ``lax.conv_general_dilated`` with
     ``feature_group_count=C``.
   """
+  return _depthwise_taps(x, kernel, tuple(strides), tuple(tuple(p) for p in padding))
+
+
+def _depthwise_taps_forward(x, kernel, strides, padding):
   window = kernel.shape[:2]
   padded = jnp.pad(x, ((0, 0), *padding, (0, 0)))
   out_shape = [(size - k) // s + 1
@@ -153,6 +158,61 @@ def depthwise_conv_taps(x: jnp.ndarray, kernel: jnp.ndarray, strides: Sequence[i
     term = view * kernel[i, j, 0]
     out = term if out is None else out + term
   return out
+
+
+# The kernel gradient is kh*kw reductions of (shifted input view) * (output gradient)
+# over batch and space. Left to autodiff, XLA:CPU materialises every shifted view of the
+# whole batch before reducing each one (a 64x16x16x72 layer: 9 x 4.7 MB, ~20 ms). Here
+# the kh*kw sums are one multi-output reduction, which XLA fuses with the views and
+# products, run over batch chunks of about this many bytes of output gradient so that
+# each chunk stays in cache (~3 ms for that layer).
+_KERNEL_GRAD_CHUNK_BYTES = 512 * 1024
+
+
+def _depthwise_kernel_grad(x, g, window, strides, padding):
+  """``d(sum(out * g)) / d kernel`` of `depthwise_conv_taps`, as ``[kh, kw, 1, C]``."""
+  padded = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+  batch, out_h, out_w, channels = g.shape
+
+  def reduce_taps(padded, g):
+    g = g.astype(jnp.float32)
+    products = tuple(view.astype(jnp.float32) * g for _, _, view in
+                     _window_views(padded, window, strides, (out_h, out_w)))
+    sums = lax.reduce(products, (np.float32(0),) * len(products),
+                      lambda a, b: tuple(x + y for x, y in zip(a, b)), (0, 1, 2))
+    return jnp.stack(sums)
+
+  per_example = out_h * out_w * channels * 4
+  size = max(1, min(batch, _KERNEL_GRAD_CHUNK_BYTES // per_example))
+  size = max(d for d in range(1, size + 1) if batch % d == 0)
+  if size == batch:
+    grad = reduce_taps(padded, g)
+  else:
+    def body(k, total):
+      return total + reduce_taps(lax.dynamic_slice_in_dim(padded, k * size, size),
+                                 lax.dynamic_slice_in_dim(g, k * size, size))
+    grad = lax.fori_loop(0, batch // size, body,
+                         jnp.zeros((window[0] * window[1], channels), jnp.float32))
+  return grad.reshape(*window, 1, channels)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise_taps(x, kernel, strides, padding):
+  return _depthwise_taps_forward(x, kernel, strides, padding)
+
+
+def _depthwise_taps_fwd(x, kernel, strides, padding):
+  return _depthwise_taps_forward(x, kernel, strides, padding), (x, kernel)
+
+
+def _depthwise_taps_bwd(strides, padding, residuals, g):
+  x, kernel = residuals
+  _, x_vjp = jax.vjp(lambda x: _depthwise_taps_forward(x, kernel, strides, padding), x)
+  kernel_grad = _depthwise_kernel_grad(x, g, kernel.shape[:2], strides, padding)
+  return x_vjp(g)[0], kernel_grad.astype(kernel.dtype)
+
+
+_depthwise_taps.defvjp(_depthwise_taps_fwd, _depthwise_taps_bwd)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
@@ -171,8 +231,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                and dimension_numbers == lax.conv_dimension_numbers(
                    lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC")))
   if depthwise and _use_taps():
-    return depthwise_conv_taps(lhs, rhs.astype(lhs.dtype), tuple(window_strides),
-                               tuple(tuple(p) for p in padding))
+    return depthwise_conv_taps(lhs, rhs.astype(lhs.dtype), window_strides, padding)
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
                                   rhs_dilation, dimension_numbers, feature_group_count,
                                   precision=precision, **kwargs)
