@@ -305,6 +305,33 @@ def test_depthwise_taps_by_hand():
   np.testing.assert_array_equal(strided[0, :, :, 0], [[51, 3], [7, 9]])
 
 
+@pytest.mark.parametrize("groups, strides", [(3, (1, 1)), (2, (2, 1))])
+def test_grouped_pointwise_conv_matches_xla_convolution_and_its_gradients(groups, strides):
+  kx, kk, kr = jax.random.split(jax.random.key(4), 3)
+  x = jax.random.normal(kx, (2, 5, 6, 6))
+  kernel = jax.random.normal(kk, (1, 1, 6 // groups, 12))
+
+  def xla(x, kernel):
+    return jax.lax.conv_general_dilated(
+        x, kernel, strides, ((0, 0), (0, 0)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups)
+
+  def grouped(x, kernel):
+    return layers.grouped_pointwise_conv(x, kernel, strides, groups)
+
+  expected = xla(x, kernel)
+  np.testing.assert_allclose(grouped(x, kernel), expected, rtol=1e-5, atol=1e-5)
+  weights = jax.random.normal(kr, expected.shape)
+  grads = [jax.grad(lambda x, k, f=f: jnp.sum(f(x, k) * weights), argnums=(0, 1))(
+      x, kernel) for f in (xla, grouped)]
+  chex.assert_trees_all_close(grads[1], grads[0], rtol=1e-5, atol=1e-5)
+  # By hand: group 1 of output channel 6 reads input channels 3..5 only.
+  one = jnp.zeros((1, 1, 1, 6)).at[0, 0, 0, 4].set(2.0)
+  unit = jnp.zeros((1, 1, 3, 12)).at[0, 0, 1, 6].set(5.0)
+  out = layers.grouped_pointwise_conv(one, unit, (1, 1), 2)
+  np.testing.assert_array_equal(out[0, 0, 0], np.eye(12)[6] * 10.0)
+
+
 def _grouped_convs(model, x, variables):
   jaxpr = jax.make_jaxpr(lambda x: model.apply(variables, x)[0])(x)
   return [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "conv_general_dilated"
@@ -313,7 +340,10 @@ def _grouped_convs(model, x, variables):
 
 # MobileNetV2: one depthwise conv per inverted residual (1+2+3+4+3+3+1 = 17).
 # ShuffleV2: two per down-sampling unit (3 x 2), one per unit (3 + 7 + 3).
-@pytest.mark.parametrize("name, depthwise_layers", [("MobileNetV2", 17), ("ShuffleV2", 19)])
+# ShuffleV1: per unit (4 + 8 + 4) a depthwise conv and two grouped 1x1 convs, except
+# the first unit's first 1x1 conv: 16 + 31.
+@pytest.mark.parametrize("name, depthwise_layers", [("MobileNetV2", 17), ("ShuffleV2", 19),
+                                                     ("ShuffleV1", 47)])
 def test_zoo_depthwise_convs_are_taps_on_cpu_and_convolutions_on_request(name,
                                                                          depthwise_layers):
   model = models.create(name, 10)
