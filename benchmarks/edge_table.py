@@ -123,7 +123,7 @@ def main(argv=None) -> None:
   parser.add_argument("--json", action="store_true", help="print the rows as JSON instead")
   args = parser.parse_args(argv)
   from kd_jax import runtime
-  runtime.configure_xla_flags()
+  runtime.configure()
   digits = None if args.cifar_only else digits_tables(args.workdir)
   text, rows = cifar_table(args.latency_runs)
   if args.json:

@@ -29,7 +29,7 @@ import time
 
 from kd_jax import runtime
 
-runtime.configure_xla_flags()
+runtime.configure()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

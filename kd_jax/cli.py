@@ -28,7 +28,7 @@ def _prepare_environment() -> None:
   """Process-wide settings that must precede JAX's and TF's initialisation."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from kd_jax import runtime
-  runtime.configure_xla_flags()
+  runtime.configure()
 
 
 class UsageError(Exception):

@@ -7,7 +7,7 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from kd_jax import runtime  # noqa: E402  (the CPU XLA flags kd-jax itself runs with)
 
-runtime.configure_xla_flags()
+runtime.configure()
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 import jax  # noqa: E402

@@ -1,5 +1,8 @@
 """Performance options of the KD step: bf16 teacher, cached teacher logits, no extra work."""
 import os
+import platform
+import subprocess
+import sys
 
 import chex
 import jax
@@ -165,3 +168,35 @@ def test_default_cpu_flags_are_set_before_jax_and_user_flags_win(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", f"{name}=mine")
   runtime.configure_xla_flags()
   assert os.environ["XLA_FLAGS"].split() == [f"{name}=mine", *runtime.CPU_XLA_FLAGS[1:]]
+
+
+_REUSE_SCRIPT = """
+import ctypes, resource, sys
+from kd_jax import runtime
+changed = runtime.configure_allocator()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+libc.free.argtypes = (ctypes.c_void_p,)
+faults = []
+for _ in range(3):  # a step's temporary buffer: allocated, written, freed
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  buffer = libc.malloc(96 << 20)
+  ctypes.memset(buffer, 1, 96 << 20)
+  libc.free(buffer)
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(changed, faults[-1])
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
+def test_allocator_reuses_freed_buffers_unless_the_user_set_malloc_options():
+  def run(**env):
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", _REUSE_SCRIPT], env={**base, **env},
+                         capture_output=True, text=True, check=True).stdout.split()
+    return out[0] == "True", int(out[1])
+
+  changed, faults = run()
+  assert changed and faults < 100  # 96 MiB written again without touching new pages
+  changed, faults = run(MALLOC_ARENA_MAX="8")  # the user's setting: left alone
+  assert not changed and faults > 20_000  # glibc maps 96 MiB afresh: 24,576 pages
