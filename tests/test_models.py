@@ -231,6 +231,22 @@ def test_bfloat16_computation_keeps_float32_params_and_logits():
   assert taps["stage_1"].dtype == jnp.bfloat16
 
 
+def _lax_conv(strides, padding, groups):
+  return lambda x, kernel: jax.lax.conv_general_dilated(
+      x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=groups)
+
+
+def _assert_matches_with_gradients(conv, reference, x, kernel, key):
+  """`conv` equals `reference` at (x, kernel), and so do their gradients."""
+  expected = reference(x, kernel)
+  np.testing.assert_allclose(conv(x, kernel), expected, rtol=1e-5, atol=1e-5)
+  weights = jax.random.normal(key, expected.shape)
+  grads = [jax.grad(lambda x, k, f=f: jnp.sum(f(x, k) * weights), argnums=(0, 1))(
+      x, kernel) for f in (reference, conv)]
+  chex.assert_trees_all_close(grads[1], grads[0], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("shape, kernel_size, strides, padding", [
     ((2, 9, 7, 5), 3, (1, 1), ((1, 1), (1, 1))),
     ((2, 9, 8, 6), 3, (2, 2), ((1, 1), (1, 1))),
@@ -243,21 +259,9 @@ def test_depthwise_taps_match_xla_convolution_and_its_gradients(shape, kernel_si
   kx, kk, kr = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(kx, shape)
   kernel = jax.random.normal(kk, (kernel_size, kernel_size, 1, channels))
-
-  def xla(x, kernel):
-    return jax.lax.conv_general_dilated(
-        x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=channels)
-
-  def taps(x, kernel):
-    return layers.depthwise_conv_taps(x, kernel, strides, padding)
-
-  expected = xla(x, kernel)
-  np.testing.assert_allclose(taps(x, kernel), expected, rtol=1e-5, atol=1e-5)
-  weights = jax.random.normal(kr, expected.shape)
-  grads = [jax.grad(lambda x, k, f=f: jnp.sum(f(x, k) * weights), argnums=(0, 1))(
-      x, kernel) for f in (xla, taps)]
-  chex.assert_trees_all_close(grads[1], grads[0], rtol=1e-5, atol=1e-5)
+  _assert_matches_with_gradients(
+      lambda x, k: layers.depthwise_conv_taps(x, k, strides, padding),
+      _lax_conv(strides, padding, channels), x, kernel, kr)
 
 
 @pytest.mark.parametrize("batch, chunk_examples, strides, chunks", [
@@ -278,9 +282,7 @@ def test_depthwise_kernel_gradient_in_batch_chunks(monkeypatch, batch, chunk_exa
   def loss(f):
     return lambda x, k: jnp.sum(f(x, k) * weights)
 
-  xla = loss(lambda x, k: jax.lax.conv_general_dilated(
-      x, k, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      feature_group_count=channels))
+  xla = loss(_lax_conv(strides, padding, channels))
   taps = loss(lambda x, k: layers.depthwise_conv_taps(x, k, strides, padding))
   expected = jax.grad(xla, argnums=(0, 1))(x, kernel)
   loop = [eqn for eqn in jax.make_jaxpr(jax.grad(taps, argnums=1))(x, kernel).eqns
@@ -310,21 +312,9 @@ def test_grouped_pointwise_conv_matches_xla_convolution_and_its_gradients(groups
   kx, kk, kr = jax.random.split(jax.random.key(4), 3)
   x = jax.random.normal(kx, (2, 5, 6, 6))
   kernel = jax.random.normal(kk, (1, 1, 6 // groups, 12))
-
-  def xla(x, kernel):
-    return jax.lax.conv_general_dilated(
-        x, kernel, strides, ((0, 0), (0, 0)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=groups)
-
-  def grouped(x, kernel):
-    return layers.grouped_pointwise_conv(x, kernel, strides, groups)
-
-  expected = xla(x, kernel)
-  np.testing.assert_allclose(grouped(x, kernel), expected, rtol=1e-5, atol=1e-5)
-  weights = jax.random.normal(kr, expected.shape)
-  grads = [jax.grad(lambda x, k, f=f: jnp.sum(f(x, k) * weights), argnums=(0, 1))(
-      x, kernel) for f in (xla, grouped)]
-  chex.assert_trees_all_close(grads[1], grads[0], rtol=1e-5, atol=1e-5)
+  _assert_matches_with_gradients(
+      lambda x, k: layers.grouped_pointwise_conv(x, k, strides, groups),
+      _lax_conv(strides, ((0, 0), (0, 0)), groups), x, kernel, kr)
   # By hand: group 1 of output channel 6 reads input channels 3..5 only.
   one = jnp.zeros((1, 1, 1, 6)).at[0, 0, 0, 4].set(2.0)
   unit = jnp.zeros((1, 1, 3, 12)).at[0, 0, 1, 6].set(5.0)
