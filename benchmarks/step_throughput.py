@@ -14,6 +14,8 @@ horizontal flips) against the KD step it feeds.
 With --torch, and only where torch is importable, the same KD step of RepDistiller's
 PyTorch definitions of the same models (eager, channels-last, which is PyTorch's faster
 CPU layout) runs in the same rounds; the models' parameter counts are checked equal.
+On a GPU backend PyTorch runs on CUDA too (cuDNN autotuning on, as in RepDistiller),
+and each timed sample repeats a step for at least MIN_SAMPLE_SECONDS.
 
   python benchmarks/step_throughput.py                # three pairs, batch 64 and 128
   python benchmarks/step_throughput.py --pairs resnet32x4:resnet8x4 --batch 64 --json
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -46,11 +49,18 @@ KD = {"ce_weight": 0.1, "terms": [dict(method="kd", weight=0.9, temperature=4.0)
 CE = {"ce_weight": 1.0}
 
 
-def _time_once(fn, times: list[float]) -> None:
-  """Appends the wall time of one call of `fn`, waiting for its results."""
+# A timed sample runs a step repeatedly for at least this long: on an accelerator one
+# step takes milliseconds, and timing it alone would measure the dispatch and the wait.
+MIN_SAMPLE_SECONDS = 0.2
+
+
+def _time_once(fn, wait, times: list[float], repeats: int) -> None:
+  """Appends the mean wall time of `repeats` calls of `fn`, waiting for the last."""
   t0 = time.perf_counter()
-  jax.block_until_ready(fn())
-  times.append(time.perf_counter() - t0)
+  for _ in range(repeats):
+    out = fn()
+  wait(out)
+  times.append((time.perf_counter() - t0) / repeats)
 
 
 class JaxPair:
@@ -202,9 +212,11 @@ class TorchPair:
   """The same KD step in PyTorch eager: teacher under no_grad, student, SGD."""
 
   def __init__(self, teacher_name: str, student_name: str, batch: int,
-               expected_params: tuple[int, int]):
+               expected_params: tuple[int, int], device: str):
     import torch
     import torch.nn.functional as F
+    if device == "cuda":
+      torch.backends.cudnn.benchmark = True  # as RepDistiller's training scripts set
     zoo = _torch_models()
     if teacher_name not in zoo or student_name not in zoo:
       raise ValueError(f"--torch knows {', '.join(zoo)}; drop --torch for this pair")
@@ -215,14 +227,14 @@ class TorchPair:
     if counts != expected_params:
       raise AssertionError(f"PyTorch parameter counts {counts} != kd_jax's {expected_params}")
     for m in (self.teacher, self.student):
-      m.to(memory_format=torch.channels_last)
+      m.to(device=device, memory_format=torch.channels_last)
     self.opt = torch.optim.SGD(self.student.parameters(), lr=0.05, momentum=0.9,
                                weight_decay=5e-4)
     gen = torch.Generator().manual_seed(0)
     self.x = torch.randn(batch, 3, *IMAGE[:2], generator=gen).contiguous(
-        memory_format=torch.channels_last)
-    self.y = torch.randint(0, NUM_CLASSES, (batch,), generator=gen)
-    self.torch, self.F = torch, F
+        memory_format=torch.channels_last).to(device)
+    self.y = torch.randint(0, NUM_CLASSES, (batch,), generator=gen).to(device)
+    self.torch, self.F, self.device = torch, F, device
 
   def run(self):
     F = self.F
@@ -235,12 +247,22 @@ class TorchPair:
     self.opt.zero_grad(set_to_none=True)
     loss.backward()
     self.opt.step()
-    return None
+    return loss
+
+  def wait(self, _):
+    if self.device == "cuda":
+      self.torch.cuda.synchronize()
 
 
 def pipeline_images_per_second(batch: int, steps: int = 100) -> float:
-  """The training tf.data pipeline alone on mock CIFAR-100 with standard augmentation."""
-  import tensorflow_datasets as tfds
+  """The training tf.data pipeline alone on mock CIFAR-100 with standard augmentation.
+
+  NaN where tensorflow-datasets is not installed (an accelerator image without it).
+  """
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError:
+    return float("nan")
 
   from kd_jax import data
   config = data.default_data_config()
@@ -260,17 +282,22 @@ def measure(teacher_name: str, student_name: str, batch: int, rounds: int,
             with_torch: bool, bf16_teacher: bool) -> dict:
   pair = JaxPair(teacher_name, student_name, batch, bf16_teacher)
   kinds = ["teacher", "student", "kd"]
-  runners = {k: (lambda k=k: pair.run(k)) for k in kinds}
+  runners = {k: (lambda k=k: pair.run(k), jax.block_until_ready) for k in kinds}
   if with_torch:
+    device = "cuda" if jax.default_backend() == "gpu" else "cpu"
     torch_pair = TorchPair(teacher_name, student_name, batch,
-                           (pair.teacher_params, pair.student_params))
-    runners["torch"] = torch_pair.run
+                           (pair.teacher_params, pair.student_params), device)
+    runners["torch"] = (torch_pair.run, torch_pair.wait)
+  repeats = {}
+  for kind, (fn, wait) in runners.items():  # warm-up, then as many calls as fill a sample
+    wait(fn())
+    once = []
+    _time_once(fn, wait, once, 1)
+    repeats[kind] = max(1, math.ceil(MIN_SAMPLE_SECONDS / once[0]))
   times = {k: [] for k in runners}
-  for fn in runners.values():  # warm-up
-    jax.block_until_ready(fn())
   for _ in range(rounds):
-    for kind, fn in runners.items():
-      _time_once(fn, times[kind])
+    for kind, (fn, wait) in runners.items():
+      _time_once(fn, wait, times[kind], repeats[kind])
   seconds = {k: float(np.median(v)) for k, v in times.items()}
   row = {"teacher": teacher_name, "student": student_name, "batch": batch,
          "kd_images_per_s": batch / seconds["kd"],
@@ -308,8 +335,10 @@ def main(argv=None):
   for pair in args.pairs.split(","):
     for batch in batches:
       row = measure(*pair.split(":"), batch, args.rounds, args.torch, args.bf16_teacher)
-      row["pipeline_images_per_s"] = pipeline[batch]
-      row["pipeline_margin"] = pipeline[batch] / row["kd_images_per_s"]
+      measured = not math.isnan(pipeline[batch])
+      row["pipeline_images_per_s"] = pipeline[batch] if measured else None
+      row["pipeline_margin"] = (pipeline[batch] / row["kd_images_per_s"]
+                                if measured else None)
       rows.append(row)
   if args.json:
     print(json.dumps(rows, indent=2))
@@ -327,9 +356,16 @@ def main(argv=None):
           f"{r['gflop_per_s']:.0f} | {r['peak_memory_mib']:.0f} |" + extra)
   for b in batches:
     fastest = max(r["kd_images_per_s"] for r in rows if r["batch"] == b)
+    if math.isnan(pipeline[b]):
+      print(f"tf.data pipeline alone, batch {b}: not measured (tensorflow-datasets "
+            "is not installed)")
+      continue
     print(f"tf.data pipeline alone, batch {b}: {pipeline[b]:.0f} img/s "
           f"({pipeline[b] / fastest:.0f}× what the fastest KD step consumes)")
   teacher_dtype = "bfloat16" if args.bf16_teacher else "float32"
+  if args.torch:
+    import torch
+    print(f"(PyTorch {torch.__version__}, JAX {jax.__version__})")
   print(f"(device: {jax.devices()[0].device_kind}, {jax.device_count()} device(s); "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; teacher forward in {teacher_dtype})")
 
