@@ -63,6 +63,10 @@ def _time_once(fn, wait, times: list[float], repeats: int) -> None:
   times.append((time.perf_counter() - t0) / repeats)
 
 
+def _progress(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
 class JaxPair:
   """Compiled teacher forward, student step and KD step of one pair and batch size."""
 
@@ -71,8 +75,10 @@ class JaxPair:
     mesh = parallel.data_mesh()
     teacher = models.create(teacher_name, NUM_CLASSES)
     student = models.create(student_name, NUM_CLASSES)
-    self.t_vars = parallel.replicate(
-        teacher.init(jax.random.key(1), jnp.zeros((1, *IMAGE)), train=False), mesh)
+    start = time.perf_counter()
+    self.t_vars = parallel.replicate(jax.jit(
+        lambda rng: teacher.init(rng, jnp.zeros((1, *IMAGE)), train=False))(
+            jax.random.key(1)), mesh)
     opt = train.make_optimizer(RECIPE, train.learning_rate_schedule(RECIPE, 781, 187_440))
     rng = np.random.default_rng(0)
     self.batch = parallel.to_global(
@@ -91,12 +97,16 @@ class JaxPair:
       self.states[name] = parallel.replicate(
           train.init_state(student, opt, IMAGE, jax.random.key(0)), mesh)
       t0 = time.perf_counter()
-      self.steps[name] = step.lower(self.states[name], self.t_vars, self.batch,
-                                    self.rng).compile()
+      lowered = step.lower(self.states[name], self.t_vars, self.batch, self.rng)
+      self.steps[name] = lowered.compile()
       if name == "kd":
         self.compile_seconds = time.perf_counter() - t0
-    # The cost of the per-device program, times the devices running it.
-    self.flops = self.steps["kd"].cost_analysis()["flops"] * mesh.size
+        # The cost of the per-device program before backend passes (on a GPU the
+        # compiled program's convolutions are library calls that its analysis omits),
+        # times the devices running it.
+        self.flops = lowered.cost_analysis()["flops"] * mesh.size
+    _progress(f"{teacher_name} -> {student_name}, batch {batch}: initialised and "
+              f"compiled in {time.perf_counter() - start:.0f} s")
     memory = self.steps["kd"].memory_analysis()
     self.peak_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes
                        - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
@@ -288,7 +298,7 @@ def measure(teacher_name: str, student_name: str, batch: int, rounds: int,
     torch_pair = TorchPair(teacher_name, student_name, batch,
                            (pair.teacher_params, pair.student_params), device)
     runners["torch"] = (torch_pair.run, torch_pair.wait)
-  repeats = {}
+  repeats, start = {}, time.perf_counter()
   for kind, (fn, wait) in runners.items():  # warm-up, then as many calls as fill a sample
     wait(fn())
     once = []
@@ -299,6 +309,8 @@ def measure(teacher_name: str, student_name: str, batch: int, rounds: int,
     for kind, (fn, wait) in runners.items():
       _time_once(fn, wait, times[kind], repeats[kind])
   seconds = {k: float(np.median(v)) for k, v in times.items()}
+  _progress(f"  warmed up and timed in {time.perf_counter() - start:.0f} s; img/s: " +
+            ", ".join(f"{k} {batch / t:.1f}" for k, t in seconds.items()))
   row = {"teacher": teacher_name, "student": student_name, "batch": batch,
          "kd_images_per_s": batch / seconds["kd"],
          "student_images_per_s": batch / seconds["student"],
