@@ -90,12 +90,13 @@ class JaxPair:
         lambda v, x: forward_teacher.apply(v, x, train=False)[0]).lower(
             self.t_vars, self.batch["image"]).compile()
     self.steps, self.states = {}, {}
+    state = train.init_state(student, opt, IMAGE, jax.random.key(0))
     for name, config in (("student", CE), ("kd", KD)):
       obj = objective.build(config, total_steps=187_440, steps_per_epoch=781)
       step = train.make_train_step(student, teacher, obj, opt, mesh,
                                    teacher_bf16=bf16_teacher)
-      self.states[name] = parallel.replicate(
-          train.init_state(student, opt, IMAGE, jax.random.key(0)), mesh)
+      # Each step donates its own copy of the state.
+      self.states[name] = parallel.replicate(jax.tree.map(np.array, state), mesh)
       t0 = time.perf_counter()
       lowered = step.lower(self.states[name], self.t_vars, self.batch, self.rng)
       self.steps[name] = lowered.compile()

@@ -370,3 +370,36 @@ def test_max_pool_taps_match_nn_max_pool_with_first_maximum_gradients():
   hand[first] = weights[0, 0, 0, 0]
   np.testing.assert_array_equal(np.asarray(grad[0, :2, :2, 0]).ravel(), hand)
   assert out[0, 0, 0, 0] == window.max()
+
+
+def _conditionals(fn, *args) -> int:
+  return jax.jit(fn).lower(*args).as_text().count("stablehlo.case")
+
+
+def test_relu_output_is_materialised_only_when_differentiated_on_the_taps_path():
+  x = jnp.asarray([[[[-2.0, 0.0, 3.0]], [[1.5, -0.5, 0.0]]]])  # [1, 2, 1, 3]
+  weights = jnp.asarray([[[[1.0, 2.0, 3.0]], [[4.0, 5.0, 6.0]]]])
+  loss = lambda x: jnp.sum(layers.relu(x) * weights)
+  expected_grad = np.asarray([[[[0, 0, 3.0]], [[4.0, 0, 0]]]])  # 0 at and below 0
+  for name, conditionals in (("taps", 1), ("lax", 0)):
+    with layers.implementation(name):
+      np.testing.assert_array_equal(layers.relu(x), np.maximum(x, 0))
+      np.testing.assert_array_equal(jax.grad(loss)(x), expected_grad)
+      np.testing.assert_array_equal(jax.grad(loss)(x), jax.grad(
+          lambda x: jnp.sum(jax.nn.relu(x) * weights))(x))
+      assert _conditionals(jax.value_and_grad(loss), x) == conditionals
+      assert _conditionals(layers.relu, x) == 0  # inference and exports: plain ReLU
+      # Second order (e.g. a gradient penalty) goes through the rule too: ReLU's is 0.
+      hvp = jax.jvp(jax.grad(loss), (x,), (jnp.ones_like(x),))[1]
+      np.testing.assert_array_equal(hvp, np.zeros_like(x))
+  model = models.create("resnet8", 10)
+  images = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
+  variables = model.init(jax.random.key(0), images)
+
+  def train_loss(params):
+    (logits, _), _ = model.apply({**variables, "params": params}, images, train=True,
+                                 mutable=["batch_stats"])
+    return jnp.sum(logits)
+
+  # resnet8: 7 conv-BN-ReLU / block outputs (stem, 3 blocks x 2).
+  assert _conditionals(jax.grad(train_loss), variables["params"]) == 7

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import flax.linen as nn
 
-from kd_jax.models.layers import (Classifier, ConvBN, global_avg_pool, max_pool,
+from kd_jax.models.layers import (Classifier, ConvBN, global_avg_pool, max_pool, relu,
                                   small_normal, stage_taps)
 
 # Output channels of the convs of each of the five blocks.
@@ -49,7 +49,7 @@ class VGG(Classifier):
         last = j == len(widths) - 1
         x = ConvBN(width, 3, conv, norm, use_bias=True, relu=not last,
                    name=f"block{k}_conv{j}")(x)
-      preact, x = x, nn.relu(x)
+      preact, x = x, relu(x)
       if k == 0:
         taps["stem"] = x
       else:
