@@ -299,16 +299,17 @@ def measure(teacher_name: str, student_name: str, batch: int, rounds: int,
     torch_pair = TorchPair(teacher_name, student_name, batch,
                            (pair.teacher_params, pair.student_params), device)
     runners["torch"] = (torch_pair.run, torch_pair.wait)
-  repeats, start = {}, time.perf_counter()
+  repeats, times, start = {}, {k: [] for k in runners}, time.perf_counter()
   for kind, (fn, wait) in runners.items():  # warm-up, then as many calls as fill a sample
     wait(fn())
-    once = []
-    _time_once(fn, wait, once, 1)
-    repeats[kind] = max(1, math.ceil(MIN_SAMPLE_SECONDS / once[0]))
-  times = {k: [] for k in runners}
+    _time_once(fn, wait, times[kind], 1)
+    repeats[kind] = max(1, math.ceil(MIN_SAMPLE_SECONDS / times[kind][0]))
+    if repeats[kind] > 1:  # a fast step: the single call was too short to count
+      times[kind].clear()
   for _ in range(rounds):
     for kind, (fn, wait) in runners.items():
-      _time_once(fn, wait, times[kind], repeats[kind])
+      if len(times[kind]) < rounds:
+        _time_once(fn, wait, times[kind], repeats[kind])
   seconds = {k: float(np.median(v)) for k, v in times.items()}
   _progress(f"  warmed up and timed in {time.perf_counter() - start:.0f} s; img/s: " +
             ", ".join(f"{k} {batch / t:.1f}" for k, t in seconds.items()))
