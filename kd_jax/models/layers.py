@@ -280,7 +280,7 @@ def conv2d(conv: ModuleDef, features: int, kernel_size: int, strides: int = 1,
 # them in the transpose's strided order: for resnet8x4 at batch 64 those fusions took
 # 198 of 363 ms of thread time per step, against ~5 ms for a plain 16 MiB transpose.
 # Computing the ReLU inside a conditional makes its output a buffer XLA cannot fuse
-# through, so the transposes read it (198 -> 59 ms; student step +9-14%).
+# through, so the transposes read it (198 -> 59 ms; student step +12-16%).
 # `lax.optimization_barrier` does not survive XLA:CPU's passes.
 
 
