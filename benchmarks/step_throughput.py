@@ -281,15 +281,15 @@ class TorchPair:
       self.torch.cuda.synchronize()
 
 
-def pipeline_images_per_second(batch: int, steps: int = 100) -> float:
+def pipeline_images_per_second(batch: int, steps: int = 100) -> float | None:
   """The training tf.data pipeline alone on mock CIFAR-100 with standard augmentation.
 
-  NaN where tensorflow-datasets is not installed (an accelerator image without it).
+  None where tensorflow-datasets is not installed (an accelerator image without it).
   """
   try:
     import tensorflow_datasets as tfds
   except ImportError:
-    return float("nan")
+    return None
 
   from kd_jax import data
   config = data.default_data_config()
@@ -365,10 +365,9 @@ def main(argv=None):
   for pair in args.pairs.split(","):
     for batch in batches:
       row = measure(*pair.split(":"), batch, args.rounds, args.torch, args.bf16_teacher)
-      measured = not math.isnan(pipeline[batch])
-      row["pipeline_images_per_s"] = pipeline[batch] if measured else None
-      row["pipeline_margin"] = (pipeline[batch] / row["kd_images_per_s"]
-                                if measured else None)
+      row["pipeline_images_per_s"] = pipeline[batch]
+      row["pipeline_margin"] = (None if pipeline[batch] is None
+                                else pipeline[batch] / row["kd_images_per_s"])
       rows.append(row)
   if args.json:
     print(json.dumps(rows, indent=2))
@@ -386,7 +385,7 @@ def main(argv=None):
           f"{r['gflop_per_s']:.0f} | {r['peak_memory_mib']:.0f} |" + extra)
   for b in batches:
     fastest = max(r["kd_images_per_s"] for r in rows if r["batch"] == b)
-    if math.isnan(pipeline[b]):
+    if pipeline[b] is None:
       print(f"tf.data pipeline alone, batch {b}: not measured (tensorflow-datasets "
             "is not installed)")
       continue
