@@ -72,6 +72,28 @@ _INITIAL = {}  # (teacher, student) -> (teacher variables, student train state) 
 QUICK_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
+def _step_flops(lowered, make_step, mesh, args) -> float:
+  """FLOPs of one step: the per-device program before backend passes, times devices.
+
+  On a GPU the compiled program's convolutions are library calls that its cost analysis
+  omits, and some GPU builds give no analysis before compilation either; the count does
+  not depend on the backend, so the same step is then lowered for the host CPU.
+  """
+  cost = lowered.cost_analysis()
+  if not cost or "flops" not in cost:
+    cpus = jax.devices("cpu")
+    if len(cpus) < mesh.size:
+      return float("nan")
+    cpu_mesh = jax.sharding.Mesh(np.array(cpus[:mesh.size]).reshape(mesh.devices.shape),
+                                 mesh.axis_names)
+    def on_cpu(a):
+      spec = getattr(a.sharding, "spec", jax.sharding.PartitionSpec())
+      return jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                  sharding=jax.sharding.NamedSharding(cpu_mesh, spec))
+    cost = make_step(cpu_mesh).lower(*jax.tree.map(on_cpu, args)).cost_analysis() or {}
+  return cost.get("flops", float("nan")) * mesh.size
+
+
 class JaxPair:
   """Compiled teacher forward, student step and KD step of one pair and batch size."""
 
@@ -105,8 +127,9 @@ class JaxPair:
     self.steps, self.states = {}, {}
     for name, config in (("student", CE), ("kd", KD)):
       obj = objective.build(config, total_steps=187_440, steps_per_epoch=781)
-      step = train.make_train_step(student, teacher, obj, opt, mesh,
-                                   teacher_bf16=bf16_teacher)
+      make_step = functools.partial(train.make_train_step, student, teacher, obj, opt,
+                                    teacher_bf16=bf16_teacher)
+      step = make_step(mesh)
       # Each step donates its own copy of the state.
       self.states[name] = parallel.replicate(jax.tree.map(np.array, state), mesh)
       t0 = time.perf_counter()
@@ -116,10 +139,8 @@ class JaxPair:
         student_seconds = time.perf_counter() - t0
       else:
         self.compile_seconds = time.perf_counter() - t0
-        # The cost of the per-device program before backend passes (on a GPU the
-        # compiled program's convolutions are library calls that its analysis omits),
-        # times the devices running it.
-        self.flops = lowered.cost_analysis()["flops"] * mesh.size
+        self.flops = _step_flops(lowered, make_step, mesh, (
+            self.states[name], self.t_vars, self.batch, self.rng))
     _progress(f"{teacher_name} -> {student_name}, batch {batch}: initialised and "
               f"compiled in {time.perf_counter() - start:.0f} s (init "
               f"{init_seconds:.0f} s, student step {student_seconds:.0f} s, "
