@@ -200,3 +200,38 @@ def test_allocator_reuses_freed_buffers_unless_the_user_set_malloc_options():
   assert changed and faults < 100  # 96 MiB written again without touching new pages
   changed, faults = run(MALLOC_ARENA_MAX="8")  # the user's setting: left alone
   assert not changed and faults > 20_000  # glibc maps 96 MiB afresh: 24,576 pages
+
+
+def _benchmark(name):
+  import importlib.util
+  path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_conv_kernel_benchmark_finds_every_dense_convolution_of_a_model():
+  bench = _benchmark("conv_kernels")
+  counts, *_ = bench.model_convs("resnet8", 2)
+  s, pad1, pad0 = bench.Shape, ((1, 1), (1, 1)), ((0, 0), (0, 0))
+  # resnet8, widths 16/16/32/64: stem, one block per stage, 1x1 shortcuts where the
+  # width changes (stride 2; PyTorch's padding, so a 3x3/2 pads one pixel each side).
+  assert counts == {
+      s((2, 32, 32, 3), (3, 3, 3, 16), (1, 1), pad1): 1,
+      s((2, 32, 32, 16), (3, 3, 16, 16), (1, 1), pad1): 2,
+      s((2, 32, 32, 16), (3, 3, 16, 32), (2, 2), pad1): 1,
+      s((2, 16, 16, 32), (3, 3, 32, 32), (1, 1), pad1): 1,
+      s((2, 32, 32, 16), (1, 1, 16, 32), (2, 2), pad0): 1,
+      s((2, 16, 16, 32), (3, 3, 32, 64), (2, 2), pad1): 1,
+      s((2, 8, 8, 64), (3, 3, 64, 64), (1, 1), pad1): 1,
+      s((2, 16, 16, 32), (1, 1, 32, 64), (2, 2), pad0): 1,
+  }
+  # 2 images x 16x16 outputs x (3*3*16) taps x 32 channels, a multiply and an add each.
+  expected = 2 * 2 * 16 * 16 * 144 * 32
+  assert bench.flops(s((2, 32, 32, 16), (3, 3, 16, 32), (2, 2), pad1)) == expected
+  # MobileNetV2: the stem, two 1x1s in each of its 17 blocks and the last 1x1; the
+  # blocks' depthwise convolutions are grouped, so they are left out.
+  mobile, *_ = bench.model_convs("MobileNetV2", 1)
+  assert sum(mobile.values()) == 1 + 2 * 17 + 1
+  assert all(shape.rhs[2] == shape.lhs[3] for shape in mobile)
