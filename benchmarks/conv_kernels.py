@@ -13,9 +13,11 @@ CPU. It traces each model's inference forward at CIFAR shape, collects its dense
   [B·H'·W', kh·kw·C] × [kh·kw·C, O]): what XLA's dense kernels reach on this machine
   when the convolution's data movement is left out.
 
-Per model it then sums each kernel's time over the model's convolutions and sets that
-beside the measured XLA forward of the whole model, so the share of the convolutions
-and the gain a faster kernel would give can be read off.
+GFLOP/s count a backward as twice the forward's FLOPs (the input and the kernel
+gradients each cost one forward). Per model it then sums each kernel's time over the
+model's convolutions and sets that beside the measured XLA forward of the whole model,
+so the share of the convolutions and the gain a faster kernel would give can be read
+off.
 
   python benchmarks/conv_kernels.py                       # the step benchmark's six models
   python benchmarks/conv_kernels.py --models resnet32x4 --batch 128 --json
@@ -85,6 +87,11 @@ def flops(s: Shape) -> float:
   oh = (h + sum(s.padding[0]) - kh) // s.strides[0] + 1
   ow = (w + sum(s.padding[1]) - kw) // s.strides[1] + 1
   return 2.0 * b * oh * ow * kh * kw * c * o
+
+
+def kernel_flops(s: Shape, kernel: str) -> float:
+  """A backward computes the input and the kernel gradients: twice the forward's FLOPs."""
+  return flops(s) * (2 if kernel.endswith("backward") else 1)
 
 
 class XlaConv:
@@ -220,8 +227,8 @@ def main() -> int:
       if s not in timed:
         timed[s] = time_shape(s, args.rounds, with_torch)
         print(f"  {name}: {_shape_text(s)}: " + ", ".join(
-            f"{k} {flops(s) / v / 1e9:.0f}" for k, v in timed[s].items()) + " GFLOP/s",
-            file=sys.stderr)
+            f"{k} {kernel_flops(s, k) / v / 1e9:.0f}" for k, v in timed[s].items())
+            + " GFLOP/s", file=sys.stderr)
     model_forward = (lambda: forward(variables, x), jax.block_until_ready)
     per_model[name] = (counts, time_kernels({"forward": model_forward}, args.rounds)["forward"])
 
@@ -230,9 +237,11 @@ def main() -> int:
     for s, count in counts.items():
       row = {"model": name, "shape": _shape_text(s), "count": count,
              "gflop": flops(s) / 1e9}
-      row.update({f"{k}_gflop_per_s": flops(s) / v / 1e9 for k, v in timed[s].items()})
+      row.update({f"{k}_gflop_per_s": kernel_flops(s, k) / v / 1e9
+                  for k, v in timed[s].items()})
       rows.append(row)
-    total = {k: sum(c * timed[s][k] for s, c in counts.items()) for k in timed[next(iter(counts))]}
+    kernels = timed[next(iter(counts))]
+    total = {k: sum(c * timed[s][k] for s, c in counts.items()) for k in kernels}
     rows.append({"model": name, "shape": "all convolutions", "count": sum(counts.values()),
                  "gflop": sum(c * flops(s) for s, c in counts.items()) / 1e9,
                  **{f"{k}_seconds": v for k, v in total.items()},
@@ -243,7 +252,8 @@ def main() -> int:
 
   kernels = list(next(iter(timed.values())))
   print(f"GFLOP/s per convolution shape, batch {args.batch} (NHWC input → output "
-        "channels, kernel/stride)\n")
+        "channels, kernel/stride; GFLOP is the forward's, a backward does twice as "
+        "many)\n")
   print("| model | convolution | count | GFLOP | " + " | ".join(kernels) + " |")
   print("|---|---|---|---|" + "---|" * len(kernels))
   for r in rows:
