@@ -26,6 +26,11 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
     "tensorboardX>=2.6",
     "matplotlib>=3.8",  # the plots of `kd-jax report` and `kd-jax profile`
+    # oneDNN's convolutions for the CPU training path: `kd_jax.models.onednn` compiles
+    # its XLA FFI handlers against these on first use (a C++ compiler is needed; without
+    # one, or elsewhere, XLA's own convolutions run).
+    *(f'{name}==2023.2.0; platform_system == "Linux" and platform_machine == "x86_64"'
+      for name in ("onednn-cpu-gomp", "onednn-devel-cpu-gomp")),
 ]
 
 setup(
@@ -40,6 +45,7 @@ setup(
     # experiments/ ships inside the package so the embedded default runs anywhere.
     packages=find_packages(include=["kd_jax", "kd_jax.*"]) + ["kd_jax.experiments"],
     package_dir={"kd_jax.experiments": "experiments"},
+    package_data={"kd_jax.models": ["native/*.cc"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100",

@@ -15,9 +15,10 @@ CPU. It traces each model's inference forward at CIFAR shape, collects its dense
 
 GFLOP/s count a backward as twice the forward's FLOPs (the input and the kernel
 gradients each cost one forward). Per model it then sums each kernel's time over the
-model's convolutions and sets that beside the measured XLA forward of the whole model,
-so the share of the convolutions and the gain a faster kernel would give can be read
-off.
+model's convolutions and sets that beside the measured forward of the whole model (the
+zoo's CPU path, with XLA's convolutions and, where `kd_jax.models.onednn` is available,
+with oneDNN's), so the share of the convolutions and what a faster kernel gives can be
+read off.
 
   python benchmarks/conv_kernels.py                       # the step benchmark's six models
   python benchmarks/conv_kernels.py --models resnet32x4 --batch 128 --json
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import math
 import sys
@@ -41,6 +43,7 @@ import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
 from kd_jax import models  # noqa: E402
+from kd_jax.models import onednn  # noqa: E402
 
 MODELS = "resnet32x4,resnet8x4,wrn_40_2,wrn_16_2,vgg13,MobileNetV2"
 IMAGE = (32, 32, 3)
@@ -73,12 +76,21 @@ def conv_shapes(jaxpr) -> collections.Counter:
 
 
 def model_convs(name: str, batch: int):
-  """(convolution shape counts, jitted forward, its variables and input) of a model."""
+  """(convolution shape counts, compiled forwards by convolution kernel) of a model.
+
+  The forwards are the zoo's CPU path with XLA's convolutions and, where
+  `onednn.available()`, with oneDNN's; each takes no arguments.
+  """
   model = models.create(name, NUM_CLASSES)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, *IMAGE)), jnp.float32)
   variables = jax.jit(lambda k: model.init(k, x[:1], train=False))(jax.random.key(0))
-  forward = jax.jit(lambda v, x: model.apply(v, x, train=False)[0])
-  return conv_shapes(jax.make_jaxpr(forward)(variables, x).jaxpr), forward, variables, x
+  forward = lambda v, x: model.apply(v, x, train=False)[0]  # noqa: E731
+  with onednn.disabled():
+    counts = conv_shapes(jax.make_jaxpr(forward)(variables, x).jaxpr)
+    compiled = {"xla": jax.jit(forward).lower(variables, x).compile()}
+  if onednn.available():
+    compiled["onednn"] = jax.jit(forward).lower(variables, x).compile()
+  return counts, {k: functools.partial(f, variables, x) for k, f in compiled.items()}
 
 
 def flops(s: Shape) -> float:
@@ -222,15 +234,15 @@ def main() -> int:
 
   per_model, timed = {}, {}
   for name in names:
-    counts, forward, variables, x = model_convs(name, args.batch)
+    counts, forwards = model_convs(name, args.batch)
     for s in counts:
       if s not in timed:
         timed[s] = time_shape(s, args.rounds, with_torch)
         print(f"  {name}: {_shape_text(s)}: " + ", ".join(
             f"{k} {kernel_flops(s, k) / v / 1e9:.0f}" for k, v in timed[s].items())
             + " GFLOP/s", file=sys.stderr)
-    model_forward = (lambda: forward(variables, x), jax.block_until_ready)
-    per_model[name] = (counts, time_kernels({"forward": model_forward}, args.rounds)["forward"])
+    per_model[name] = (counts, time_kernels(
+        {k: (f, jax.block_until_ready) for k, f in forwards.items()}, args.rounds))
 
   rows = []
   for name, (counts, forward_seconds) in per_model.items():
@@ -245,7 +257,7 @@ def main() -> int:
     rows.append({"model": name, "shape": "all convolutions", "count": sum(counts.values()),
                  "gflop": sum(c * flops(s) for s, c in counts.items()) / 1e9,
                  **{f"{k}_seconds": v for k, v in total.items()},
-                 "xla_model_forward_seconds": forward_seconds})
+                 **{f"{k}_model_forward_seconds": v for k, v in forward_seconds.items()}})
   if args.json:
     print(json.dumps(rows, indent=1))
     return 0
@@ -262,14 +274,16 @@ def main() -> int:
     print(f"| {r['model']} | {r['shape']} | {r['count']} | {r['gflop']:.2f} | " + " | ".join(
         f"{r[k + '_gflop_per_s']:.0f}" for k in kernels) + " |")
   print(f"\nMilliseconds summed over each model's convolutions, batch {args.batch}\n")
-  print("| model | convolutions | GFLOP | " + " | ".join(kernels)
-        + " | XLA model forward |")
-  print("|---|---|---|" + "---|" * (len(kernels) + 1))
+  forwards = [k for k in ("xla", "onednn") if f"{k}_model_forward_seconds" in rows[-1]]
+  print("| model | convolutions | GFLOP | " + " | ".join(kernels) + " | " + " | ".join(
+      f"model forward, {'XLA' if k == 'xla' else 'oneDNN'} convolutions" for k in forwards)
+      + " |")
+  print("|---|---|---|" + "---|" * (len(kernels) + len(forwards)))
   for r in rows:
     if r["shape"] == "all convolutions":
       print(f"| {r['model']} | {r['count']} | {r['gflop']:.1f} | " + " | ".join(
-          f"{r[k + '_seconds'] * 1e3:.0f}" for k in kernels)
-          + f" | {r['xla_model_forward_seconds'] * 1e3:.0f} |")
+          f"{r[k + '_seconds'] * 1e3:.0f}" for k in kernels) + " | " + " | ".join(
+          f"{r[k + '_model_forward_seconds'] * 1e3:.0f}" for k in forwards) + " |")
   return 0
 
 

@@ -376,7 +376,11 @@ def _conditionals(fn, *args) -> int:
   return jax.jit(fn).lower(*args).as_text().count("stablehlo.case")
 
 
-def test_relu_output_is_materialised_only_when_differentiated_on_the_taps_path():
+def test_relu_output_is_materialised_only_when_differentiated_on_the_taps_path(
+    monkeypatch):
+  # Only for XLA's convolutions (their kernel gradients read transposed copies).
+  with_onednn = layers.onednn.available()
+  monkeypatch.setattr(layers.onednn, "available", lambda: False)
   x = jnp.asarray([[[[-2.0, 0.0, 3.0]], [[1.5, -0.5, 0.0]]]])  # [1, 2, 1, 3]
   weights = jnp.asarray([[[[1.0, 2.0, 3.0]], [[4.0, 5.0, 6.0]]]])
   loss = lambda x: jnp.sum(layers.relu(x) * weights)
@@ -403,3 +407,7 @@ def test_relu_output_is_materialised_only_when_differentiated_on_the_taps_path()
 
   # resnet8: 7 conv-BN-ReLU / block outputs (stem, 3 blocks x 2).
   assert _conditionals(jax.grad(train_loss), variables["params"]) == 7
+  # With oneDNN's convolutions, which read the NHWC input itself, the ReLU stays plain.
+  monkeypatch.undo()
+  if with_onednn:
+    assert _conditionals(jax.grad(train_loss), variables["params"]) == 0
