@@ -4,9 +4,11 @@
 // Primitives are made once per geometry (oneDNN picks its own kernel layout; the
 // kernel is reordered into it on each call, which costs a kernel-sized copy).
 #include <array>
+#include <exception>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <string>
 #include "xla/ffi/api/ffi.h"
 #include "oneapi/dnnl/dnnl.hpp"
 
@@ -88,7 +90,7 @@ template <typename T> T* Ptr(const T* p) { return const_cast<T*>(p); }
   .Attr<int64_t>("pw0").Attr<int64_t>("pw1")
 using F32 = ffi::Buffer<ffi::F32>;
 
-static ffi::Error Forward(F32 x, F32 w, ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw,
+static ffi::Error ForwardImpl(F32 x, F32 w, ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw,
                           int64_t ph0, int64_t ph1, int64_t pw0, int64_t pw1) {
   auto g = Make(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, ph0, ph1, pw0, pw1);
   std::lock_guard<std::mutex> lock(mu);
@@ -102,7 +104,7 @@ static ffi::Error Forward(F32 x, F32 w, ffi::ResultBuffer<ffi::F32> y, int64_t s
   return ffi::Error::Success();
 }
 
-static ffi::Error BackwardData(F32 dy, F32 w, ffi::ResultBuffer<ffi::F32> dx, int64_t sh,
+static ffi::Error BackwardDataImpl(F32 dy, F32 w, ffi::ResultBuffer<ffi::F32> dx, int64_t sh,
                                int64_t sw, int64_t ph0, int64_t ph1, int64_t pw0, int64_t pw1) {
   auto g = Make(dx->dimensions(), w.dimensions(), dy.dimensions(), sh, sw, ph0, ph1, pw0, pw1);
   std::lock_guard<std::mutex> lock(mu);
@@ -116,7 +118,7 @@ static ffi::Error BackwardData(F32 dy, F32 w, ffi::ResultBuffer<ffi::F32> dx, in
   return ffi::Error::Success();
 }
 
-static ffi::Error BackwardWeights(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32> dw, int64_t sh,
+static ffi::Error BackwardWeightsImpl(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32> dw, int64_t sh,
                                   int64_t sw, int64_t ph0, int64_t ph1, int64_t pw0, int64_t pw1) {
   auto g = Make(x.dimensions(), dw->dimensions(), dy.dimensions(), sh, sw, ph0, ph1, pw0, pw1);
   std::lock_guard<std::mutex> lock(mu);
@@ -130,6 +132,32 @@ static ffi::Error BackwardWeights(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32> dw,
   if (!direct) dnnl::reorder(p.bwd_wei_out, user).execute(s, p.bwd_wei_out, user);
   s.wait();
   return ffi::Error::Success();
+}
+
+// oneDNN reports failures as exceptions, which must not cross into XLA.
+template <typename Fn, typename... Args>
+static ffi::Error Guarded(Fn fn, Args... args) {
+  try {
+    return fn(args...);
+  } catch (const std::exception& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN: ") + e.what());
+  }
+}
+
+static ffi::Error Forward(F32 x, F32 w, ffi::ResultBuffer<ffi::F32> y, int64_t sh,
+                          int64_t sw, int64_t ph0, int64_t ph1, int64_t pw0, int64_t pw1) {
+  return Guarded(ForwardImpl, x, w, y, sh, sw, ph0, ph1, pw0, pw1);
+}
+
+static ffi::Error BackwardData(F32 dy, F32 w, ffi::ResultBuffer<ffi::F32> dx, int64_t sh,
+                               int64_t sw, int64_t ph0, int64_t ph1, int64_t pw0, int64_t pw1) {
+  return Guarded(BackwardDataImpl, dy, w, dx, sh, sw, ph0, ph1, pw0, pw1);
+}
+
+static ffi::Error BackwardWeights(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32> dw, int64_t sh,
+                                  int64_t sw, int64_t ph0, int64_t ph1, int64_t pw0,
+                                  int64_t pw1) {
+  return Guarded(BackwardWeightsImpl, x, dy, dw, sh, sw, ph0, ph1, pw0, pw1);
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KdConvForward, Forward,
