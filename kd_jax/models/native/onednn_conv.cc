@@ -90,74 +90,67 @@ template <typename T> T* Ptr(const T* p) { return const_cast<T*>(p); }
   .Attr<int64_t>("pw0").Attr<int64_t>("pw1")
 using F32 = ffi::Buffer<ffi::F32>;
 
-static ffi::Error ForwardImpl(F32 x, F32 w, ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw,
-                          int64_t ph0, int64_t ph1, int64_t pw0, int64_t pw1) {
-  auto g = Make(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, ph0, ph1, pw0, pw1);
-  std::lock_guard<std::mutex> lock(mu);
-  Prims& p = Get(g);
-  dnnl::stream s(Engine());
-  auto wei = Into(s, dnnl::memory(UserWei(g.wei), Engine(), Ptr(w.typed_data())), p.fwd_wei);
-  p.fwd.execute(s, {{DNNL_ARG_SRC, dnnl::memory(Act(g.src), Engine(), Ptr(x.typed_data()))},
-                    {DNNL_ARG_WEIGHTS, wei},
-                    {DNNL_ARG_DST, dnnl::memory(Act(g.dst), Engine(), y->typed_data())}});
-  s.wait();
-  return ffi::Error::Success();
-}
-
-static ffi::Error BackwardDataImpl(F32 dy, F32 w, ffi::ResultBuffer<ffi::F32> dx, int64_t sh,
-                               int64_t sw, int64_t ph0, int64_t ph1, int64_t pw0, int64_t pw1) {
-  auto g = Make(dx->dimensions(), w.dimensions(), dy.dimensions(), sh, sw, ph0, ph1, pw0, pw1);
-  std::lock_guard<std::mutex> lock(mu);
-  Prims& p = Get(g);
-  dnnl::stream s(Engine());
-  auto wei = Into(s, dnnl::memory(UserWei(g.wei), Engine(), Ptr(w.typed_data())), p.bwd_data_wei);
-  p.bwd_data.execute(s, {{DNNL_ARG_DIFF_DST, dnnl::memory(Act(g.dst), Engine(), Ptr(dy.typed_data()))},
-                         {DNNL_ARG_WEIGHTS, wei},
-                         {DNNL_ARG_DIFF_SRC, dnnl::memory(Act(g.src), Engine(), dx->typed_data())}});
-  s.wait();
-  return ffi::Error::Success();
-}
-
-static ffi::Error BackwardWeightsImpl(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32> dw, int64_t sh,
-                                  int64_t sw, int64_t ph0, int64_t ph1, int64_t pw0, int64_t pw1) {
-  auto g = Make(x.dimensions(), dw->dimensions(), dy.dimensions(), sh, sw, ph0, ph1, pw0, pw1);
-  std::lock_guard<std::mutex> lock(mu);
-  Prims& p = Get(g);
-  dnnl::stream s(Engine());
-  dnnl::memory user(UserWei(g.wei), Engine(), dw->typed_data());
-  bool direct = p.bwd_wei_out.get_desc() == user.get_desc();
-  p.bwd_wei.execute(s, {{DNNL_ARG_SRC, dnnl::memory(Act(g.src), Engine(), Ptr(x.typed_data()))},
-                        {DNNL_ARG_DIFF_DST, dnnl::memory(Act(g.dst), Engine(), Ptr(dy.typed_data()))},
-                        {DNNL_ARG_DIFF_WEIGHTS, direct ? user : p.bwd_wei_out}});
-  if (!direct) dnnl::reorder(p.bwd_wei_out, user).execute(s, p.bwd_wei_out, user);
-  s.wait();
-  return ffi::Error::Success();
-}
+using Result = ffi::ResultBuffer<ffi::F32>;
 
 // oneDNN reports failures as exceptions, which must not cross into XLA.
-template <typename Fn, typename... Args>
-static ffi::Error Guarded(Fn fn, Args... args) {
+template <typename Body>
+static ffi::Error Guarded(Body body) {
   try {
-    return fn(args...);
+    body();
+    return ffi::Error::Success();
   } catch (const std::exception& e) {
     return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN: ") + e.what());
   }
 }
 
-static ffi::Error Forward(F32 x, F32 w, ffi::ResultBuffer<ffi::F32> y, int64_t sh,
-                          int64_t sw, int64_t ph0, int64_t ph1, int64_t pw0, int64_t pw1) {
-  return Guarded(ForwardImpl, x, w, y, sh, sw, ph0, ph1, pw0, pw1);
+// The forward (x -> y) and the input gradient (dy -> dx): activations and the kernel in,
+// activations out, the kernel reordered into the primitive's own layout.
+template <typename Primitive>
+static ffi::Error WithKernel(const Geometry& g, Primitive Prims::*primitive,
+                             dnnl::memory Prims::*kernel_layout, F32 kernel, int in_arg,
+                             const dnnl::memory::dims& in_dims, const float* in,
+                             int out_arg, const dnnl::memory::dims& out_dims, float* out) {
+  return Guarded([&] {
+    std::lock_guard<std::mutex> lock(mu);
+    Prims& p = Get(g);
+    dnnl::stream s(Engine());
+    dnnl::memory user(UserWei(g.wei), Engine(), Ptr(kernel.typed_data()));
+    (p.*primitive).execute(s, {{in_arg, dnnl::memory(Act(in_dims), Engine(), Ptr(in))},
+                               {DNNL_ARG_WEIGHTS, Into(s, user, p.*kernel_layout)},
+                               {out_arg, dnnl::memory(Act(out_dims), Engine(), out)}});
+    s.wait();
+  });
 }
 
-static ffi::Error BackwardData(F32 dy, F32 w, ffi::ResultBuffer<ffi::F32> dx, int64_t sh,
-                               int64_t sw, int64_t ph0, int64_t ph1, int64_t pw0, int64_t pw1) {
-  return Guarded(BackwardDataImpl, dy, w, dx, sh, sw, ph0, ph1, pw0, pw1);
+static ffi::Error Forward(F32 x, F32 w, Result y, int64_t sh, int64_t sw, int64_t ph0,
+                          int64_t ph1, int64_t pw0, int64_t pw1) {
+  auto g = Make(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, ph0, ph1, pw0, pw1);
+  return WithKernel(g, &Prims::fwd, &Prims::fwd_wei, w, DNNL_ARG_SRC, g.src,
+                    x.typed_data(), DNNL_ARG_DST, g.dst, y->typed_data());
 }
 
-static ffi::Error BackwardWeights(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32> dw, int64_t sh,
-                                  int64_t sw, int64_t ph0, int64_t ph1, int64_t pw0,
-                                  int64_t pw1) {
-  return Guarded(BackwardWeightsImpl, x, dy, dw, sh, sw, ph0, ph1, pw0, pw1);
+static ffi::Error BackwardData(F32 dy, F32 w, Result dx, int64_t sh, int64_t sw,
+                               int64_t ph0, int64_t ph1, int64_t pw0, int64_t pw1) {
+  auto g = Make(dx->dimensions(), w.dimensions(), dy.dimensions(), sh, sw, ph0, ph1, pw0, pw1);
+  return WithKernel(g, &Prims::bwd_data, &Prims::bwd_data_wei, w, DNNL_ARG_DIFF_DST, g.dst,
+                    dy.typed_data(), DNNL_ARG_DIFF_SRC, g.src, dx->typed_data());
+}
+
+static ffi::Error BackwardWeights(F32 x, F32 dy, Result dw, int64_t sh, int64_t sw,
+                                  int64_t ph0, int64_t ph1, int64_t pw0, int64_t pw1) {
+  auto g = Make(x.dimensions(), dw->dimensions(), dy.dimensions(), sh, sw, ph0, ph1, pw0, pw1);
+  return Guarded([&] {
+    std::lock_guard<std::mutex> lock(mu);
+    Prims& p = Get(g);
+    dnnl::stream s(Engine());
+    dnnl::memory user(UserWei(g.wei), Engine(), dw->typed_data());
+    bool direct = p.bwd_wei_out.get_desc() == user.get_desc();
+    p.bwd_wei.execute(s, {{DNNL_ARG_SRC, dnnl::memory(Act(g.src), Engine(), Ptr(x.typed_data()))},
+                          {DNNL_ARG_DIFF_DST, dnnl::memory(Act(g.dst), Engine(), Ptr(dy.typed_data()))},
+                          {DNNL_ARG_DIFF_WEIGHTS, direct ? user : p.bwd_wei_out}});
+    if (!direct) dnnl::reorder(p.bwd_wei_out, user).execute(s, p.bwd_wei_out, user);
+    s.wait();
+  });
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KdConvForward, Forward,
