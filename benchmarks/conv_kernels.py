@@ -8,7 +8,7 @@ CPU. It traces each model's inference forward at CIFAR shape, collects its dense
   call on every path), forward and backward (input and kernel gradients in one
   program);
 - PyTorch's `conv2d` on the same shape in channels-last, forward and backward
-  (`convolution_backward`), where torch is importable: its CPU kernels are oneDNN's;
+  (`convolution_backward`), where torch is importable;
 - an XLA matmul with the convolution's FLOPs (the im2col product
   [B·H'·W', kh·kw·C] × [kh·kw·C, O]): what XLA's dense kernels reach on this machine
   when the convolution's data movement is left out.
@@ -16,9 +16,8 @@ CPU. It traces each model's inference forward at CIFAR shape, collects its dense
 GFLOP/s count a backward as twice the forward's FLOPs (the input and the kernel
 gradients each cost one forward). Per model it then sums each kernel's time over the
 model's convolutions and sets that beside the measured forward of the whole model (the
-zoo's CPU path, with XLA's convolutions and, where `kd_jax.models.onednn` is available,
-with oneDNN's), so the share of the convolutions and what a faster kernel gives can be
-read off.
+zoo's CPU path), so the share of the convolutions and what a faster kernel would give
+can be read off.
 
   python benchmarks/conv_kernels.py                       # the step benchmark's six models
   python benchmarks/conv_kernels.py --models resnet32x4 --batch 128 --json
@@ -43,7 +42,6 @@ import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
 from kd_jax import models  # noqa: E402
-from kd_jax.models import onednn  # noqa: E402
 
 MODELS = "resnet32x4,resnet8x4,wrn_40_2,wrn_16_2,vgg13,MobileNetV2"
 IMAGE = (32, 32, 3)
@@ -76,20 +74,16 @@ def conv_shapes(jaxpr) -> collections.Counter:
 
 
 def model_convs(name: str, batch: int):
-  """(convolution shape counts, compiled forwards by convolution kernel) of a model.
+  """(convolution shape counts, {"xla": the compiled forward}) of a model.
 
-  The forwards are the zoo's CPU path with XLA's convolutions and, where
-  `onednn.available()`, with oneDNN's; each takes no arguments.
+  The forward is the zoo's CPU path (`cpu_ops=True`) and takes no arguments.
   """
-  model = models.create(name, NUM_CLASSES)
+  model = models.create(name, NUM_CLASSES, cpu_ops=True)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, *IMAGE)), jnp.float32)
   variables = jax.jit(lambda k: model.init(k, x[:1], train=False))(jax.random.key(0))
   forward = lambda v, x: model.apply(v, x, train=False)[0]  # noqa: E731
-  with onednn.disabled():
-    counts = conv_shapes(jax.make_jaxpr(forward)(variables, x).jaxpr)
-    compiled = {"xla": jax.jit(forward).lower(variables, x).compile()}
-  if onednn.available():
-    compiled["onednn"] = jax.jit(forward).lower(variables, x).compile()
+  counts = conv_shapes(jax.make_jaxpr(forward)(variables, x).jaxpr)
+  compiled = {"xla": jax.jit(forward).lower(variables, x).compile()}
   return counts, {k: functools.partial(f, variables, x) for k, f in compiled.items()}
 
 
@@ -274,10 +268,8 @@ def main() -> int:
     print(f"| {r['model']} | {r['shape']} | {r['count']} | {r['gflop']:.2f} | " + " | ".join(
         f"{r[k + '_gflop_per_s']:.0f}" for k in kernels) + " |")
   print(f"\nMilliseconds summed over each model's convolutions, batch {args.batch}\n")
-  forwards = [k for k in ("xla", "onednn") if f"{k}_model_forward_seconds" in rows[-1]]
-  print("| model | convolutions | GFLOP | " + " | ".join(kernels) + " | " + " | ".join(
-      f"model forward, {'XLA' if k == 'xla' else 'oneDNN'} convolutions" for k in forwards)
-      + " |")
+  forwards = ["xla"]
+  print("| model | convolutions | GFLOP | " + " | ".join(kernels) + " | model forward |")
   print("|---|---|---|" + "---|" * (len(kernels) + len(forwards)))
   for r in rows:
     if r["shape"] == "all convolutions":

@@ -40,7 +40,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from kd_jax import models, objective, parallel, train  # noqa: E402
-from kd_jax.models import layers, onednn  # noqa: E402
+from kd_jax import machine  # noqa: E402
 
 PAIRS = "resnet32x4:resnet8x4,wrn_40_2:wrn_16_2,vgg13:MobileNetV2"
 IMAGE = (32, 32, 3)
@@ -76,25 +76,23 @@ QUICK_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensiv
 def _step_flops(make_step, mesh, args) -> float:
   """FLOPs of one step: the per-device program before backend passes, times devices.
 
-  Counted on the step traced with the zoo's `lax` ops: XLA's cost analysis does not see
-  inside library calls (oneDNN's convolutions on the CPU path, cuDNN's in a compiled GPU
-  program), and the arithmetic is the same. Some GPU builds give no analysis before
-  compilation either; the count does not depend on the backend, so the step is then
-  lowered for the host CPU.
+  `make_step(mesh)` builds the step of the `models.portable` models (the `lax` ops, so
+  that a depthwise convolution counts as one). Some GPU builds give no analysis before
+  compilation; the count does not depend on the backend, so the step is then lowered
+  for the host CPU.
   """
-  with layers.implementation("lax"):
-    cost = make_step(mesh).lower(*args).cost_analysis()
-    if not cost or "flops" not in cost:
-      cpus = jax.devices("cpu")
-      if len(cpus) < mesh.size:
-        return float("nan")
-      cpu_mesh = jax.sharding.Mesh(np.array(cpus[:mesh.size]).reshape(mesh.devices.shape),
-                                   mesh.axis_names)
-      def on_cpu(a):
-        spec = getattr(a.sharding, "spec", jax.sharding.PartitionSpec())
-        return jax.ShapeDtypeStruct(a.shape, a.dtype,
-                                    sharding=jax.sharding.NamedSharding(cpu_mesh, spec))
-      cost = make_step(cpu_mesh).lower(*jax.tree.map(on_cpu, args)).cost_analysis() or {}
+  cost = make_step(mesh).lower(*args).cost_analysis()
+  if not cost or "flops" not in cost:
+    cpus = jax.devices("cpu")
+    if len(cpus) < mesh.size:
+      return float("nan")
+    cpu_mesh = jax.sharding.Mesh(np.array(cpus[:mesh.size]).reshape(mesh.devices.shape),
+                                 mesh.axis_names)
+    def on_cpu(a):
+      spec = getattr(a.sharding, "spec", jax.sharding.PartitionSpec())
+      return jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                  sharding=jax.sharding.NamedSharding(cpu_mesh, spec))
+    cost = make_step(cpu_mesh).lower(*jax.tree.map(on_cpu, args)).cost_analysis() or {}
   return cost.get("flops", float("nan")) * mesh.size
 
 
@@ -143,8 +141,10 @@ class JaxPair:
         student_seconds = time.perf_counter() - t0
       else:
         self.compile_seconds = time.perf_counter() - t0
-        self.flops = _step_flops(make_step, mesh, (
-            self.states[name], self.t_vars, self.batch, self.rng))
+        self.flops = _step_flops(functools.partial(
+            train.make_train_step, models.portable(student), models.portable(teacher),
+            obj, opt, teacher_bf16=bf16_teacher), mesh, (
+                self.states[name], self.t_vars, self.batch, self.rng))
     _progress(f"{teacher_name} -> {student_name}, batch {batch}: initialised and "
               f"compiled in {time.perf_counter() - start:.0f} s (init "
               f"{init_seconds:.0f} s, student step {student_seconds:.0f} s, "
@@ -420,11 +420,9 @@ def main(argv=None):
   if args.torch:
     import torch
     print(f"(PyTorch {torch.__version__}, JAX {jax.__version__})")
-  convolutions = ("; dense convolutions: " + ("oneDNN" if onednn.available() else "XLA's")
-                  if jax.default_backend() == "cpu" else "")
   print(f"(device: {jax.devices()[0].device_kind}, {jax.device_count()} device(s); "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; teacher forward in {teacher_dtype}"
-        f"{convolutions})")
+        f"host: {machine.describe()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
+        f"teacher forward in {teacher_dtype})")
 
 
 if __name__ == "__main__":

@@ -78,6 +78,8 @@ def _run(command: str, argv: list[str]) -> None:
                        flag_values=fv)
   flags.DEFINE_bool("robustness", False, "evaluate: also accuracy under every edge "
                     "corruption at 5 severities", flag_values=fv)
+  argv = [f"--config={configs.resolve_config_path(a[len('--config='):])}"
+          if a.startswith("--config=") else a for a in argv]
   try:
     # Defining the flag reads argv to register the --config.* overrides.
     default = (os.path.join(configs.EXPERIMENTS_DIR, "profile_cifar.py")

@@ -8,21 +8,24 @@ from typing import Any
 
 import ml_collections
 
-
-
-def _experiments_dir() -> str:
-  """`experiments/` of a source checkout, or its copy installed as kd_jax/experiments."""
-  here = os.path.dirname(os.path.abspath(__file__))
-  for candidate in (os.path.join(here, "experiments"),
-                    os.path.join(os.path.dirname(here), "experiments")):
-    if os.path.isfile(os.path.join(candidate, "digits.py")):
-      return candidate
-  raise FileNotFoundError("the experiments folder is missing from this installation; "
-                          "reinstall kd_jax")
-
-
-EXPERIMENTS_DIR = _experiments_dir()
+# The experiment configs ship inside the package (`kd_jax.experiments`), so editable,
+# wheel and sdist installs find them alike.
+EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "experiments")
 DEFAULT_CONFIG = os.path.join(EXPERIMENTS_DIR, "digits.py")
+
+
+def resolve_config_path(path: str) -> str:
+  """A `--config` file path, with `experiments/NAME.py` meaning the packaged config.
+
+  A path that exists (relative to the working directory, or absolute) is returned as it
+  is, so a user's own `experiments/` folder wins; otherwise `experiments/NAME.py[:v]`
+  (the form every command in the docs uses) names `kd_jax/experiments/NAME.py[:v]`.
+  """
+  file, colon, variant = path.partition(":")
+  head, name = os.path.split(os.path.normpath(file))
+  if os.path.exists(file) or head != "experiments":
+    return path
+  return os.path.join(EXPERIMENTS_DIR, name) + colon + variant
 
 
 def experiment_config(name: str, variant: str = "") -> ml_collections.ConfigDict:

@@ -79,16 +79,10 @@ def _example_shape(input_shape, batch_size):
   return (None if batch_size is None else int(batch_size)), tuple(int(d) for d in input_shape)
 
 
-def _with_lax_window_ops(fn):
-  """`fn`, traced with lax window ops (TFLite DEPTHWISE_CONV_2D, MAX_POOL_2D)."""
-  @functools.wraps(fn)
-  def traced(*args):
-    with zoo_layers.implementation("lax"):
-      return fn(*args)
-  return traced
-
-
 def _logits_fn(model, variables):
+  """Inference logits of `model`, traced with the ``lax`` ops (`models.portable`):
+  TFLite gets DEPTHWISE_CONV_2D and MAX_POOL_2D."""
+  model = zoo_layers.portable(model)
   return lambda images: model.apply(variables, images, train=False)[0]
 
 
@@ -159,7 +153,6 @@ def function_to_tflite(fn, input_shape, quantization="fp32", representative_imag
 
   tf = _tensorflow()
   from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
-  fn = _with_lax_window_ops(fn)
 
   polymorphic = None if batch_size else [f"(b, {', '.join(map(str, example_shape))})"]
   serving_fn = tf.function(

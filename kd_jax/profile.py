@@ -48,7 +48,6 @@ from kd_jax import checkpoint as ckpt_lib
 from kd_jax import export as export_lib
 from kd_jax import models
 from kd_jax.edge import cost
-from kd_jax.models import layers
 
 RULES = ("best_accuracy_under_latency", "fastest_above_accuracy")
 
@@ -137,12 +136,11 @@ def _forward(model):
 def compiled_costs(model, variables: Any, input_shape: Sequence[int]) -> dict[str, float]:
   """MACs (flops / 2) and peak activation bytes of the compiled batch-1 forward pass.
 
-  Traced with the `lax` window ops, so that a depthwise convolution is costed as one
-  (as on accelerators and in TFLite), whatever the backend; see
-  `kd_jax.models.layers.implementation`.
+  Traced with the `lax` ops (`kd_jax.models.portable`), so that a depthwise
+  convolution is costed as one (as on accelerators and in TFLite), whatever the backend.
   """
-  with layers.implementation("lax"):
-    compiled = _forward(model).lower(variables, jnp.zeros((1, *input_shape))).compile()
+  compiled = _forward(models.portable(model)).lower(
+      variables, jnp.zeros((1, *input_shape))).compile()
   memory = compiled.memory_analysis()
   return {"macs": compiled.cost_analysis()["flops"] / 2,
           "peak_activation_bytes": memory.temp_size_in_bytes + memory.output_size_in_bytes}

@@ -1,8 +1,10 @@
 """Process-wide runtime settings that must be made before JAX initialises.
 
 XLA reads `XLA_FLAGS` once, when JAX starts its backends, and glibc's allocator options
-are best set before threads start, so `kd-jax`, the tests and the benchmarks call
-`configure()` before importing anything that starts JAX.
+are best set before threads start. Only the `kd-jax` command (`kd_jax.cli`) and the
+scripts under `benchmarks/` call `configure()`; importing kd_jax changes nothing in the
+host process, so a notebook or another program keeps its own settings (it may call
+`configure()` itself, first thing).
 """
 from __future__ import annotations
 
@@ -10,20 +12,12 @@ import ctypes
 import os
 import sys
 
-# XLA:CPU sends convolutions through YNNPACK fusions by default. For training they were
-# measured about 2x slower than XLA's own (Eigen) convolutions on a 2-core AVX-512 CPU
-# (resnet32x4 -> resnet8x4 KD step, batch 64: 14-19 images/s against 33-35), mostly in
-# the weight-gradient convolutions; keeping convolutions out of YNNPACK is the default.
-# Also measured for that step and left off (no gain beyond the noise of a shared
-# machine): YNNPACK/XNNPACK matmuls (`individual_dot`, only the classifier uses them),
-# 512-bit vectors, fast math, oneDNN (`xla_cpu_use_onednn`: it leaves convolutions
-# alone in this jaxlib) and two CPU devices for data parallelism over the two cores.
-# YNNPACK's reduce and element-wise fusions stay on: taking them off (`-reduce,-eltwise`)
-# took a vgg13 forward from 157 to 305-326 images/s but cost the resnet8x4 student step
-# ~20%. The VGG gain came from one library fusion swallowing the whole network around
-# its max pools, which the zoo now traces as element-wise maxima on the CPU instead
-# (`kd_jax.models.layers.implementation`). `python benchmarks/step_throughput.py`
-# measures the current choice.
+# XLA:CPU sends convolutions through YNNPACK fusions by default; for training steps they
+# were slower than XLA's own convolutions, mostly in the weight-gradient convolutions.
+# The flag is plain XLA and valid on every CPU (x86 with or without AVX-512, ARM).
+# `benchmarks/results/xla_flags.md` compares it with XLA's default on AVX-512 and AVX2:
+# `python benchmarks/step_throughput.py` runs with it, and with
+# `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=+individual_convolution` without.
 CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",)
 
 
@@ -41,15 +35,12 @@ def configure_xla_flags() -> None:
   os.environ["XLA_FLAGS"] = flags
 
 
-# XLA:CPU allocates each execution's temporary buffer (179 MiB for the vgg13 ->
-# MobileNetV2 KD step at batch 64) with malloc from its worker threads. glibc serves
-# such a request with a fresh mmap and returns it with munmap, so every step paid
-# ~46,700 page faults to touch the memory again. With one arena, no mmap and no
-# trimming, freed buffers stay in the process heap and the next step reuses them:
-# measured in alternating processes, the KD step went from 157-177 to 176-206 images/s
-# and the MobileNetV2 student step from 379-427 to 508-621 (resnet32x4 -> resnet8x4:
-# 40.6 -> 44.1, student 87 -> 107). The process keeps its peak heap instead of
-# returning it to the system between steps.
+# XLA:CPU allocates each execution's temporary buffer (a KD step's is hundreds of MiB)
+# with malloc from its worker threads. glibc serves such a request with a fresh mmap and
+# returns it with munmap, so every step pays a page fault per 4 KiB to touch the memory
+# again. With one arena, no mmap and no trimming, freed buffers stay in the process heap
+# and the next step reuses them (tests/test_perf_options.py counts the page faults). The
+# process keeps its peak heap instead of returning it to the system between steps.
 _MALLOC_ENV = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 

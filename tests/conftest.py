@@ -5,9 +5,9 @@ os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=4"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-from kd_jax import runtime  # noqa: E402  (the CPU XLA flags kd-jax itself runs with)
+from kd_jax import runtime  # noqa: E402
 
-runtime.configure()
+runtime.configure_xla_flags()  # the XLA flags the kd-jax command runs with
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 import jax  # noqa: E402

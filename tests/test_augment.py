@@ -202,8 +202,7 @@ def test_other_channel_counts_are_refused():
 
 @pytest.mark.parametrize("variant", ["", "tiny"])
 def test_digits_robust_config_validates(variant):
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                      "experiments", "digits_robust.py")
+  path = os.path.join(configs.EXPERIMENTS_DIR, "digits_robust.py")
   spec = importlib.util.spec_from_file_location("digits_robust", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

@@ -9,8 +9,7 @@ import pytest
 
 from kd_jax import configs, models, objective
 
-EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "experiments")
+EXPERIMENTS = configs.EXPERIMENTS_DIR
 
 
 def _load(name, variant=""):

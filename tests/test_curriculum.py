@@ -303,7 +303,7 @@ def _kd_jax(*args):
 
 
 def _distill(workdir):
-  _kd_jax("distill", f"--config={os.path.join(ROOT, 'experiments/digits.py:tiny')}",
+  _kd_jax("distill", f"--config={os.path.join(ROOT, 'kd_jax/experiments/digits.py:tiny')}",
           f"--workdir={workdir}", *FLAGS)
   with open(os.path.join(workdir, "summary.json")) as f:
     return json.load(f)

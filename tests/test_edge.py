@@ -11,7 +11,7 @@ from kd_jax import cli, export, models
 from kd_jax.edge import cost, phases
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "experiments", "digits_edge.py") + ":tiny"
+TINY = os.path.join(ROOT, "kd_jax", "experiments", "digits_edge.py") + ":tiny"
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import pytest
 from kd_jax import configs, data, models, objective as objective_lib, parallel, train
 from kd_jax import runtime, teacher_cache
 from kd_jax.experiments import digits
-from kd_jax.models import layers
 
 INPUT = (8, 8, 1)
 NUM_CLASSES = 10
@@ -67,7 +66,7 @@ def test_bf16_teacher_forward_is_close_to_float32():
   np.testing.assert_array_equal(metrics[True]["ce"], metrics[False]["ce"])
 
 
-def test_cached_logits_step_equals_teacher_step_exactly():
+def test_cached_logits_step_equals_teacher_step():
   mesh, student, teacher, t_vars, objective, optimizer, state = _setup()
   data_config = _unaugmented_digits()
   batch_size = 32
@@ -90,9 +89,26 @@ def test_cached_logits_step_equals_teacher_step_exactly():
 
   cached_state, cached_history = run(cached=True)
   teacher_state, teacher_history = run(cached=False)
-  chex.assert_trees_all_equal(cached_state.params, teacher_state.params)
-  chex.assert_trees_all_equal(cached_state.batch_stats, teacher_state.batch_stats)
-  chex.assert_trees_all_equal(cached_history, teacher_history)
+  # The cached logits come from a separately compiled teacher forward, so they may
+  # differ from the step's own teacher forward in the last bit (XLA may fuse and vector-
+  # ize the two programs differently, e.g. with or without AVX-512); four SGD steps
+  # carry such float32 rounding (~1e-7 relative) forward without growing it past 1e-5.
+  chex.assert_trees_all_close(cached_state.params, teacher_state.params,
+                              rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(cached_state.batch_stats, teacher_state.batch_stats,
+                              rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(cached_history, teacher_history, rtol=1e-5, atol=1e-6)
+  # Not the same run by accident: the teacher matters (logits of another teacher
+  # change the result far beyond that tolerance).
+  other = teacher_cache.attach(data.train_iterator(data_config, global_batch_size=32,
+                                                   seed=0), logits * 0.5)
+  step_fn = train.make_train_step(student, teacher, objective, optimizer, mesh)
+  st = parallel.replicate(state, mesh)
+  for i, batch in zip(range(4), parallel.prefetch_to_device(other, mesh)):
+    st, _ = step_fn(st, {}, batch, train.step_rng(0, i))
+  moved = jax.tree.map(lambda a, b: np.max(np.abs(np.asarray(a) - np.asarray(b))),
+                       parallel.to_host(st).params, cached_state.params)
+  assert max(jax.tree.leaves(moved)) > 1e-4
 
 
 def test_cache_refuses_augmented_data_and_feature_terms():
@@ -143,10 +159,7 @@ def test_kd_step_does_no_work_beyond_teacher_forward_and_student_step():
   rng = train.step_rng(0, 0)
 
   def flops(fn, *args):
-    # With the zoo's `lax` ops: XLA's cost analysis does not see inside the oneDNN
-    # convolutions of the CPU path, and the programs are otherwise the same.
-    with layers.implementation("lax"):
-      return fn.lower(*args).compile().cost_analysis()["flops"]
+    return fn.lower(*args).compile().cost_analysis()["flops"]
 
   ce_only = objective_lib.build({"ce_weight": 1.0}, total_steps=10, steps_per_epoch=5)
   kd = flops(train.make_train_step(student, teacher, objective, optimizer, mesh),
@@ -172,6 +185,32 @@ def test_default_cpu_flags_are_set_before_jax_and_user_flags_win(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", f"{name}=mine")
   runtime.configure_xla_flags()
   assert os.environ["XLA_FLAGS"].split() == [f"{name}=mine", *runtime.CPU_XLA_FLAGS[1:]]
+
+
+_IMPORT_EVERYTHING = """
+import os, pkgutil, importlib
+from kd_jax import runtime
+def refuse(*args, **kwargs):
+  raise AssertionError("runtime.configure* called on import")
+runtime.configure = runtime.configure_xla_flags = runtime.configure_allocator = refuse
+import kd_jax
+names = [m.name for m in pkgutil.walk_packages(kd_jax.__path__, "kd_jax.")
+         if m.name not in ("kd_jax.cli",) and ".experiments." not in m.name]
+for name in names:
+  importlib.import_module(name)
+import kd_jax.cli  # the command sets them only when it runs
+print(len(names), os.environ.get("XLA_FLAGS"))
+"""
+
+
+def test_importing_kd_jax_leaves_the_process_settings_alone():
+  # Only the kd-jax command and the benchmarks set XLA flags and the allocator.
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run([sys.executable, "-c", _IMPORT_EVERYTHING], env=env,
+                       capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-2000:]
+  count, flags = out.stdout.split()
+  assert int(count) > 30 and flags == "None"
 
 
 _REUSE_SCRIPT = """

@@ -11,7 +11,7 @@ import pytest
 from kd_jax import checkpoint, cli, models, profile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "experiments", "profile_cifar.py:tiny")
+TINY = os.path.join(ROOT, "kd_jax", "experiments", "profile_cifar.py:tiny")
 
 
 class _ConvNet(nn.Module):

@@ -57,7 +57,7 @@ def test_accumulated_update_equals_the_big_batch_update():
 def _tiny_teacher_config(**train_overrides):
   import importlib.util
   spec = importlib.util.spec_from_file_location(
-      "digits_tiny", os.path.join(ROOT, "experiments", "digits.py"))
+      "digits_tiny", os.path.join(ROOT, "kd_jax", "experiments", "digits.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   c = module.get_config("tiny")

@@ -11,7 +11,7 @@ from kd_jax import cli, configs, report
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The tiny digits run with a composite objective: KD with an annealed temperature, FitNet
 # through a conv1x1 adapter, CC through a linear adapter and attention transfer.
-TINY = os.path.join(ROOT, "experiments", "digits_features.py:tiny")
+TINY = os.path.join(ROOT, "kd_jax", "experiments", "digits_features.py:tiny")
 PLOTS = ("training_curves.png", "reliability.png", "confusion.png", "confused_examples.png",
          "embeddings_pca.png", "attention_maps.png")
 ROWS = {"teacher": "teacher", "vanilla student": "vanilla", "distilled student": "distilled"}

@@ -161,7 +161,7 @@ def test_imagenet_variants():
 
 
 def test_the_variant_passes_through_the_config_flag_whole():
-  argv = ["kd-jax", f"--config={ROOT}/experiments/cifar100_crd.py:wrn_40_2-wrn_16_2:nst:tiny"]
+  argv = ["kd-jax", f"--config={ROOT}/kd_jax/experiments/cifar100_crd.py:wrn_40_2-wrn_16_2:nst:tiny"]
   fv = flags.FlagValues()
   flag = config_flags.DEFINE_config_file("config", flag_values=fv, sys_argv=argv)
   fv(argv)

@@ -19,7 +19,7 @@ from kd_jax import configs, experiment, losses, workflows
 from kd_jax.models import create
 from kd_jax.workflows import continual, domain, heads
 
-EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments")
+EXPERIMENTS = configs.EXPERIMENTS_DIR
 IMAGE_SHAPE = (8, 8, 1)
 
 

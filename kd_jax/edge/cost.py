@@ -39,6 +39,7 @@ def macs(model: nn.Module, variables: Any, input_shape: Sequence[int]) -> int:
   Returns:
     The MACs of the convolutions and matrix products the logits depend on.
   """
+  model = zoo_layers.portable(model)  # a depthwise convolution is costed as one
   return _traced_macs(lambda v, images: model.apply(v, images, train=False)[0],
                       variables, _one_image(input_shape))
 
@@ -66,8 +67,7 @@ def _one_image(input_shape: Sequence[int]) -> jax.ShapeDtypeStruct:
 
 def _traced_macs(fn: Callable[..., Any], *args: Any) -> int:
   """MACs of ``fn(*args)``, traced (not run) on arrays or their shapes."""
-  with zoo_layers.implementation("lax"):  # depthwise convolutions stay convolutions
-    return _jaxpr_macs(jax.make_jaxpr(fn)(*args).jaxpr)
+  return _jaxpr_macs(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
 def _jaxpr_macs(jaxpr: jex_core.Jaxpr) -> int:

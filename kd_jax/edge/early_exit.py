@@ -42,6 +42,7 @@ from jax.sharding import Mesh
 from kd_jax import data as data_lib
 from kd_jax import export as export_lib
 from kd_jax import losses
+from kd_jax import models
 from kd_jax import parallel
 from kd_jax.edge import cost
 from kd_jax.models.layers import Classifier, ConvBN, global_avg_pool
@@ -97,8 +98,11 @@ def exit_function(student: nn.Module, student_variables: Any, heads: ExitHeads,
   """`images -> logits` of one exit (a tap of `heads`) or of `FINAL`, in inference mode.
 
   An exit's function depends only on the student's layers up to its tap, so tracing
-  it (for `export_exits`, `exit_macs`) keeps just that prefix and the exit's head.
+  it (for `export_exits`, `exit_macs`) keeps just that prefix and the exit's head. The
+  student is traced with the ``lax`` ops (`kd_jax.models.portable`), as exports and
+  MAC counts need.
   """
+  student = models.portable(student)
   if exit_name == FINAL:
     return lambda images: student.apply(student_variables, images, train=False)[0]
   head = heads.clone(taps=(exit_name,))

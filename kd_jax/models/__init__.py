@@ -21,15 +21,16 @@ import functools
 from typing import Callable, Dict, List
 
 import flax.linen as nn
+import jax
 
-from kd_jax.models.layers import Classifier
+from kd_jax.models.layers import Classifier, portable
 from kd_jax.models.mobilenetv2 import MobileNetV2
 from kd_jax.models.resnet import BasicBlock, Bottleneck, ResNet
 from kd_jax.models.shufflenet import ShuffleNetV1, ShuffleNetV2
 from kd_jax.models.vgg import CONFIGS as VGG_CONFIGS, VGG
 from kd_jax.models.wrn import WideResNet
 
-__all__ = ["Classifier", "available", "create"]
+__all__ = ["Classifier", "available", "create", "portable"]
 
 
 def _cifar_resnet(depth: int, stem_width: int, stage_widths) -> Callable[..., nn.Module]:
@@ -67,12 +68,16 @@ def available() -> List[str]:
   return list(_REGISTRY)
 
 
-def create(name: str, num_classes: int, **kw) -> nn.Module:
+def create(name: str, num_classes: int, *, cpu_ops: bool | None = None,
+           **kw) -> nn.Module:
   """Builds the model ``name``.
 
   Args:
     name: one of `available()`.
     num_classes: size of the logits.
+    cpu_ops: the module's ``cpu_ops`` field (`kd_jax.models.cpu_ops`); None picks
+      True when JAX's default backend is the CPU, else False. The choice is a field of
+      the returned module, so ``jit`` sees it and ``repr`` shows it.
     **kw: other fields of the module (``dtype``, ``bn_axis_name``, architecture fields).
 
   Returns:
@@ -83,4 +88,6 @@ def create(name: str, num_classes: int, **kw) -> nn.Module:
   """
   if name not in _REGISTRY:
     raise ValueError(f"unknown model {name!r}; known models: {', '.join(_REGISTRY)}")
-  return _REGISTRY[name](num_classes=num_classes, **kw)
+  if cpu_ops is None:
+    cpu_ops = jax.default_backend() == "cpu"
+  return _REGISTRY[name](num_classes=num_classes, cpu_ops=bool(cpu_ops), **kw)

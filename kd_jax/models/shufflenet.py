@@ -15,7 +15,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from kd_jax.models.layers import (Classifier, ConvBN, ModuleDef, global_avg_pool, relu,
+from kd_jax.models.layers import (Classifier, ConvBN, ModuleDef, global_avg_pool,
                                   stage_taps, torch_default_init)
 
 
@@ -55,7 +55,7 @@ class ShuffleV1Unit(nn.Module):
       preact = jnp.concatenate([out, shortcut], axis=-1)
     else:
       preact = out + x
-    return relu(preact), preact
+    return nn.relu(preact), preact
 
 
 class ShuffleNetV1(Classifier):
@@ -120,7 +120,7 @@ class ShuffleV2Unit(nn.Module):
     branch = ConvBN(half, 3, self.conv, self.norm, groups=half, relu=False,
                     name="depthwise")(branch)
     branch = ConvBN(half, 1, self.conv, self.norm, relu=False, name="expand")(branch)
-    out = jnp.concatenate([kept, relu(branch)], axis=-1)
+    out = jnp.concatenate([kept, nn.relu(branch)], axis=-1)
     return channel_shuffle(out, 2), jnp.concatenate([kept, branch], axis=-1)
 
 

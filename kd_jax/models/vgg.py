@@ -14,8 +14,8 @@ from typing import Sequence
 
 import flax.linen as nn
 
-from kd_jax.models.layers import (Classifier, ConvBN, global_avg_pool, max_pool, relu,
-                                  small_normal, stage_taps)
+from kd_jax.models.layers import (Classifier, ConvBN, global_avg_pool, small_normal,
+                                  stage_taps)
 
 # Output channels of the convs of each of the five blocks.
 CONFIGS = {
@@ -44,12 +44,12 @@ class VGG(Classifier):
     taps = {}
     for k, widths in enumerate(self.blocks):
       if k in (1, 2, 3) or (k == 4 and input_height == 64):
-        x = max_pool(x, (2, 2), (2, 2))
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
       for j, width in enumerate(widths):
         last = j == len(widths) - 1
         x = ConvBN(width, 3, conv, norm, use_bias=True, relu=not last,
                    name=f"block{k}_conv{j}")(x)
-      preact, x = x, relu(x)
+      preact, x = x, nn.relu(x)
       if k == 0:
         taps["stem"] = x
       else:

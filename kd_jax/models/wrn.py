@@ -11,7 +11,7 @@ from typing import List, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
-from kd_jax.models.layers import (Classifier, ModuleDef, conv2d, global_avg_pool, relu,
+from kd_jax.models.layers import (Classifier, ModuleDef, conv2d, global_avg_pool,
                                   stage_taps)
 from kd_jax.models.resnet import block_mid_widths
 
@@ -32,10 +32,10 @@ class PreActBlock(nn.Module):
   def __call__(self, x) -> Tuple[jnp.ndarray, jnp.ndarray]:
     """Returns ``(output, normalized_input)``: the second is ``bn1(x)`` before ReLU."""
     normalized = self.norm(name="bn1")(x)
-    act = relu(normalized)
+    act = nn.relu(normalized)
     mid_features = self.features if self.mid_features is None else self.mid_features
     out = conv2d(self.conv, mid_features, 3, self.strides, name="conv1")(act)
-    out = relu(self.norm(name="bn2")(out))
+    out = nn.relu(self.norm(name="bn2")(out))
     out = conv2d(self.conv, self.features, 3, name="conv2")(out)
     if x.shape[-1] == self.features:
       shortcut = x

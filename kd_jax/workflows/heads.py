@@ -38,6 +38,7 @@ from kd_jax import data as data_lib
 from kd_jax import experiment
 from kd_jax import export as export_lib
 from kd_jax import losses
+from kd_jax import models
 from kd_jax import objective as objective_lib
 from kd_jax.edge.early_exit import ExitHead
 from kd_jax.workflows import common
@@ -342,7 +343,7 @@ def export_heads(config: ml_collections.ConfigDict, workdir: str, model: MultiHe
   `kd_jax.export.measure` results (parity against JAX on calibration images), the
   output layout and each task's accuracy in the LiteRT interpreter.
   """
-  fn = export_function(model, variables, tasks)
+  fn = export_function(model.clone(trunk=models.portable(model.trunk)), variables, tasks)
   shape = tuple(info.image_shape)
   flatbuffer = export_lib.function_to_tflite(fn, shape)
   out_dir = os.path.join(workdir, "export")
