@@ -41,8 +41,11 @@ MODELS = "MobileNetV2,ShuffleV1,ShuffleV2,vgg13,resnet8x4"
 ALL, DEPTHWISE_ONLY = "all", "depthwise only"
 
 
+_ALL_REWRITES = cpu_ops.conv_general_dilated
+
+
 def _depthwise_only(lhs, rhs, *args, **kwargs):
-  rewrite = cpu_ops.conv_general_dilated if rhs.shape[2] == 1 else lax.conv_general_dilated
+  rewrite = _ALL_REWRITES if rhs.shape[2] == 1 else lax.conv_general_dilated
   return rewrite(lhs, rhs, *args, **kwargs)
 IMAGE = (32, 32, 3)
 NUM_CLASSES = 100
