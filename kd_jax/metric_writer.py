@@ -75,3 +75,9 @@ class MetricWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def log(message: str) -> None:
+  """One line of progress on process 0's standard output, prefixed `[kd-jax]`."""
+  if jax.process_index() == 0:
+    print(f"[kd-jax] {message}", flush=True)

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from kd_jax import losses
+from kd_jax.registry import Registry
 
 # What a method compares: the two logits vectors, a pair of taps (feature maps), a
 # pair of taps that defaults to the penultimate embeddings, or several taps at once
@@ -74,7 +75,8 @@ class Method:
     return tuple(p.name for p in params[skip:])
 
 
-METHODS: dict[str, Method] = {}
+METHODS: Registry[Method] = Registry("distillation method",
+                                      hint="set a distill.terms entry's method")
 
 
 def register(name: str, fn: Any, inputs: str, needs_labels: bool = False,
@@ -88,7 +90,7 @@ def register(name: str, fn: Any, inputs: str, needs_labels: bool = False,
   """
   if inputs not in INPUTS:
     raise ValueError(f"inputs must be one of {', '.join(INPUTS)}; got {inputs!r}")
-  METHODS[name] = Method(fn, inputs, needs_labels, per_example)
+  METHODS.register(name, Method(fn, inputs, needs_labels, per_example))
 
 
 register("kd", losses.kd, LOGITS, per_example=losses.kd_per_example)
@@ -351,9 +353,8 @@ def build(distill_config: Mapping[str, Any], *, total_steps: int,
     spec = dict(spec)
     method_name = spec.get("method")
     if method_name not in METHODS:
-      raise ValueError(f"{where}: unknown distillation method {method_name!r}; "
-                       f"known methods: {', '.join(sorted(METHODS))}")
-    method = METHODS[method_name]
+      raise ValueError(f"{where}: {METHODS.unknown(method_name)}")
+    method = METHODS.get(method_name)
     hyper = {k: v for k, v in spec.items() if k not in _TERM_KEYS}
     unknown = sorted(set(hyper) - set(method.hyper_parameters))
     if unknown:

@@ -24,6 +24,7 @@ import ml_collections
 from kd_jax import configs
 from kd_jax import experiment
 from kd_jax.experiments import cifar100_crd
+from kd_jax.metric_writer import log
 
 CONFIG_FILE = "experiments/cifar100_crd.py"
 VANILLA = "vanilla"
@@ -115,14 +116,14 @@ def run(pairs: Optional[Sequence[str]], methods: Optional[Sequence[str]], workdi
     if name not in teacher_dirs:
       teacher_dirs[name] = os.path.join(workdir, "teachers", name)
       configs.save_run_config(_teacher_part(config), teacher_dirs[name])
-      experiment._log(f"reproduce: teacher {name} in {teacher_dirs[name]}")
+      log(f"reproduce: teacher {name} in {teacher_dirs[name]}")
       experiment.train_teacher(config, teacher_dirs[name])
 
   summaries = {}
   for (pair, method), config in runs.items():
     config.teacher.checkpoint = teacher_dirs[config.teacher.name]
     run_dir = os.path.join(workdir, pair, method)
-    experiment._log(f"reproduce: {pair} {method} in {run_dir}")
+    log(f"reproduce: {pair} {method} in {run_dir}")
     summaries[pair, method] = _distill(config, run_dir)
 
   rows = []
@@ -146,7 +147,7 @@ def run(pairs: Optional[Sequence[str]], methods: Optional[Sequence[str]], workdi
       json.dump(dict(tiny=tiny, runs=rows), f, indent=2)
     with open(os.path.join(workdir, "reproduce.md"), "w") as f:
       f.write(markdown(rows, tiny))
-    experiment._log(f"reproduce: wrote {os.path.join(workdir, 'reproduce.md')}")
+    log(f"reproduce: wrote {os.path.join(workdir, 'reproduce.md')}")
   return rows
 
 

@@ -12,7 +12,7 @@ import optax
 import pytest
 from jax.sharding import Mesh
 
-from kd_jax import checkpoint, experiment, objective as objective_lib, parallel, train
+from kd_jax import checkpoint, experiment, objective as objective_lib, parallel, phase, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,7 +66,7 @@ def _tiny_teacher_config(**train_overrides):
 
 
 def test_nonfinite_steps_roll_back_to_the_last_checkpoint(tmp_path, monkeypatch):
-  real = experiment.data_lib.train_iterator
+  real = phase.data_lib.train_iterator
   made = []
 
   def poisoned(*args, start_step=0, **kwargs):
@@ -78,7 +78,7 @@ def test_nonfinite_steps_roll_back_to_the_last_checkpoint(tmp_path, monkeypatch)
         b = {**b, "image": np.full_like(b["image"], np.nan)}
       yield b
 
-  monkeypatch.setattr(experiment.data_lib, "train_iterator", poisoned)
+  monkeypatch.setattr(phase.data_lib, "train_iterator", poisoned)
   c = _tiny_teacher_config(max_nonfinite_steps=2, rollback_lr_factor=0.5)
   result = experiment.train_teacher(c, str(tmp_path))
   assert made == [0, 10]  # a fresh iterator from the restored step 10

@@ -44,7 +44,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Optional, Union
+from typing import Optional, Union
 
 import jax
 import ml_collections
@@ -54,11 +54,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from kd_jax.data import augment
+from kd_jax.data import curriculum as curriculum_lib
 from kd_jax.data import kd_digits
 from kd_jax.data import preprocess
-
-if TYPE_CHECKING:
-  from kd_jax.data import curriculum as curriculum_lib
 
 try:  # JAX owns the accelerators; TensorFlow only feeds data from the CPU.
   tf.config.set_visible_devices([], "GPU")
@@ -95,6 +93,12 @@ _DATASET_DEFAULTS = {
         augment="imagenet", image_size=224, flip=True, eval_split="validation",
     ),
 }
+
+
+def dataset_defaults(name: str) -> dict:
+  """The values a data config's None fields (mean, std, augment, pad, flip) take for
+  the dataset `name`."""
+  return dict(_DATASET_DEFAULTS.get(name, _GENERIC_DEFAULTS))
 # Any other TFDS image dataset: [0, 1] pixels mapped to [-1, 1], no augmentation.
 _GENERIC_DEFAULTS = dict(mean=(0.5,), std=(0.5,), augment="none", pad=4, flip=True)
 

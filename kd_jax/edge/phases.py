@@ -28,7 +28,7 @@ import numpy as np
 from kd_jax import checkpoint as ckpt_lib
 from kd_jax import data as data_lib
 from kd_jax import evaluate as eval_lib
-from kd_jax import experiment
+from kd_jax import phase as phase_lib
 from kd_jax import export as export_lib
 from kd_jax import parallel
 from kd_jax.edge import cost
@@ -92,9 +92,9 @@ def run(config, workdir: str, *, mesh, info, writer, teacher, teacher_variables,
   if QAT in phases:
     qcfg = edge.qat
     bits = int(qcfg.get("bits", 8))
-    result = experiment.train_phase(
+    result = phase_lib.train_phase(
         config, phase=QAT, model=quantize.quant_aware(student, bits),
-        train_config=experiment.student_recipe(config, qcfg.get("train")),
+        train_config=phase_lib.student_recipe(config, qcfg.get("train")),
         distill_config=config.distill, init_variables=distilled.variables,
         model_meta={"quantization": f"int{bits} fake-quant (QAT)"}, **phase_args)
     summary[QAT] = {"accuracy": result.metrics["accuracy"], "metrics": result.metrics}
@@ -118,9 +118,9 @@ def run(config, workdir: str, *, mesh, info, writer, teacher, teacher_variables,
                              float(pcfg.flops_ratio), pcfg.get("criterion", "bn_scale"))
     before = eval_lib.evaluate(pruned.model, parallel.replicate(pruned.variables, mesh),
                                eval_fn(), mesh, num_classes=info.num_classes)
-    result = experiment.train_phase(
+    result = phase_lib.train_phase(
         config, phase=PRUNED, model=pruned.model,
-        train_config=experiment.student_recipe(config, pcfg.get("train")),
+        train_config=phase_lib.student_recipe(config, pcfg.get("train")),
         distill_config=config.distill, init_variables=pruned.variables,
         model_meta={"model_kwargs": {"mid_widths": list(pruned.mid_widths)}}, **phase_args)
     summary[PRUNED] = {
