@@ -29,16 +29,46 @@ from kd_jax import parallel
 from kd_jax import teacher_cache
 from kd_jax import train as train_lib
 from kd_jax.data import curriculum as curriculum_lib
-from kd_jax.metric_writer import MetricWriter, log
+from kd_jax.metric_writer import MetricWriter, log, read_records
 
 TEACHER = "teacher"
 
 
+# Validation during a phase (the `validation` config block): every `every_steps` steps
+# and at the last step the model is evaluated on the validation split, and the train
+# state with the best `metric` is kept. Metrics where lower is better:
+_LOWER_IS_BETTER = ("nll", "ece")
+_VALIDATION_DEFAULTS = dict(every_steps=100, metric="accuracy")
+
+
 @dataclasses.dataclass
 class PhaseResult:
-  """A finished phase: the model's variables (on the host) and its eval metrics."""
+  """A finished phase: the model's variables (on the host) and its eval metrics.
+
+  `variables` and `metrics` are the last step's (test split). With a validation split,
+  `selection` holds `best_step`, `best_validation` and `last_validation` (validation
+  metrics) and `best_test` (test-split metrics of the best-by-validation model).
+  """
   variables: Any
   metrics: dict[str, float]
+  selection: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def validation_settings(spec: Mapping[str, Any] | None) -> dict[str, Any]:
+  """The `validation` config block with its defaults; one-line errors."""
+  given = {k: v for k, v in dict(spec or {}).items() if v is not None}
+  unknown = sorted(set(given) - set(_VALIDATION_DEFAULTS))
+  if unknown:
+    raise ValueError(f"validation has no {', '.join(unknown)}; its keys: "
+                     f"{', '.join(_VALIDATION_DEFAULTS)}")
+  spec = {**_VALIDATION_DEFAULTS, **given}
+  if int(spec["every_steps"]) < 1:
+    raise ValueError(f"validation.every_steps must be at least 1, got {spec['every_steps']}")
+  known = ("accuracy", "top5_accuracy", *_LOWER_IS_BETTER)
+  if spec["metric"] not in known:
+    raise ValueError(f"validation.metric={spec['metric']!r} is unknown; use one of "
+                     f"{', '.join(known)}")
+  return spec
 
 
 def student_recipe(config: ml_collections.ConfigDict,
@@ -97,6 +127,9 @@ def train_phase(config: ml_collections.ConfigDict, *, phase: str, model, train_c
     raise ValueError(f"train.batch_size={batch} exceeds the {num_train} training "
                      "examples; lower it")
   total_steps = int(round(train_config.epochs * steps_per_epoch))
+  validation = validation_settings(config.get("validation"))
+  validate_every = int(validation["every_steps"])
+  has_validation = data_lib.get_info(train_data).num_validation > 0
   objective = objective_lib.build(distill_config, total_steps=total_steps,
                                   steps_per_epoch=steps_per_epoch, num_train=num_train)
   accumulate = max(1, int(train_config.get("accumulation_steps", 1)))
@@ -126,12 +159,35 @@ def train_phase(config: ml_collections.ConfigDict, *, phase: str, model, train_c
   phase_dir = os.path.join(workdir, phase)
   save_every = max(1, int(train_config.checkpoint_every_steps))
   checkpointer = ckpt_lib.Checkpointer(os.path.join(phase_dir, "checkpoints"))
+  best = None
+  if has_validation:
+    metric = validation["metric"]
+    best = ckpt_lib.BestCheckpointer(os.path.join(phase_dir, "best"), metric,
+                                     "min" if metric in _LOWER_IS_BETTER else "max")
+    validation_step = eval_lib.make_eval_step(model)
+    validations = {}  # step -> validation metrics of this phase
+
+    def validate(step, state):
+      """Validation metrics at `step`: logged, and the state kept if the best so far."""
+      metrics = eval_lib.evaluate(
+          model, state.student_variables,
+          data_lib.eval_iterator(train_data, batch_size=config.eval_batch_size,
+                                 split="validation"),
+          mesh, num_classes=info.num_classes, eval_step=validation_step)
+      writer.write(phase, step, metrics, kind="validation")
+      best.save(step, state, metrics)
+      validations[step] = metrics
   restored = checkpointer.restore(state)
   start = 0
   if restored:
     start, state = restored
     writer.drop_after(phase, start)
     log(f"{phase}: resuming from step {start}/{total_steps}")
+  if best is not None:
+    best.drop_after(start)
+    validations.update(  # logged by earlier attempts, up to the restored step
+        (r["step"], r) for r in read_records(workdir)
+        if r["phase"] == phase and r["kind"] == "validation" and r["step"] <= start)
 
   max_nonfinite = int(train_config.get("max_nonfinite_steps", 5))
   rollback_factor = float(train_config.get("rollback_lr_factor", 0.5))
@@ -178,6 +234,8 @@ def train_phase(config: ml_collections.ConfigDict, *, phase: str, model, train_c
                               nonfinite=jnp.zeros_like(state.nonfinite))
         writer.write(phase, good, {"rollback_from_step": step, "lr_scale": lr_scale},
                      kind="rollback")
+        if best is not None:
+          best.drop_after(good)
         log(f"{phase}: {max_nonfinite} non-finite steps in a row at step {step}; rolled "
              f"back to step {good} with learning rate x{lr_scale:g}")
         step = good
@@ -196,6 +254,8 @@ def train_phase(config: ml_collections.ConfigDict, *, phase: str, model, train_c
         progress.set_postfix(loss=f"{float(metrics['loss']):.3f}", img_s=f"{rate:.0f}")
         t0, seen = time.perf_counter(), 0
       progress.update(1)
+      if has_validation and (step % validate_every == 0 or step == total_steps):
+        validate(step, state)
       if step % save_every == 0 or step == total_steps:
         checkpointer.save(step, state)
     progress.close()
@@ -211,14 +271,45 @@ def train_phase(config: ml_collections.ConfigDict, *, phase: str, model, train_c
       objective=objective,
       term_variables={"params": state.params.get("terms", {}), **state.term_state})
   writer.write(phase, total_steps, metrics, kind="eval")
+  selection = {}
+  if best is not None:
+    selection = _select_best(best, state, phase, validations, total_steps,
+                             validation["metric"],
+                             lambda variables: eval_lib.evaluate(
+                                 model, variables,
+                                 data_lib.eval_iterator(config.data,
+                                                        batch_size=config.eval_batch_size),
+                                 mesh, num_classes=info.num_classes), writer)
+    best.close()
   # The finished phase's model, for `teacher.checkpoint`, evaluate and export.
   ckpt_lib.save_variables(phase_dir, variables, {
       "model": config.teacher.name if phase == TEACHER else config.student.name,
       "phase": phase, "num_classes": info.num_classes, "dataset": config.data.name,
-      "steps": total_steps, "metrics": metrics, **(model_meta or {})})
+      "steps": total_steps, "metrics": metrics, "selection": selection,
+      **(model_meta or {})})
   log(f"{phase}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
                                 if isinstance(v, float)))
-  return PhaseResult(variables, metrics)
+  if selection:
+    log(f"{phase}: best validation {validation['metric']} "
+        f"{selection['best_validation'][validation['metric']]:.4f} at step "
+        f"{selection['best_step']} (test accuracy {selection['best_test']['accuracy']:.4f}); "
+        f"last {selection['last_validation'][validation['metric']]:.4f}")
+  return PhaseResult(variables, metrics, selection)
+
+
+def _select_best(best: ckpt_lib.BestCheckpointer, state, phase: str,
+                 validations: Mapping[int, Mapping[str, Any]], last_step: int,
+                 metric: str, test_metrics, writer: MetricWriter) -> dict[str, Any]:
+  """Best-by-validation against last: their validation metrics and the best model's
+  test-split metrics (the test split's one use for the best model)."""
+  records = validations
+  best_step, best_state = best.restore(state)
+  best_test = test_metrics(best_state.student_variables)
+  writer.write(phase, best_step, best_test, kind="best_eval")
+  keep = lambda r: {k: v for k, v in r.items() if k not in ("phase", "kind", "step")}
+  return {"metric": metric, "best_step": int(best_step),
+          "best_validation": keep(records[best_step]),
+          "last_validation": keep(records[last_step]), "best_test": best_test}
 
 
 def _progress(phase: str, start: int, total: int):

@@ -122,6 +122,21 @@ def json_default(x):
   raise TypeError(f"not JSON serialisable: {type(x)}")
 
 
+def phase_summary(result: phase_lib.PhaseResult) -> dict[str, Any]:
+  """A phase's figures for summary.json: the last model's and, where the run held out
+  a validation split, the best-by-validation model's (step, validation metrics, and
+  test-split accuracy)."""
+  out = {"last": {"test_accuracy": result.metrics.get("accuracy")}}
+  selection = result.selection
+  if selection:
+    out["last"]["validation"] = selection["last_validation"]
+    out["best"] = {"step": selection["best_step"], "metric": selection["metric"],
+                   "validation": selection["best_validation"],
+                   "test_accuracy": selection["best_test"]["accuracy"],
+                   "test_metrics": selection["best_test"]}
+  return out
+
+
 def write_summary(workdir: str, summary: dict[str, Any]) -> str:
   """Writes `<workdir>/summary.json`; returns its path."""
   path = os.path.join(workdir, SUMMARY)

@@ -73,11 +73,10 @@ def curriculum_for_run(config: ml_collections.ConfigDict, workdir: str, *, train
   if os.path.exists(path):
     scores = np.load(path)
   else:
-    split = train_data.copy_and_resolve_references()
-    split.eval_split = split.train_split
     scores = difficulty_scores(
         teacher, teacher_variables,
-        data_lib.eval_iterator(split, batch_size=config.eval_batch_size), mesh, scoring)
+        data_lib.eval_iterator(train_data, batch_size=config.eval_batch_size,
+                               split="train"), mesh, scoring)
     if jax.process_index() == 0:
       os.makedirs(os.path.dirname(path), exist_ok=True)
       with open(path + ".tmp", "wb") as f:

@@ -45,7 +45,8 @@ def teacher_phase(config, workdir: str, mesh, info, writer: MetricWriter) -> pha
                        f"--config.teacher.name={meta.get('model')}")
     log(f"teacher: loaded {meta['model']} from {source} "
          f"(accuracy {meta.get('metrics', {}).get('accuracy', float('nan')):.4f})")
-    return phase_lib.PhaseResult(variables, meta.get("metrics", {}))
+    return phase_lib.PhaseResult(variables, meta.get("metrics", {}),
+                                 meta.get("selection", {}))
   return phase_lib.train_phase(config, phase=rundir.TEACHER, model=teacher,
                      train_config=config.teacher.train, distill_config={"ce_weight": 1.0},
                      workdir=workdir, mesh=mesh, info=info, writer=writer,
@@ -95,6 +96,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "student_metrics": vanilla.metrics if vanilla else None,
       "distilled_metrics": distilled.metrics,
       "student_fingerprint": train_lib.fingerprint(distilled.variables["params"]),
+      "phases": {name: rundir.phase_summary(result) for name, result in (
+          (rundir.TEACHER, teacher), (rundir.VANILLA, vanilla),
+          (rundir.DISTILLED, distilled)) if result is not None},
   }
   if jax.process_index() == 0 and config.export.variants:
     summary["tflite"] = rundir.export_student(config, workdir, student, distilled.variables, info)
