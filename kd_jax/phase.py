@@ -221,7 +221,11 @@ def train_phase(config: ml_collections.ConfigDict, *, phase: str, model, train_c
       state, metrics = step_fn(state, t_vars, batch_arrays, train_lib.step_rng(seed, step))
       step += 1
       seen += batch
-      if int(state.nonfinite) >= max_nonfinite:  # roll back with a lower learning rate
+      save_now = step % save_every == 0 or step == total_steps
+      look = save_now or step % log_every == 0  # the host reads the state only here
+      # Non-finite steps are skipped inside the step; a run of `max_nonfinite` of them
+      # since the last look rolls back with a lower learning rate.
+      if look and int(state.nonfinite_peak) >= max_nonfinite:
         if rollbacks == max_rollbacks:
           raise FloatingPointError(
               f"{phase}: {max_nonfinite} non-finite steps in a row after {rollbacks} "
@@ -231,7 +235,8 @@ def train_phase(config: ml_collections.ConfigDict, *, phase: str, model, train_c
         restored = checkpointer.restore(state, before=step)
         good, state = restored if restored else (0, fresh_state())
         state = state.replace(lr_scale=jnp.full_like(state.lr_scale, lr_scale),
-                              nonfinite=jnp.zeros_like(state.nonfinite))
+                              nonfinite=jnp.zeros_like(state.nonfinite),
+                              nonfinite_peak=jnp.zeros_like(state.nonfinite_peak))
         writer.write(phase, good, {"rollback_from_step": step, "lr_scale": lr_scale},
                      kind="rollback")
         if best is not None:
@@ -243,6 +248,8 @@ def train_phase(config: ml_collections.ConfigDict, *, phase: str, model, train_c
         progress.reset(total=total_steps)
         progress.update(step)
         continue
+      if look:
+        state = state.replace(nonfinite_peak=jnp.zeros_like(state.nonfinite_peak))
       if step % log_every == 0 or step == total_steps:
         metrics = jax.device_get(metrics)
         rate = seen / (time.perf_counter() - t0)
@@ -256,7 +263,7 @@ def train_phase(config: ml_collections.ConfigDict, *, phase: str, model, train_c
       progress.update(1)
       if has_validation and (step % validate_every == 0 or step == total_steps):
         validate(step, state)
-      if step % save_every == 0 or step == total_steps:
+      if save_now:
         checkpointer.save(step, state)
     progress.close()
   checkpointer.close()
