@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -36,6 +37,7 @@ from kd_jax import machine, models  # noqa: E402
 from kd_jax.models import cpu_ops  # noqa: E402
 
 MODELS = "MobileNetV2,ShuffleV1,ShuffleV2,vgg13,resnet8x4"
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 # Rewrites a model's "cpu_ops" program keeps: all of them, or (for ShuffleV1's second
 # row) the depthwise one alone, with grouped 1x1 convolutions left to `lax`.
 ALL, DEPTHWISE_ONLY = "all", "depthwise only"
@@ -98,6 +100,8 @@ def main(argv=None) -> int:
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--rounds", type=int, default=5, help="timed rounds (medians)")
   p.add_argument("--json", action="store_true")
+  p.add_argument("--results", default=RESULTS,
+                 help="folder for cpu_ops.{json,md} ('' to write nothing)")
   args = p.parse_args(argv)
   rows = []
   for name in args.models.split(","):
@@ -106,19 +110,17 @@ def main(argv=None) -> int:
       print(f"  {name} ({rewrites}): step gain {rows[-1]['step_gain']:.2f}×",
             file=sys.stderr, flush=True)
   host = machine.describe()
-  if args.json:
-    print(json.dumps({"host": host, "jax": jax.__version__, "rows": rows}, indent=1))
-    return 0
-  print(f"Images/s with `cpu_ops=True` against the `lax` ops, batch {args.batch}, "
-        f"median of {args.rounds} rounds\n")
-  print("| model | rewrites | train step, cpu_ops | train step, lax | gain | "
-        "forward, cpu_ops | forward, lax | gain |")
-  print("|---|---|---|---|---|---|---|---|")
-  for r in rows:
-    print(f"| {r['model']} | {r['rewrites']} | {r['step_cpu_ops']:.0f} | {r['step_lax']:.0f} | "
-          f"{r['step_gain']:.2f}× | {r['forward_cpu_ops']:.0f} | {r['forward_lax']:.0f} | "
-          f"{r['forward_gain']:.2f}× |")
-  print(f"\n(host: {host}; JAX {jax.__version__}; {jax.device_count()} device(s))")
+  lines = [f"Images/s with `cpu_ops=True` against the `lax` ops, batch {args.batch}, "
+           f"median of {args.rounds} rounds", "",
+           "| model | rewrites | train step, cpu_ops | train step, lax | gain | "
+           "forward, cpu_ops | forward, lax | gain |", "|---|---|---|---|---|---|---|---|"]
+  lines += [f"| {r['model']} | {r['rewrites']} | {r['step_cpu_ops']:.0f} | "
+            f"{r['step_lax']:.0f} | {r['step_gain']:.2f}× | {r['forward_cpu_ops']:.0f} | "
+            f"{r['forward_lax']:.0f} | {r['forward_gain']:.2f}× |" for r in rows]
+  table = "\n".join(lines) + f"\n\n(host: {host}; JAX {jax.__version__})"
+  if args.results:
+    machine.write_results(args.results, "cpu_ops", rows, table)
+  print(json.dumps({**machine.stamp(), "rows": rows}, indent=1) if args.json else table)
   return 0
 
 

@@ -377,6 +377,9 @@ def main(argv=None):
   p.add_argument("--bf16_teacher", action="store_true",
                  help="teacher forward in bfloat16 (train.make_train_step(teacher_bf16))")
   p.add_argument("--json", action="store_true")
+  p.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(
+      __file__)), "results"), help="folder for step_throughput.{json,md} ('' to write "
+                 "nothing)")
   args = p.parse_args(argv)
   if args.torch:
     try:
@@ -394,35 +397,36 @@ def main(argv=None):
       row["pipeline_margin"] = (None if pipeline[batch] is None
                                 else pipeline[batch] / row["kd_images_per_s"])
       rows.append(row)
-  if args.json:
-    print(json.dumps(rows, indent=2))
-    return
   torch_cols = " torch img/s | KD / torch |" if args.torch else ""
-  print("| teacher → student | batch | KD img/s | student img/s | teacher img/s | "
-        "compile s | KD / limit | GFLOP/s | peak MiB |" + torch_cols)
-  print("|---" * (9 + 2 * args.torch) + "|")
+  lines = ["| teacher → student | batch | KD img/s | student img/s | teacher img/s | "
+           "compile s | KD / limit | GFLOP/s | peak MiB |" + torch_cols,
+           "|---" * (9 + 2 * args.torch) + "|"]
   for r in rows:
     extra = (f" {r['torch_images_per_s']:.1f} | {r['kd_over_torch_speed']:.2f}× |"
              if args.torch else "")
-    print(f"| {r['teacher']} → {r['student']} | {r['batch']} | {r['kd_images_per_s']:.1f} | "
-          f"{r['student_images_per_s']:.1f} | {r['teacher_images_per_s']:.1f} | "
-          f"{r['compile_seconds']:.1f} | {r['kd_over_limit']:.2f} | "
-          f"{r['gflop_per_s']:.0f} | {r['peak_memory_mib']:.0f} |" + extra)
+    lines.append(
+        f"| {r['teacher']} → {r['student']} | {r['batch']} | {r['kd_images_per_s']:.1f} | "
+        f"{r['student_images_per_s']:.1f} | {r['teacher_images_per_s']:.1f} | "
+        f"{r['compile_seconds']:.1f} | {r['kd_over_limit']:.2f} | "
+        f"{r['gflop_per_s']:.0f} | {r['peak_memory_mib']:.0f} |" + extra)
   for b in batches:
     fastest = max(r["kd_images_per_s"] for r in rows if r["batch"] == b)
     if pipeline[b] is None:
-      print(f"tf.data pipeline alone, batch {b}: not measured (tensorflow-datasets "
-            "is not installed)")
+      lines.append(f"tf.data pipeline alone, batch {b}: not measured (tensorflow-datasets "
+                   "is not installed)")
       continue
-    print(f"tf.data pipeline alone, batch {b}: {pipeline[b]:.0f} img/s "
-          f"({pipeline[b] / fastest:.0f}× what the fastest KD step consumes)")
+    lines.append(f"tf.data pipeline alone, batch {b}: {pipeline[b]:.0f} img/s "
+                 f"({pipeline[b] / fastest:.0f}× what the fastest KD step consumes)")
   teacher_dtype = "bfloat16" if args.bf16_teacher else "float32"
   if args.torch:
-    import torch
-    print(f"(PyTorch {torch.__version__}, JAX {jax.__version__})")
-  print(f"(device: {jax.devices()[0].device_kind}, {jax.device_count()} device(s); "
-        f"host: {machine.describe()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
-        f"teacher forward in {teacher_dtype})")
+    lines.append(f"(PyTorch {sys.modules['torch'].__version__}, JAX {jax.__version__})")
+  lines.append(f"(device: {jax.devices()[0].device_kind}, {jax.device_count()} device(s); "
+               f"host: {machine.describe()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
+               f"teacher forward in {teacher_dtype})")
+  table = "\n".join(lines)
+  if args.results:
+    machine.write_results(args.results, "step_throughput", rows, table)
+  print(json.dumps({**machine.stamp(), "rows": rows}, indent=2) if args.json else table)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,48 @@ class Checkpointer:
     self._manager.close()
 
 
+class BestCheckpointer:
+  """Keeps the one train state of a phase that scored best on validation.
+
+  Orbax's `CheckpointManager` ranks the saved steps by `metric` (`best_fn`, `best_mode`)
+  and keeps only the best (`max_to_keep=1`); a step is saved with its validation
+  metrics. Lives beside the latest checkpoints, in `<phase>/best/<step>`.
+  """
+
+  def __init__(self, directory: str, metric: str, mode: str):
+    self.directory, self.metric = os.path.abspath(directory), metric
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, best_fn=lambda metrics: float(metrics[metric]), best_mode=mode,
+            keep_checkpoints_without_metrics=False, enable_async_checkpointing=False,
+            create=True))
+
+  def best_step(self) -> int | None:
+    return self._manager.best_step()
+
+  def drop_after(self, step: int) -> None:
+    """Forgets steps after `step` (a resumed phase reaches them again)."""
+    for saved in self._manager.all_steps():
+      if saved > step:
+        self._manager.delete(saved)
+
+  def save(self, step: int, state: Any, metrics: dict[str, float]) -> None:
+    self._manager.save(step, args=ocp.args.StandardSave(state),
+                       metrics={self.metric: float(metrics[self.metric])}, force=True)
+
+  def restore(self, like: Any) -> tuple[int, Any] | None:
+    """(step, state) of the best step, or None before any validation."""
+    step = self._manager.best_step()
+    if step is None:
+      return None
+    return step, self._manager.restore(step, args=ocp.args.StandardRestore(_abstract(like)))
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
 def _check_structure(state: Any, like: Any) -> None:
   if jax.tree.structure(state) != jax.tree.structure(like):
     raise ValueError("checkpoint structure differs from the train state")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import NoReturn
 
 COMMANDS = ("distill", "train-teacher", "evaluate", "export", "report", "reproduce",
             "profile")
@@ -35,7 +36,7 @@ class UsageError(Exception):
   """Bad input from the user; printed as one line."""
 
 
-def _fail(message: str) -> "NoReturn":  # noqa: F821
+def _fail(message: str) -> NoReturn:
   print(f"kd-jax: error: {message}", file=sys.stderr)
   raise SystemExit(2)
 

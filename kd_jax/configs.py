@@ -33,13 +33,21 @@ def experiment_config(name: str, variant: str = "") -> ml_collections.ConfigDict
 
   e.g. `experiment_config("digits", variant)` starts experiments/digits_edge.py.
   """
-  import importlib.util
   path = os.path.join(EXPERIMENTS_DIR, f"{name}.py")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"experiments/{name}.py not found; use one of "
                             f"{sorted(f[:-3] for f in os.listdir(EXPERIMENTS_DIR) if f.endswith('.py'))}")
-  spec = importlib.util.spec_from_file_location(f"kd_jax_experiments_{name}", path)
+  return load_config_file(path, variant)
+
+
+def load_config_file(path: str, variant: str = "") -> ml_collections.ConfigDict:
+  """`get_config(variant)` of the config file at `path`."""
+  import importlib.util
+  import sys
+  name = f"kd_jax_config_{os.path.splitext(os.path.basename(path))[0]}"
+  spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module  # dataclasses of a config file look their module up
   spec.loader.exec_module(module)
   return module.get_config(variant)
 

@@ -66,3 +66,30 @@ def describe(threads: int | None = None) -> str:
     threads = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                else os.cpu_count())
   return f"{model} ({level}), {threads} thread{'s' if threads != 1 else ''}"
+
+
+def stamp() -> dict[str, str]:
+  """What a measurement ran on: JAX and jaxlib versions, the accelerator, the host CPU
+  (`describe()`), the XLA flags and the UTC date."""
+  import datetime
+  import jax
+  import jaxlib
+  return {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
+          "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+          "host": describe(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def write_results(directory: str, name: str, rows, markdown: str) -> tuple[str, str]:
+  """Writes `<directory>/<name>.json` (the stamp and the rows) and `<name>.md` (the
+  table, then the stamp); returns both paths."""
+  import json
+  os.makedirs(directory, exist_ok=True)
+  info = stamp()
+  base = os.path.join(directory, name)
+  with open(base + ".json", "w") as f:
+    json.dump({**info, "rows": rows}, f, indent=1)
+  with open(base + ".md", "w") as f:
+    f.write(markdown.rstrip("\n") + "\n\n" + "; ".join(f"{k}: {v}" for k, v in info.items()
+                                                       if v) + "\n")
+  return base + ".json", base + ".md"

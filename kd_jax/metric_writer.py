@@ -5,7 +5,9 @@ Each line of `metrics.jsonl` is one record: `phase` (teacher, vanilla, distilled
 `step`, and the scalars, e.g. `loss`, `ce`, each term's value and `<term>_weighted`,
 `grad_norm`, `grad_norm/student`, `grad_norm/<term>`, `learning_rate`,
 `temperature/<term>` (train) or `accuracy`, `nll`, `ece`, `teacher_agreement`,
-`cka/<pair>` (eval). TensorBoard gets every scalar as `<phase>/<kind>/<name>`.
+`cka/<pair>` (eval, and `validation` every `validation.every_steps` where the run holds
+out a validation split; `best_eval`: the test-split metrics of the best-by-validation
+model). TensorBoard gets every scalar as `<phase>/<kind>/<name>`, through `tf.summary`.
 """
 from __future__ import annotations
 
@@ -45,8 +47,9 @@ class MetricWriter:
     self._enabled = jax.process_index() == 0
     self._tb = None
     if self._enabled:
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      import tensorflow as tf
+      self._tf = tf
+      self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
 
   def drop_after(self, phase: str, step: int) -> None:
     """On resume: forget records of `phase` logged after the restored `step`."""
@@ -67,11 +70,18 @@ class MetricWriter:
               **{k: _plain(v) for k, v in metrics.items()}}
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
-    for k, v in record.items():
-      if isinstance(v, (int, float)) and k != "step":
-        self._tb.add_scalar(f"{phase}/{kind}/{k}", v, int(step))
+    with self._tb.as_default():
+      for k, v in record.items():
+        if isinstance(v, (int, float)) and k != "step":
+          self._tf.summary.scalar(f"{phase}/{kind}/{k}", v, step=int(step))
     self._tb.flush()
 
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def log(message: str) -> None:
+  """One line of progress on process 0's standard output, prefixed `[kd-jax]`."""
+  if jax.process_index() == 0:
+    print(f"[kd-jax] {message}", flush=True)

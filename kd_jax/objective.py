@@ -25,6 +25,7 @@ and the CE and every logit term with a per-example form (kd, lskd, dkd) become
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import inspect
 import math
@@ -34,8 +35,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+import optax
 
 from kd_jax import losses
+from kd_jax.registry import Registry
 
 # What a method compares: the two logits vectors, a pair of taps (feature maps), a
 # pair of taps that defaults to the penultimate embeddings, or several taps at once
@@ -74,7 +77,8 @@ class Method:
     return tuple(p.name for p in params[skip:])
 
 
-METHODS: dict[str, Method] = {}
+METHODS: Registry[Method] = Registry("distillation method",
+                                      hint="set a distill.terms entry's method")
 
 
 def register(name: str, fn: Any, inputs: str, needs_labels: bool = False,
@@ -88,7 +92,7 @@ def register(name: str, fn: Any, inputs: str, needs_labels: bool = False,
   """
   if inputs not in INPUTS:
     raise ValueError(f"inputs must be one of {', '.join(INPUTS)}; got {inputs!r}")
-  METHODS[name] = Method(fn, inputs, needs_labels, per_example)
+  METHODS.register(name, Method(fn, inputs, needs_labels, per_example))
 
 
 register("kd", losses.kd, LOGITS, per_example=losses.kd_per_example)
@@ -119,38 +123,39 @@ _SELF_PACED_DEFAULTS = dict(kind="none", start_threshold=2.0, final_threshold=6.
 
 def weight_schedule(weight: float, kind: str = "constant", *, total_steps: int,
                     steps_per_epoch: int, warmup_epochs: float = 0.0,
-                    decay_epochs: Sequence[float] = ()) -> Callable[[jax.Array], jax.Array]:
-  """A term's weight as a function of the step.
+                    decay_epochs: Sequence[float] = ()) -> optax.Schedule:
+  """A term's weight as a function of the step (an optax schedule).
 
   constant: w.  linear_warmup: w·min(1, step / warmup) (DKD's warm-up).
   cosine: w·½(1 + cos(π·step/total)).  step: w·0.1^(number of decay epochs passed).
   """
   w = float(weight)
   if kind == "constant":
-    return lambda step: jnp.asarray(w, jnp.float32)
+    return optax.constant_schedule(w)
   if kind == "linear_warmup":
-    warm = max(1.0, warmup_epochs * steps_per_epoch)
-    return lambda step: w * jnp.minimum(1.0, step.astype(jnp.float32) / warm)
+    return optax.linear_schedule(0.0, w, max(1, round(warmup_epochs * steps_per_epoch)))
   if kind == "cosine":
-    return lambda step: w * 0.5 * (1 + jnp.cos(math.pi * jnp.minimum(
-        step.astype(jnp.float32) / max(1, total_steps), 1.0)))
+    return optax.cosine_decay_schedule(w, max(1, total_steps))
   if kind == "step":
-    bounds = jnp.asarray([e * steps_per_epoch for e in decay_epochs], jnp.float32)
-    return lambda step: w * 0.1 ** jnp.sum(step.astype(jnp.float32) >= bounds)
+    boundaries = collections.Counter(math.ceil(e * steps_per_epoch) for e in decay_epochs)
+    return optax.piecewise_constant_schedule(
+        w, {step: 0.1 ** count for step, count in boundaries.items()})
   raise ValueError(f"unknown weight schedule {kind!r}; use one of {', '.join(SCHEDULES)}")
 
 
 def temperature_schedule(start: float, end: float | None, kind: str, *,
-                         total_steps: int) -> Callable[[jax.Array], jax.Array] | None:
+                         total_steps: int) -> optax.Schedule | None:
   """A term's temperature (or the self-paced threshold) by step: from `start` to `end`
-  linearly or along a cosine over `total_steps`, then `end`."""
+  linearly or along a cosine over `total_steps`, then `end` (optax schedules)."""
   if kind == "constant" or end is None:
     return None
-  frac = lambda step: jnp.minimum(step.astype(jnp.float32) / max(1, total_steps), 1.0)
   if kind == "linear":
-    return lambda step: start + (end - start) * frac(step)
+    return optax.linear_schedule(float(start), float(end), max(1, total_steps))
   if kind == "cosine":
-    return lambda step: end + (start - end) * 0.5 * (1 + jnp.cos(math.pi * frac(step)))
+    if not start:
+      raise ValueError("a cosine temperature schedule needs a non-zero start")
+    return optax.cosine_decay_schedule(float(start), max(1, total_steps),
+                                       alpha=float(end) / float(start))
   raise ValueError(f"unknown temperature_schedule {kind!r}; use one of "
                    f"{', '.join(TEMPERATURE_SCHEDULES)}")
 
@@ -351,9 +356,8 @@ def build(distill_config: Mapping[str, Any], *, total_steps: int,
     spec = dict(spec)
     method_name = spec.get("method")
     if method_name not in METHODS:
-      raise ValueError(f"{where}: unknown distillation method {method_name!r}; "
-                       f"known methods: {', '.join(sorted(METHODS))}")
-    method = METHODS[method_name]
+      raise ValueError(f"{where}: {METHODS.unknown(method_name)}")
+    method = METHODS.get(method_name)
     hyper = {k: v for k, v in spec.items() if k not in _TERM_KEYS}
     unknown = sorted(set(hyper) - set(method.hyper_parameters))
     if unknown:

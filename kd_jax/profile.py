@@ -134,15 +134,16 @@ def _forward(model):
 
 
 def compiled_costs(model, variables: Any, input_shape: Sequence[int]) -> dict[str, float]:
-  """MACs (flops / 2) and peak activation bytes of the compiled batch-1 forward pass.
+  """MACs and peak activation bytes of the batch-1 forward pass.
 
-  Traced with the `lax` ops (`kd_jax.models.portable`), so that a depthwise
-  convolution is costed as one (as on accelerators and in TFLite), whatever the backend.
+  MACs are kd_jax's one count (`kd_jax.edge.cost.macs`: convolutions and matrix
+  products, a depthwise convolution costed as one); the peak activation bytes come from
+  XLA's memory analysis of the compiled forward.
   """
   compiled = _forward(models.portable(model)).lower(
       variables, jnp.zeros((1, *input_shape))).compile()
   memory = compiled.memory_analysis()
-  return {"macs": compiled.cost_analysis()["flops"] / 2,
+  return {"macs": cost.macs(model, variables, input_shape),
           "peak_activation_bytes": memory.temp_size_in_bytes + memory.output_size_in_bytes}
 
 

@@ -37,12 +37,12 @@ from matplotlib.figure import Figure
 from kd_jax import checkpoint as ckpt_lib
 from kd_jax import data as data_lib
 from kd_jax import evaluate as eval_lib
-from kd_jax import experiment
+from kd_jax import rundir
 from kd_jax import metric_writer
 
-PHASES = (experiment.TEACHER, experiment.VANILLA, experiment.DISTILLED)
-LABELS = {experiment.TEACHER: "teacher", experiment.VANILLA: "vanilla student",
-          experiment.DISTILLED: "distilled student"}
+PHASES = (rundir.TEACHER, rundir.VANILLA, rundir.DISTILLED)
+LABELS = {rundir.TEACHER: "teacher", rundir.VANILLA: "vanilla student",
+          rundir.DISTILLED: "distilled student"}
 NUM_CONFUSED_PAIRS = 5
 EXAMPLES_PER_PAIR = 6
 NUM_ATTENTION_IMAGES = 4
@@ -93,11 +93,11 @@ def _read_json(path: str) -> dict[str, Any] | None:
 def _finished_models(config, workdir: str, info) -> dict[str, tuple[Any, Any]]:
   """{phase: (model, variables)} of every phase whose final variables were saved."""
   finished = {}
-  if ckpt_lib.has_variables(experiment.teacher_source(config, workdir)):
-    finished[experiment.TEACHER] = experiment.load_teacher(config, workdir, info)
-  for phase in (experiment.VANILLA, experiment.DISTILLED):
+  if ckpt_lib.has_variables(rundir.teacher_source(config, workdir)):
+    finished[rundir.TEACHER] = rundir.load_teacher(config, workdir, info)
+  for phase in (rundir.VANILLA, rundir.DISTILLED):
     if ckpt_lib.has_variables(os.path.join(workdir, phase)):
-      finished[phase] = experiment.load_phase(config, workdir, phase, info)
+      finished[phase] = rundir.load_phase(config, workdir, phase, info)
   return finished
 
 
@@ -130,14 +130,14 @@ def _phase_lines(config, workdir, records, finished, summary) -> list[str]:
   missing = []
   resume = f"rerun `kd-jax distill --workdir={workdir}` to resume"
   for phase in PHASES:
-    model = config.teacher.name if phase == experiment.TEACHER else config.student.name
+    model = config.teacher.name if phase == rundir.TEACHER else config.student.name
     steps = [r["step"] for r in records if r.get("phase") == phase and r["kind"] == "train"]
-    if phase == experiment.VANILLA and not config.get("train_vanilla", True):
+    if phase == rundir.VANILLA and not config.get("train_vanilla", True):
       state = "not part of this run (`train_vanilla=False`)"
     elif phase in finished:
       state = "finished"
-      if phase == experiment.TEACHER and config.teacher.get("checkpoint"):
-        state = f"loaded from `{experiment.teacher_source(config, workdir)}`"
+      if phase == rundir.TEACHER and config.teacher.get("checkpoint"):
+        state = f"loaded from `{rundir.teacher_source(config, workdir)}`"
     elif steps:
       state = f"interrupted: last logged step {max(steps)}, no final model yet"
       missing.append(f"the {LABELS[phase]}'s final model ({resume})")
@@ -155,10 +155,10 @@ def _phase_lines(config, workdir, records, finished, summary) -> list[str]:
 def _evaluation_lines(config, workdir, records) -> list[str]:
   """The last eval record of each phase, as logged in `metrics.jsonl`."""
   rows, notes = {}, []
-  for phase in dict.fromkeys([experiment.TEACHER] + logged_phases(records, "eval")):
+  for phase in dict.fromkeys([rundir.TEACHER] + logged_phases(records, "eval")):
     record = last_eval(records, phase)
-    if record is None and phase == experiment.TEACHER and config.teacher.get("checkpoint"):
-      meta = _read_json(os.path.join(experiment.teacher_source(config, workdir),
+    if record is None and phase == rundir.TEACHER and config.teacher.get("checkpoint"):
+      meta = _read_json(os.path.join(rundir.teacher_source(config, workdir),
                                      "model.json"))
       record = (meta or {}).get("metrics")
       if record:

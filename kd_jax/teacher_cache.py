@@ -83,10 +83,9 @@ def training_set_logits(model: nn.Module, variables: Any,
   The split is read in file order (the order `index` counts) with the evaluation
   preprocessing, which equals the training preprocessing when `augment` is 'none'.
   """
-  split = data_config.copy_and_resolve_references()
-  split.eval_split = split.train_split
-  return compute_logits(model, variables,
-                        data_lib.eval_iterator(split, batch_size=batch_size), mesh)
+  return compute_logits(
+      model, variables,
+      data_lib.eval_iterator(data_config, batch_size=batch_size, split="train"), mesh)
 
 
 def load_or_compute(path: str, teacher: nn.Module, teacher_variables: Any,

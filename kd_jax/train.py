@@ -34,6 +34,7 @@ class TrainState:
   term_state: Any    # the terms' non-parameter collections (adapter BN, memory banks)
   opt_state: Any
   nonfinite: jax.Array  # consecutive steps skipped for a non-finite loss or gradient
+  nonfinite_peak: jax.Array  # the longest such run since the host last looked
   lr_scale: jax.Array   # multiplies every update; lowered by a rollback
 
   @property
@@ -111,7 +112,9 @@ def init_state(model: nn.Module, optimizer: optax.GradientTransformation,
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats={"student": variables.get("batch_stats", {})},
                     term_state=term_state, opt_state=optimizer.init(params),
-                    nonfinite=jnp.zeros((), jnp.int32), lr_scale=jnp.ones((), jnp.float32))
+                    nonfinite=jnp.zeros((), jnp.int32),
+                    nonfinite_peak=jnp.zeros((), jnp.int32),
+                    lr_scale=jnp.ones((), jnp.float32))
 
 
 def make_train_step(student: nn.Module, teacher: nn.Module | None,
@@ -180,12 +183,13 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None,
       metrics["teacher_agreement"] = jnp.mean(
           jnp.argmax(logits, -1) == jnp.argmax(t_logits, -1))
     metrics = lax.pmean(metrics, axis)
+    nonfinite = jnp.where(finite, 0, state.nonfinite + 1)
     new_state = state.replace(
         step=state.step + 1, params=keep(params, state.params),
         batch_stats=keep({"student": new_bs}, state.batch_stats),
         term_state=keep({**state.term_state, **term_state}, state.term_state),
-        opt_state=keep(opt_state, state.opt_state),
-        nonfinite=jnp.where(finite, 0, state.nonfinite + 1))
+        opt_state=keep(opt_state, state.opt_state), nonfinite=nonfinite,
+        nonfinite_peak=jnp.maximum(state.nonfinite_peak, nonfinite))
     metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
     return new_state, metrics
 

@@ -45,6 +45,31 @@ def test_distill_writes_summary_with_the_design_keys(finished_run):
       next(r for r in records if r["phase"] == "distilled" and r["kind"] == "train"))
 
 
+def test_validation_selects_a_best_checkpoint_in_every_phase(finished_run):
+  workdir, s = finished_run
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  # tiny: validation every 10 steps and at the last; the teacher trains 1 epoch of the
+  # 1,294 non-held-out examples (40 steps of 32), the students 3 epochs of 259 (24).
+  for phase, steps, last_accuracy in (("teacher", [10, 20, 30, 40], s["teacher_accuracy"]),
+                                      ("vanilla", [10, 20, 24], s["student_accuracy"]),
+                                      ("distilled", [10, 20, 24], s["distilled_accuracy"])):
+    validation = [r for r in records if r["phase"] == phase and r["kind"] == "validation"]
+    assert [r["step"] for r in validation] == steps
+    figures = s["phases"][phase]
+    assert figures["last"]["test_accuracy"] == last_accuracy
+    assert figures["last"]["validation"]["accuracy"] == validation[-1]["accuracy"]
+    best = figures["best"]
+    top = max(r["accuracy"] for r in validation)
+    assert best["validation"]["accuracy"] == top
+    assert best["step"] in [r["step"] for r in validation if r["accuracy"] == top]
+    assert os.listdir(os.path.join(workdir, phase, "best")) == [str(best["step"])]
+    assert 0.0 < best["test_accuracy"] <= 1.0
+    (best_eval,) = [r for r in records if r["phase"] == phase and r["kind"] == "best_eval"]
+    assert best_eval["step"] == best["step"]
+    assert best_eval["accuracy"] == best["test_accuracy"]
+
+
 def test_tflite_variants_match_the_jax_student(finished_run):
   _, s = finished_run
   assert set(s["tflite"]) == {"fp32", "int8"}

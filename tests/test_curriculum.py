@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 from jax.sharding import Mesh
 
 from kd_jax import cli, configs, data, losses, models, objective as objective_lib
-from kd_jax import parallel
+from kd_jax import parallel, teacher_pass
 from kd_jax.data import curriculum as curriculum_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,15 +64,15 @@ def test_difficulty_by_hand():
   # Probabilities (1/4, 1/2, 1/4); labels 1 and 0.
   logits = jnp.log(jnp.array([[1.0, 2.0, 1.0], [1.0, 2.0, 1.0]]))
   labels = jnp.array([1, 0])
-  np.testing.assert_allclose(curriculum_lib.difficulty(logits, labels, "teacher_loss"),
+  np.testing.assert_allclose(teacher_pass.difficulty(logits, labels, "teacher_loss"),
                              [math.log(2), math.log(4)], rtol=1e-6)
-  np.testing.assert_allclose(curriculum_lib.difficulty(logits, labels, "margin"),
+  np.testing.assert_allclose(teacher_pass.difficulty(logits, labels, "margin"),
                              [0.25 - 0.5, 0.5 - 0.25], rtol=1e-6)
   entropy = 1.5 * math.log(2)  # -(2 · 1/4 · log 1/4 + 1/2 · log 1/2)
-  np.testing.assert_allclose(curriculum_lib.difficulty(logits, labels, "entropy"),
+  np.testing.assert_allclose(teacher_pass.difficulty(logits, labels, "entropy"),
                              [entropy, entropy], rtol=1e-6)
   with pytest.raises(ValueError, match="scoring='loss' is unknown"):
-    curriculum_lib.difficulty(logits, labels, "loss")
+    teacher_pass.difficulty(logits, labels, "loss")
 
 
 class _Lookup(nn.Module):
@@ -97,7 +97,7 @@ def test_difficulty_scores_keep_order_and_drop_padding():
   batches = [{"image": images[i:i + 8], "label": padded[i:i + 8], "mask": mask[i:i + 8]}
              for i in (0, 8)]
   mesh = Mesh(np.asarray(jax.devices()[:4]), (parallel.DATA_AXIS,))
-  scores = curriculum_lib.difficulty_scores(_Lookup(tuple(map(tuple, table))), {},
+  scores = teacher_pass.difficulty_scores(_Lookup(tuple(map(tuple, table))), {},
                                             batches, mesh, "teacher_loss")
   assert scores.shape == (n,) and scores.dtype == np.float32
   np.testing.assert_allclose(scores, losses.cross_entropy_per_example(table, labels),
@@ -180,10 +180,10 @@ def test_for_run_scores_with_the_teacher_once(tmp_path, monkeypatch):
   t_vars = teacher.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
   mesh = parallel.data_mesh()
   kw = dict(train_data=train_data, teacher=teacher, teacher_variables=t_vars, mesh=mesh)
-  c = curriculum_lib.for_run(config, str(tmp_path), **kw)
+  c = teacher_pass.curriculum_for_run(config, str(tmp_path), **kw)
   split = copy.deepcopy(train_data)
   split.eval_split = "train[:10%]"
-  expected = curriculum_lib.difficulty_scores(
+  expected = teacher_pass.difficulty_scores(
       teacher, t_vars, data.eval_iterator(split, batch_size=128), mesh, "margin")
   np.testing.assert_array_equal(c.difficulty, expected)
   assert c.difficulty.shape == (144,)
@@ -196,10 +196,10 @@ def test_for_run_scores_with_the_teacher_once(tmp_path, monkeypatch):
     raise AssertionError("the saved scores were not reused")
 
   monkeypatch.setattr(curriculum_lib, "difficulty_scores", no_second_pass)
-  np.testing.assert_array_equal(curriculum_lib.for_run(config, str(tmp_path), **kw)
+  np.testing.assert_array_equal(teacher_pass.curriculum_for_run(config, str(tmp_path), **kw)
                                 .difficulty, expected)
   config.curriculum.pacing = "none"
-  assert curriculum_lib.for_run(config, str(tmp_path), **kw) is None
+  assert teacher_pass.curriculum_for_run(config, str(tmp_path), **kw) is None
 
 
 def ml_config(**curriculum):

@@ -447,3 +447,45 @@ def test_random_edge_ops_are_a_function_of_the_position(digits_config):
 def test_bad_edge_augment_fails_when_the_data_is_resolved(digits_config):
   with pytest.raises(ValueError, match=r"data.edge_augment\[0\]: unknown edge op 'fog'"):
     data.get_info(with_fields(digits_config, edge_augment=({"op": "fog"},)))
+
+
+def _labels_in_file_order(config, split):
+  builder = tfds.builder(config.name, data_dir=config.data_dir)
+  return np.array([int(ex["label"]) for ex in builder.as_dataset(
+      split=split, shuffle_files=False).as_numpy_iterator()])
+
+
+def test_validation_is_the_tail_of_the_train_split_and_never_trained_on(digits_config):
+  config = copy.deepcopy(digits_config)
+  config.train_split, config.validation_fraction, config.augment = "train[:20%]", 0.1, "none"
+  labels = _labels_in_file_order(config, "train[:20%]")  # 288 examples
+  info = data.get_info(config)
+  # round(0.1 * 288) = 29 held out: examples 259..287 of the split, in file order.
+  assert (info.num_train, info.num_validation) == (259, 29)
+  batches = list(data.eval_iterator(config, batch_size=32, split="validation"))
+  got = np.concatenate([b["label"][b["mask"] > 0] for b in batches])
+  np.testing.assert_array_equal(got, labels[259:])
+  train = list(data.eval_iterator(config, batch_size=32, split="train"))
+  np.testing.assert_array_equal(
+      np.concatenate([b["label"][b["mask"] > 0] for b in train]), labels[:259])
+  # An epoch of training batches: 8 x 32 distinct examples of the first 259 positions.
+  seen = np.concatenate([b["index"] for b in take(
+      data.train_iterator(config, global_batch_size=32, seed=0), 259 // 32)])
+  assert seen.max() <= 258 and len(np.unique(seen)) == 256
+
+
+def test_named_validation_split_and_bad_validation_settings(digits_config):
+  config = copy.deepcopy(digits_config)
+  config.train_split, config.validation_split = "train[:50%]", "train[50%:60%]"
+  info = data.get_info(config)
+  assert (info.num_train, info.num_validation) == (719, 144)
+  config.validation_fraction = 0.1
+  with pytest.raises(ValueError, match="set one of data.validation_split and "
+                                       "data.validation_fraction"):
+    data.get_info(config)
+  config.validation_split, config.validation_fraction = None, 1.0
+  with pytest.raises(ValueError, match=r"validation_fraction must be in \[0, 1\)"):
+    data.get_info(config)
+  config.validation_fraction = 0.0
+  with pytest.raises(ValueError, match="has no validation split; set data.validation"):
+    next(data.eval_iterator(config, batch_size=32, split="validation"))

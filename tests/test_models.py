@@ -108,7 +108,10 @@ def test_unknown_name_lists_known_models():
     models.create("nope", 10)
   message = str(info.value)
   assert "\n" not in message
-  assert message.startswith("unknown model 'nope'; known models: resnet8, resnet14,")
+  assert message.startswith("unknown model 'nope'; set teacher.name / student.name to "
+                            "one of resnet8, resnet14,")
+  assert "did you mean 'MobileNetV2'?" in str(
+      pytest.raises(ValueError, models.create, "MobileNetV3", 10).value)
   assert all(name in message for name in models.available())
 
 

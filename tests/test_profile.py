@@ -31,6 +31,11 @@ def test_macs_and_peak_activations_of_a_known_network():
   costs = profile.compiled_costs(model, variables, (8, 8, 1))
   # conv: 6x6x8 outputs x 3x3x1 taps = 2592; dense: 288 inputs x 10 outputs = 2880.
   assert costs["macs"] == 2592 + 2880
+  # XLA's own count of the compiled forward (2 flops a MAC) agrees: the cross-check of
+  # kd_jax's one MAC count.
+  compiled = jax.jit(lambda v, x: model.apply(v, x)[0]).lower(
+      variables, jnp.zeros((1, 8, 8, 1))).compile()
+  assert compiled.cost_analysis()["flops"] / 2 == costs["macs"]
   # At least the conv output (288 floats) and the logits (10) are live at once; at most
   # every intermediate buffer (conv output, its flattened copy) without any reuse.
   assert 4 * (288 + 10) <= costs["peak_activation_bytes"] <= 4 * (2 * 288 + 10)

@@ -9,7 +9,7 @@ from absl import flags
 from ml_collections import config_flags
 import pytest
 
-from kd_jax import cli, configs, experiment, models, objective, reproduce
+from kd_jax import cli, configs, models, objective, phase, reproduce
 from kd_jax.experiments import cifar100_crd, cifar100_kd, imagenet_kd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -200,14 +200,15 @@ def test_reproduce_tiny_writes_the_table_of_its_runs(tmp_path, monkeypatch):
       assert row["difference"][k] == row["measured"][k] - row["published"][k]
     line = next(l for l in table.splitlines()
                 if l.startswith(f"| resnet56-resnet20 | {row['method']} |"))
-    assert f"| {row['measured']['method']:.2f} | {row['published']['method']:.2f} | " \
+    assert row["best_by_validation"] == {"teacher": None, "student": None, "method": None}
+    assert f"| {row['measured']['method']:.2f} | — | {row['published']['method']:.2f} | " \
            f"{row['difference']['method']:+.2f} |" in line
     assert not s["tflite"]  # export stays off unless asked
   # Rerunning reads the finished runs back instead of training again.
   def no_training(*args, **kwargs):
     raise AssertionError("a finished run was trained again")
 
-  monkeypatch.setattr(experiment, "train_phase", no_training)
+  monkeypatch.setattr(phase, "train_phase", no_training)
   assert reproduce.run(["resnet56-resnet20"], ["attention_transfer", "kd"], workdir,
                        tiny=True) == rows[::-1]
 

@@ -4,7 +4,8 @@ Importing this package registers the offline `kd_digits` TFDS builder. See `pipe
 for how batch order, augmentation randomness and per-host slices are defined,
 `preprocess` for the ops and augmentation presets, `augment` for the edge-condition
 ops (low light, motion blur, sensor noise, JPEG, reduced colour, occlusion) and
-`curriculum` for teacher-scored difficulty, pacing and curriculum sampling.
+`curriculum` for pacing and curriculum sampling over difficulty scores (the teacher
+scores them in `kd_jax.teacher_pass`).
 """
 
 from kd_jax.data import augment

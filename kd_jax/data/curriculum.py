@@ -2,7 +2,8 @@
 decides how many of the easiest ones each step may draw from.
 
 1. Difficulty: one pass of the teacher over the student's training split (eval
-   preprocessing, file order) scores every example (`SCORINGS`):
+   preprocessing, file order) scores every example (`SCORINGS`; the pass itself is
+   `kd_jax.teacher_pass`, above this tf.data package):
 
      teacher_loss: −log p_t(y)                        (Hacohen & Weinshall, ICML 2019)
      margin:       max_{c≠y} p_t(c) − p_t(y)          (in [−1, 1]; > 0 when misclassified)
@@ -32,57 +33,18 @@ Training logs `curriculum_fraction` (the pool's share of the split) and
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 import dataclasses
-import os
 from typing import Any, Optional
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import tensorflow as tf
-
-from kd_jax import losses
-from kd_jax import parallel
-from kd_jax.data import pipeline
 
 SCORINGS = ("teacher_loss", "margin", "entropy")
 PACINGS = ("linear", "root", "geometric", "step")
 _DEFAULTS = dict(pacing="none", scoring="teacher_loss", start_fraction=0.3,
                  full_at_epoch=30.0, stages=4)
 _SAMPLING_SALT = 3  # Beside the shuffle (0), augmentation (1) and edge-op (2) salts.
-
-
-def difficulty(logits: jax.Array, labels: jax.Array, scoring: str) -> jax.Array:
-  """[B] difficulty of each example from the teacher's logits (higher is harder)."""
-  logits = logits.astype(jnp.float32)
-  if scoring == "teacher_loss":
-    return losses.cross_entropy_per_example(logits, labels)
-  probs = jax.nn.softmax(logits, axis=-1)
-  if scoring == "margin":
-    is_label = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.bool_)
-    label_prob = jnp.sum(jnp.where(is_label, probs, 0.0), axis=-1)
-    return jnp.max(jnp.where(is_label, -1.0, probs), axis=-1) - label_prob
-  if scoring == "entropy":
-    return -jnp.sum(probs * jax.nn.log_softmax(logits, axis=-1), axis=-1)
-  raise ValueError(f"curriculum.scoring={scoring!r} is unknown; use one of "
-                   f"{', '.join(SCORINGS)}")
-
-
-def difficulty_scores(model: nn.Module, variables: Any,
-                      batches: Iterable[Mapping[str, np.ndarray]], mesh,
-                      scoring: str) -> np.ndarray:
-  """float32 [N] difficulty of every real example of `batches`, in their order.
-
-  `batches` are host-local eval batches (with 'mask'); every host gets all scores.
-  """
-  def score(variables, batch):
-    logits, _ = model.apply(variables, batch["image"], train=False)
-    return {"score": difficulty(logits, batch["label"], scoring)}
-
-  return parallel.gather_outputs(score, variables, batches, mesh)["score"].astype(np.float32)
 
 
 def pacing_fraction(kind: str, step, *, start_fraction: float, full_step: int,
@@ -164,14 +126,9 @@ class Curriculum:
 
     return host_indices
 
-  def metrics(self, step: int, batch: Mapping[str, jax.Array]) -> dict[str, float]:
-    """`curriculum_fraction` at `step` and `curriculum_difficulty`, the mean score of
-    `batch` (a global batch with 'difficulty', as the train step receives it)."""
-    size = batch["difficulty"].shape[0]
-    return {
-        "curriculum_fraction": float(self.pool_size(step, size)) / len(self.difficulty),
-        "curriculum_difficulty": float(parallel.to_host(jnp.mean(batch["difficulty"]))),
-    }
+  def fraction(self, step: int, global_batch_size: int) -> float:
+    """`curriculum_fraction`: the share of the split available at `step`."""
+    return float(self.pool_size(step, global_batch_size)) / len(self.difficulty)
 
 
 def settings(spec: Optional[Mapping[str, Any]]) -> dict[str, Any]:
@@ -203,32 +160,10 @@ def settings(spec: Optional[Mapping[str, Any]]) -> dict[str, Any]:
   return spec
 
 
-def for_run(config: ml_collections.ConfigDict, workdir: str, *, train_data, teacher,
-            teacher_variables, mesh) -> Optional[Curriculum]:
-  """The distilled phase's curriculum from `config.curriculum` (None when off).
-
-  Scores the student's training split `train_data` with the teacher, or reuses the
-  scores saved in `<workdir>/curriculum/` by an earlier attempt of the run. Epochs
-  count `config.train.batch_size` batches of that split.
-  """
-  spec = settings(config.get("curriculum"))
-  if spec["pacing"] == "none":
-    return None
-  scoring = spec["scoring"]
-  path = os.path.join(workdir, "curriculum", f"difficulty_{scoring}.npy")
-  if os.path.exists(path):
-    scores = np.load(path)
-  else:
-    split = train_data.copy_and_resolve_references()
-    split.eval_split = split.train_split
-    scores = difficulty_scores(
-        teacher, teacher_variables,
-        pipeline.eval_iterator(split, batch_size=config.eval_batch_size), mesh, scoring)
-    if jax.process_index() == 0:
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      with open(path + ".tmp", "wb") as f:
-        np.save(f, scores)
-      os.replace(path + ".tmp", path)
-  steps_per_epoch = len(scores) // int(config.train.batch_size)
+def from_scores(scores: np.ndarray, spec: Mapping[str, Any],
+                batch_size: int) -> Curriculum:
+  """The curriculum of `settings(spec)` over `scores`; epochs count `batch_size` batches."""
+  spec = settings(spec)
+  steps_per_epoch = len(scores) // int(batch_size)
   return Curriculum(scores, spec["pacing"], float(spec["start_fraction"]),
                     round(spec["full_at_epoch"] * steps_per_epoch), int(spec["stages"]))

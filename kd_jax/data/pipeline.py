@@ -44,7 +44,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Optional, Union
+from typing import Optional, Union
 
 import jax
 import ml_collections
@@ -54,11 +54,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from kd_jax.data import augment
+from kd_jax.data import curriculum as curriculum_lib
 from kd_jax.data import kd_digits
 from kd_jax.data import preprocess
-
-if TYPE_CHECKING:
-  from kd_jax.data import curriculum as curriculum_lib
 
 try:  # JAX owns the accelerators; TensorFlow only feeds data from the CPU.
   tf.config.set_visible_devices([], "GPU")
@@ -95,6 +93,12 @@ _DATASET_DEFAULTS = {
         augment="imagenet", image_size=224, flip=True, eval_split="validation",
     ),
 }
+
+
+def dataset_defaults(name: str) -> dict:
+  """The values a data config's None fields (mean, std, augment, pad, flip) take for
+  the dataset `name`."""
+  return dict(_DATASET_DEFAULTS.get(name, _GENERIC_DEFAULTS))
 # Any other TFDS image dataset: [0, 1] pixels mapped to [-1, 1], no augmentation.
 _GENERIC_DEFAULTS = dict(mean=(0.5,), std=(0.5,), augment="none", pad=4, flip=True)
 
@@ -110,7 +114,12 @@ def default_data_config() -> ml_collections.ConfigDict:
     data_dir: TFDS data directory; None -> TFDS's default (`TFDS_DATA_DIR` or
       ~/tensorflow_datasets).
     train_split: TFDS split (slicing allowed, e.g. 'train[:90%]').
-    eval_split: None -> 'test', or 'validation' if the dataset has no test split.
+    eval_split: None -> 'test', or 'validation' if the dataset has no test split. The
+      final figures of a run; touched only once, at the end.
+    validation_fraction: the last fraction of each training split (in file order) is
+      held out as the validation split (model selection, learning curves); 0 -> none.
+    validation_split: a named TFDS split to validate on instead (then
+      validation_fraction must be 0).
     image_size: side of the square model input; None -> native size (224 for
       imagenet2012).
     augment: 'none' | 'cifar' | 'imagenet' (see `preprocess`); None -> dataset default
@@ -132,6 +141,8 @@ def default_data_config() -> ml_collections.ConfigDict:
   config.data_dir = config_dict.placeholder(str)
   config.train_split = "train"
   config.eval_split = config_dict.placeholder(str)
+  config.validation_fraction = 0.0
+  config.validation_split = config_dict.placeholder(str)
   config.image_size = config_dict.placeholder(int)
   config.augment = config_dict.placeholder(str)
   config.pad = config_dict.placeholder(int)
@@ -151,10 +162,12 @@ class DatasetInfo:
 
   num_classes: int
   image_shape: tuple[int, int, int]  # (H, W, C) after preprocessing.
-  num_train: int
+  num_train: int  # Training examples: the split's first num_train in file order.
   num_eval: int
   train_split: str
   eval_split: str
+  num_validation: int = 0
+  validation_split: Optional[str] = None  # None: the train split's last num_validation.
 
   def steps_per_epoch(self, global_batch_size: int) -> int:
     """Full global batches per epoch (the remainder of each epoch is dropped)."""
@@ -247,6 +260,22 @@ def _source(data_config: DataConfig) -> _Source:
       else "validation")
   num_train = _read_split(builder, data_config.train_split)[1]
   num_eval = _read_split(builder, eval_split)[1]
+  fraction = float(data_config.get("validation_fraction") or 0.0)
+  validation_split = data_config.get("validation_split")
+  if not 0.0 <= fraction < 1.0:
+    raise ValueError(f"data.validation_fraction must be in [0, 1), got {fraction}")
+  if validation_split and fraction:
+    raise ValueError("set one of data.validation_split and data.validation_fraction, "
+                     "not both")
+  if validation_split:
+    num_validation = _read_split(builder, validation_split)[1]
+  else:
+    num_validation = int(round(fraction * num_train))
+    num_train -= num_validation
+    if fraction and (num_validation == 0 or num_train == 0):
+      raise ValueError(f"data.validation_fraction={fraction} of the {num_train + num_validation} "
+                       f"examples of {data_config.train_split} leaves an empty split; "
+                       "change it")
 
   native_shape = tuple(features[image_key].shape)
   channels = native_shape[-1]
@@ -278,6 +307,8 @@ def _source(data_config: DataConfig) -> _Source:
           num_eval=num_eval,
           train_split=data_config.train_split,
           eval_split=eval_split,
+          num_validation=num_validation,
+          validation_split=validation_split,
       ),
       decode=features[image_key].decode_example,
       augmentation=preprocess.get_augmentation(
@@ -391,9 +422,30 @@ def _options() -> tf.data.Options:
   return options
 
 
+def _split_examples(source: _Source, split: str) -> tuple[tf.data.Dataset, int]:
+  """(undecoded (image, label) pairs in file order, their number) of one of a data
+  config's splits: 'train' (without the examples held out for validation),
+  'validation' or 'eval'."""
+  info = source.info
+  if split == "eval":
+    return _read_split(source.builder, info.eval_split)
+  if split == "validation":
+    if not info.num_validation:
+      raise ValueError("this run has no validation split; set data.validation_fraction "
+                       "or data.validation_split")
+    if info.validation_split:
+      return _read_split(source.builder, info.validation_split)
+    examples, _ = _read_split(source.builder, info.train_split)
+    return examples.skip(info.num_train), info.num_validation
+  if split == "train":
+    examples, _ = _read_split(source.builder, info.train_split)
+    return examples.take(info.num_train), info.num_train
+  raise ValueError(f"split must be 'train', 'validation' or 'eval', got {split!r}")
+
+
 def _indexed_examples(source: _Source) -> tf.data.Dataset:
   """The training split in file order as (image, label, index), decoded if cacheable."""
-  examples, _ = _read_split(source.builder, source.info.train_split)
+  examples, _ = _split_examples(source, "train")
   examples = examples.enumerate().map(
       lambda index, example: (*example, tf.cast(index, tf.int32)))
   if source.cache_decoded:
@@ -548,10 +600,12 @@ def eval_dataset(
     process_index: Optional[int] = None,
     process_count: Optional[int] = None,
     corruption: Optional[tuple[str, int]] = None,
+    split: str = "eval",
 ) -> tf.data.Dataset:
   """The finite tf.data stream behind `eval_iterator` (same arguments)."""
   (dataset,) = eval_datasets(data_config, [corruption], batch_size=batch_size,
-                             process_index=process_index, process_count=process_count)
+                             process_index=process_index, process_count=process_count,
+                             split=split)
   return dataset
 
 
@@ -562,12 +616,13 @@ def eval_datasets(
     batch_size: int,
     process_index: Optional[int] = None,
     process_count: Optional[int] = None,
+    split: str = "eval",
 ) -> list[tf.data.Dataset]:
   """`eval_dataset` under each of `corruptions` (None: clean), resolving the data once."""
   source = _source(data_config)
   process_index, process_count, per_host = _host_partition(
       batch_size, process_index, process_count)
-  examples, num_examples = _read_split(source.builder, source.info.eval_split)
+  examples, num_examples = _split_examples(source, split)
   num_steps = -(-num_examples // batch_size)
   num_chunks = -(-num_examples // per_host)
   own_chunks = len(range(process_index, num_chunks, process_count))
@@ -615,8 +670,13 @@ def eval_iterator(
     process_index: Optional[int] = None,
     process_count: Optional[int] = None,
     corruption: Optional[tuple[str, int]] = None,
+    split: str = "eval",
 ) -> Iterator[Batch]:
-  """One pass over this host's part of the evaluation split, without augmentation.
+  """One pass over this host's part of a split, without augmentation.
+
+  `split` is 'eval' (the evaluation split: a run's final figures), 'validation' (held
+  out for model selection, see `default_data_config`) or 'train' (the training
+  examples in file order, e.g. for the teacher's pass over them).
 
   `batch_size` is the global batch: every host yields `ceil(num_eval / batch_size)`
   batches of `b = batch_size // process_count` (so all hosts run the same number of
@@ -638,6 +698,7 @@ def eval_iterator(
       process_index=process_index,
       process_count=process_count,
       corruption=corruption,
+      split=split,
   ).as_numpy_iterator()
 
 
@@ -651,7 +712,7 @@ def representative_images(data_config: DataConfig, n: int, seed: int = 0) -> np.
     float32 [min(n, num_train), H, W, C], normalised like the model inputs.
   """
   source = _source(data_config)
-  examples, num_examples = _read_split(source.builder, source.info.train_split)
+  examples, num_examples = _split_examples(source, "train")
   images = (
       examples.shuffle(min(num_examples, _UNCACHED_SHUFFLE_BUFFER), seed=seed)
       .batch(n)

@@ -28,7 +28,7 @@ import numpy as np
 from kd_jax import checkpoint as ckpt_lib
 from kd_jax import data as data_lib
 from kd_jax import evaluate as eval_lib
-from kd_jax import experiment
+from kd_jax import phase as phase_lib
 from kd_jax import export as export_lib
 from kd_jax import parallel
 from kd_jax.edge import cost
@@ -92,9 +92,9 @@ def run(config, workdir: str, *, mesh, info, writer, teacher, teacher_variables,
   if QAT in phases:
     qcfg = edge.qat
     bits = int(qcfg.get("bits", 8))
-    result = experiment.train_phase(
+    result = phase_lib.train_phase(
         config, phase=QAT, model=quantize.quant_aware(student, bits),
-        train_config=experiment.student_recipe(config, qcfg.get("train")),
+        train_config=phase_lib.student_recipe(config, qcfg.get("train")),
         distill_config=config.distill, init_variables=distilled.variables,
         model_meta={"quantization": f"int{bits} fake-quant (QAT)"}, **phase_args)
     summary[QAT] = {"accuracy": result.metrics["accuracy"], "metrics": result.metrics}
@@ -118,9 +118,9 @@ def run(config, workdir: str, *, mesh, info, writer, teacher, teacher_variables,
                              float(pcfg.flops_ratio), pcfg.get("criterion", "bn_scale"))
     before = eval_lib.evaluate(pruned.model, parallel.replicate(pruned.variables, mesh),
                                eval_fn(), mesh, num_classes=info.num_classes)
-    result = experiment.train_phase(
+    result = phase_lib.train_phase(
         config, phase=PRUNED, model=pruned.model,
-        train_config=experiment.student_recipe(config, pcfg.get("train")),
+        train_config=phase_lib.student_recipe(config, pcfg.get("train")),
         distill_config=config.distill, init_variables=pruned.variables,
         model_meta={"model_kwargs": {"mid_widths": list(pruned.mid_widths)}}, **phase_args)
     summary[PRUNED] = {
@@ -162,13 +162,10 @@ def _exits(config, workdir, *, mesh, info, teacher, teacher_variables, student, 
   shape = tuple(info.image_shape)
   like = jax.eval_shape(lambda: early_exit.init_exit_heads(
       heads, student, distilled.variables, shape))
+  data_config = phase_lib.training_data(config, "student")
   if ckpt_lib.has_variables(directory):
     head_vars, _ = ckpt_lib.load_variables(directory, like)
   else:
-    data_config = config.data.copy_and_resolve_references()
-    split = config.student.get("train_split")
-    if split:
-      data_config.train_split = split
     head_vars, history = early_exit.train_exit_heads(
         student, distilled.variables, teacher, teacher_variables, data_config, heads=heads,
         steps=int(xcfg.steps), batch_size=int(xcfg.get("batch_size", config.train.batch_size)),
@@ -187,6 +184,15 @@ def _exits(config, workdir, *, mesh, info, teacher, teacher_variables, student, 
               for name, logits in outputs.items()}
   summary = {"taps": list(heads.taps), "accuracy": accuracy,
              "macs": {name: m["macs"] for name, m in macs.items()}, "thresholds": table}
+  if data_lib.get_info(data_config).num_validation:
+    # Thresholds are chosen on held-out validation data; `thresholds` (the eval
+    # split) gives the final figures of each.
+    validation_outputs, validation_labels = early_exit.exit_outputs(
+        student, distilled.variables, heads, head_vars,
+        data_lib.eval_iterator(data_config, batch_size=config.eval_batch_size,
+                               split="validation"), mesh=mesh)
+    summary["validation_thresholds"] = early_exit.threshold_table(
+        validation_outputs, validation_labels, macs, tuple(xcfg.thresholds))
   rows = {}
   if write:
     exported = early_exit.export_exits(
@@ -198,6 +204,10 @@ def _exits(config, workdir, *, mesh, info, teacher, teacher_variables, student, 
                                        macs=macs[name]["macs"])
     summary["tflite"] = exported
     with open(os.path.join(directory, "thresholds.md"), "w") as f:
+      if "validation_thresholds" in summary:
+        f.write("Validation split (choose the threshold here):\n\n"
+                + threshold_markdown(summary["validation_thresholds"], heads.taps)
+                + "\nEvaluation split (the final figures):\n\n")
       f.write(threshold_markdown(table, heads.taps))
   return summary, rows
 

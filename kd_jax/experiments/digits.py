@@ -27,6 +27,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.mixed_precision = False  # True: bfloat16 compute, float32 params/optimizer/losses
 
   c.data = data.default_data_config()  # kd_digits, with its own defaults
+  # The last 10% of each phase's training split is held out for validation: evaluated
+  # every `validation.every_steps`, it picks each phase's best checkpoint; the test
+  # split gives the final figures of the last and of the best model.
+  c.data.validation_fraction = 0.1
+  c.validation = ml_collections.ConfigDict(dict(every_steps=40, metric="accuracy"))
 
   recipe = dict(optimizer="sgd", learning_rate=0.05, momentum=0.9, nesterov=False,
                 weight_decay=5e-4, schedule="cosine", decay_epochs=(), decay_factor=0.1,
@@ -83,6 +88,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.teacher.train.update(epochs=1, batch_size=32, checkpoint_every_steps=10)
     c.train.update(epochs=3, batch_size=32, checkpoint_every_steps=10)
     c.log_every_steps = 5
+    c.validation.every_steps = 10
     c.export.num_calibration_images = 32
     c.export.latency_runs = 5
   elif variant:

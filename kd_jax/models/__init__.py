@@ -18,7 +18,7 @@ Every model takes NHWC float images and returns ``(logits, taps)``; see `Classif
 from __future__ import annotations
 
 import functools
-from typing import Callable, Dict, List
+from typing import Callable, List
 
 import flax.linen as nn
 import jax
@@ -29,6 +29,7 @@ from kd_jax.models.resnet import BasicBlock, Bottleneck, ResNet
 from kd_jax.models.shufflenet import ShuffleNetV1, ShuffleNetV2
 from kd_jax.models.vgg import CONFIGS as VGG_CONFIGS, VGG
 from kd_jax.models.wrn import WideResNet
+from kd_jax.registry import Registry
 
 __all__ = ["Classifier", "available", "create", "portable"]
 
@@ -46,7 +47,9 @@ def _imagenet_resnet(block, stage_sizes) -> Callable[..., nn.Module]:
                            imagenet_stem=True)
 
 
-_REGISTRY: Dict[str, Callable[..., nn.Module]] = {
+_REGISTRY: Registry[Callable[..., nn.Module]] = Registry(
+    "model", hint="set teacher.name / student.name")
+for _name, _factory in {
     **{f"resnet{d}": _cifar_resnet(d, 16, (16, 32, 64))
        for d in (8, 14, 20, 32, 44, 56, 110)},
     "resnet8x4": _cifar_resnet(8, 32, (64, 128, 256)),
@@ -60,12 +63,13 @@ _REGISTRY: Dict[str, Callable[..., nn.Module]] = {
     "resnet18": _imagenet_resnet(BasicBlock, (2, 2, 2, 2)),
     "resnet34": _imagenet_resnet(BasicBlock, (3, 4, 6, 3)),
     "resnet50": _imagenet_resnet(Bottleneck, (3, 4, 6, 3)),
-}
+}.items():
+  _REGISTRY.register(_name, _factory)
 
 
 def available() -> List[str]:
   """Names accepted by `create`, in registry order."""
-  return list(_REGISTRY)
+  return _REGISTRY.names()
 
 
 def create(name: str, num_classes: int, *, cpu_ops: bool | None = None,
@@ -86,8 +90,7 @@ def create(name: str, num_classes: int, *, cpu_ops: bool | None = None,
   Raises:
     ValueError: for an unknown name.
   """
-  if name not in _REGISTRY:
-    raise ValueError(f"unknown model {name!r}; known models: {', '.join(_REGISTRY)}")
+  factory = _REGISTRY.get(name)
   if cpu_ops is None:
     cpu_ops = jax.default_backend() == "cpu"
-  return _REGISTRY[name](num_classes=num_classes, cpu_ops=bool(cpu_ops), **kw)
+  return factory(num_classes=num_classes, cpu_ops=bool(cpu_ops), **kw)

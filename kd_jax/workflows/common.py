@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any, Mapping
@@ -12,9 +11,11 @@ import ml_collections
 
 from kd_jax import data as data_lib
 from kd_jax import evaluate as eval_lib
-from kd_jax import experiment
 from kd_jax import parallel
-from kd_jax.metric_writer import MetricWriter
+from kd_jax import phase as phase_lib
+from kd_jax import rundir
+from kd_jax.metric_writer import MetricWriter, log
+from kd_jax.workflows import distill
 
 
 @dataclasses.dataclass
@@ -29,12 +30,12 @@ class Context:
   info: data_lib.DatasetInfo
   writer: MetricWriter
   start: float
-  teacher: experiment.PhaseResult
+  teacher: phase_lib.PhaseResult
   teacher_variables: Any
 
   @property
   def phase_args(self) -> dict[str, Any]:
-    """The keyword arguments `experiment.train_phase` takes from the run."""
+    """The keyword arguments `kd_jax.phase.train_phase` takes from the run."""
     return dict(workdir=self.workdir, mesh=self.mesh, info=self.info, writer=self.writer)
 
 
@@ -44,10 +45,10 @@ def start(config: ml_collections.ConfigDict, workdir: str) -> Context:
   os.makedirs(workdir, exist_ok=True)
   t0 = time.perf_counter()
   info = data_lib.get_info(config.data)
-  experiment._log(f"workflow {config.workflow}: {jax.device_count()} "
-                  f"{jax.default_backend()} device(s); dataset {config.data.name}")
+  log(f"workflow {config.workflow}: {jax.device_count()} {jax.default_backend()} "
+      f"device(s); dataset {config.data.name}")
   mesh, writer = parallel.data_mesh(), MetricWriter(workdir)
-  teacher = experiment.teacher_phase(config, workdir, mesh, info, writer)
+  teacher = distill.teacher_phase(config, workdir, mesh, info, writer)
   return Context(workdir, mesh, info, writer, t0, teacher,
                  parallel.replicate(teacher.variables, mesh))
 
@@ -57,10 +58,7 @@ def finish(context: Context, summary: dict[str, Any]) -> dict[str, Any]:
   summary["wall_seconds"] = time.perf_counter() - context.start
   context.writer.close()
   if jax.process_index() == 0:
-    path = os.path.join(context.workdir, "summary.json")
-    with open(path, "w") as f:
-      json.dump(summary, f, indent=2, default=experiment._json_default)
-    experiment._log(f"wrote {path}")
+    rundir.write_summary(context.workdir, summary)
   return summary
 
 

@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import ml_collections
 import tensorflow_datasets as tfds
 
-from kd_jax import experiment
+from kd_jax import phase as phase_lib
+from kd_jax import rundir
 from kd_jax import losses
 from kd_jax import objective as objective_lib
 from kd_jax import parallel
@@ -101,7 +102,7 @@ def by_class_data(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   data.name = KdDigitsByClass.name
   data.train_split = class_split("train", range(10))
   data.eval_split = class_split("test", range(10))
-  for key, value in pipeline._DATASET_DEFAULTS[kd_digits.KdDigits.name].items():
+  for key, value in pipeline.dataset_defaults(kd_digits.KdDigits.name).items():
     if data.get(key) is None:
       data[key] = value
   return data
@@ -145,15 +146,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   block = config.continual
   context = common.start(config, workdir)
   info = context.info
-  teacher = experiment._model(config, "teacher", info.num_classes)
-  student = experiment._model(config, "student", info.num_classes)
+  teacher = rundir.model(config, "teacher", info.num_classes)
+  student = rundir.model(config, "student", info.num_classes)
   t_vars = context.teacher_variables
   data = by_class_data(config)
   old_classes, new_classes = tuple(block.old_classes), tuple(block.new_classes)
   old_config = common.derived(config, {
       "data": data, "data.eval_split": class_split("test", old_classes),
       "student.train_split": class_split("train", old_classes)})
-  deployed = experiment.train_phase(
+  deployed = phase_lib.train_phase(
       old_config, phase=OLD, model=student, train_config=config.train,
       distill_config=config.distill, teacher=teacher, teacher_variables=t_vars,
       **context.phase_args)
@@ -166,9 +167,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   results = {OLD: deployed}
   for anchor in block.anchors:
     anchor_model, anchor_variables = anchors[anchor]
-    results[f"new_{anchor}"] = experiment.train_phase(
+    results[f"new_{anchor}"] = phase_lib.train_phase(
         new_config, phase=f"new_{anchor}", model=student,
-        train_config=experiment.student_recipe(config, block.get("train")),
+        train_config=phase_lib.student_recipe(config, block.get("train")),
         distill_config=anchor_objective(anchor, block), teacher=anchor_model,
         teacher_variables=anchor_variables, init_variables=deployed.variables,
         **context.phase_args)

@@ -25,9 +25,11 @@ from typing import Any
 import ml_collections
 
 from kd_jax import data as data_lib
-from kd_jax import experiment
+from kd_jax import phase as phase_lib
+from kd_jax import rundir
 from kd_jax import objective as objective_lib
 from kd_jax.workflows import common
+from kd_jax.workflows import distill as distill_workflow
 
 ADAPTED = "adapted"
 
@@ -61,15 +63,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   block = config.domain
   context = common.start(config, workdir)
   info = context.info
-  student, _, source = experiment.student_phases(config, workdir, context.mesh, info,
+  student, _, source = distill_workflow.student_phases(config, workdir, context.mesh, info,
                                                  context.writer, context.teacher)
-  teacher = experiment._model(config, "teacher", info.num_classes)
+  teacher = rundir.model(config, "teacher", info.num_classes)
   target_config = common.derived(config, {
       "data.edge_augment": target_augment(block),
       "student.train_split": block.train_split})
-  adapted = experiment.train_phase(
+  adapted = phase_lib.train_phase(
       target_config, phase=ADAPTED, model=student,
-      train_config=experiment.student_recipe(config, block.get("train")),
+      train_config=phase_lib.student_recipe(config, block.get("train")),
       distill_config=block.distill.to_dict(), teacher=teacher,
       teacher_variables=context.teacher_variables,
       init_variables=source.variables, **context.phase_args)

@@ -35,13 +35,15 @@ import ml_collections
 import numpy as np
 
 from kd_jax import data as data_lib
-from kd_jax import experiment
+from kd_jax import phase as phase_lib
+from kd_jax import rundir
 from kd_jax import export as export_lib
 from kd_jax import losses
 from kd_jax import models
 from kd_jax import objective as objective_lib
 from kd_jax.edge.early_exit import ExitHead
 from kd_jax.workflows import common
+from kd_jax.workflows import distill as distill_workflow
 
 BASE = "digit"  # the trunk's own classifier: the identity task
 # Derived tasks of the 10 digit classes: class c -> task class map[c].
@@ -279,9 +281,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   block = config.heads
   context = common.start(config, workdir)
   info = context.info
-  student, _, single = experiment.student_phases(config, workdir, context.mesh, info,
+  student, _, single = distill_workflow.student_phases(config, workdir, context.mesh, info,
                                                  context.writer, context.teacher)
-  teacher = WithLogitsTap(experiment._model(config, "teacher", info.num_classes))
+  teacher = WithLogitsTap(rundir.model(config, "teacher", info.num_classes))
   t_vars = context.teacher_variables
   joint, added = head_specs(config, block.joint), head_specs(config, block.added)
   weight, temperature = float(block.weight), float(block.temperature)
@@ -289,14 +291,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   trunk_model = MultiHeadStudent(student, joint)
   distill = config.distill.to_dict()
   distill["terms"] = list(distill.get("terms", [])) + head_terms(joint, weight, temperature)
-  trunk = experiment.train_phase(
+  trunk = phase_lib.train_phase(
       config, phase="trunk", model=trunk_model, train_config=config.train,
       distill_config=distill, teacher=teacher, teacher_variables=t_vars,
       **context.phase_args)
   added_model = HeadsOnFrozenTrunk(trunk_model, trunk.variables, added)
-  new_heads = experiment.train_phase(
+  new_heads = phase_lib.train_phase(
       config, phase="added", model=added_model,
-      train_config=experiment.student_recipe(config, block.get("train")),
+      train_config=phase_lib.student_recipe(config, block.get("train")),
       distill_config={"ce_weight": 0.0, "terms": head_terms(added, weight, temperature)},
       teacher=teacher, teacher_variables=t_vars, **context.phase_args)
 
