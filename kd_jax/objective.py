@@ -38,7 +38,7 @@ from jax import lax
 import optax
 
 from kd_jax import losses
-from kd_jax.registry import Registry
+from kd_jax.registry import Registry, section
 
 # What a method compares: the two logits vectors, a pair of taps (feature maps), a
 # pair of taps that defaults to the penultimate embeddings, or several taps at once
@@ -202,12 +202,7 @@ def build_self_paced(spec: Mapping[str, Any] | None, *,
   Absent or unset (None) fields take their defaults: thresholds 2 -> 6 nats by epoch
   30, softness 0.25.
   """
-  given = {key: value for key, value in dict(spec or {}).items() if value is not None}
-  unknown = sorted(set(given) - set(_SELF_PACED_DEFAULTS))
-  if unknown:
-    raise ValueError(f"distill.self_paced has no {', '.join(unknown)}; its keys: "
-                     f"{', '.join(_SELF_PACED_DEFAULTS)}")
-  spec = {**_SELF_PACED_DEFAULTS, **given}
+  spec = section("distill.self_paced", spec, _SELF_PACED_DEFAULTS)
   if spec["kind"] not in SELF_PACED:
     raise ValueError(f"distill.self_paced.kind={spec['kind']!r} is unknown; use one of "
                      f"{', '.join(SELF_PACED)}")

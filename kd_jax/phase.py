@@ -26,6 +26,7 @@ from kd_jax import data as data_lib
 from kd_jax import evaluate as eval_lib
 from kd_jax import objective as objective_lib
 from kd_jax import parallel
+from kd_jax import registry
 from kd_jax import teacher_cache
 from kd_jax import train as train_lib
 from kd_jax.data import curriculum as curriculum_lib
@@ -56,12 +57,7 @@ class PhaseResult:
 
 def validation_settings(spec: Mapping[str, Any] | None) -> dict[str, Any]:
   """The `validation` config block with its defaults; one-line errors."""
-  given = {k: v for k, v in dict(spec or {}).items() if v is not None}
-  unknown = sorted(set(given) - set(_VALIDATION_DEFAULTS))
-  if unknown:
-    raise ValueError(f"validation has no {', '.join(unknown)}; its keys: "
-                     f"{', '.join(_VALIDATION_DEFAULTS)}")
-  spec = {**_VALIDATION_DEFAULTS, **given}
+  spec = registry.section("validation", spec, _VALIDATION_DEFAULTS)
   if int(spec["every_steps"]) < 1:
     raise ValueError(f"validation.every_steps must be at least 1, got {spec['every_steps']}")
   known = ("accuracy", "top5_accuracy", *_LOWER_IS_BETTER)

@@ -56,6 +56,9 @@ class Registry(Generic[T]):
       raise ValueError(self.unknown(name))
     return self._entries[name]
 
+  def __getitem__(self, name: str) -> T:
+    return self.get(name)
+
   def __contains__(self, name: object) -> bool:
     return name in self._entries
 
@@ -64,3 +67,19 @@ class Registry(Generic[T]):
 
   def __len__(self) -> int:
     return len(self._entries)
+
+
+def section(name: str, spec: Any, defaults: dict[str, Any]) -> dict[str, Any]:
+  """A config section with its owner's `defaults` for absent or unset (None) keys.
+
+  The module that reads a section owns its defaults and passes them here; an unknown
+  key fails in one line with the closest known key.
+  """
+  given = {key: value for key, value in dict(spec or {}).items() if value is not None}
+  for key in given:
+    if key not in defaults:
+      close = difflib.get_close_matches(key, defaults, n=1, cutoff=0.6)
+      guess = f"did you mean {close[0]!r}? " if close else ""
+      raise ValueError(f"{name} has no key {key!r}; {guess}its keys: "
+                       f"{', '.join(defaults)}")
+  return {**defaults, **given}

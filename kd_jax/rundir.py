@@ -52,28 +52,30 @@ def teacher_source(config, workdir: str) -> str:
   return inner if os.path.isdir(inner) else source
 
 
+def _load(config, which: str, directory: str, missing: str, info) -> tuple[Any, Any]:
+  """The `which` model ('teacher' / 'student') and the variables saved in `directory`."""
+  net = model(config, which, info.num_classes)
+  if not ckpt_lib.has_variables(directory):
+    raise FileNotFoundError(missing)
+  variables, _ = ckpt_lib.load_variables(directory,
+                                         phase_lib.variables_like(net, info.image_shape))
+  return net, variables
+
+
 def load_phase(config, workdir: str, phase: str, info) -> tuple[Any, Any]:
   """The student model and the final variables a finished phase saved in `workdir`."""
-  student = model(config, "student", info.num_classes)
   directory = os.path.join(workdir, phase)
-  if not ckpt_lib.has_variables(directory):
-    raise FileNotFoundError(f"no finished {phase} phase in {directory}; run "
-                            f"`kd-jax distill --workdir={workdir}` first (it resumes)")
-  variables, _ = ckpt_lib.load_variables(directory,
-                                         phase_lib.variables_like(student, info.image_shape))
-  return student, variables
+  return _load(config, "student", directory,
+               f"no finished {phase} phase in {directory}; run "
+               f"`kd-jax distill --workdir={workdir}` first (it resumes)", info)
 
 
 def load_teacher(config, workdir: str, info) -> tuple[Any, Any]:
   """The teacher model and the variables a run uses (see `teacher_source`)."""
-  teacher = model(config, "teacher", info.num_classes)
   source = teacher_source(config, workdir)
-  if not ckpt_lib.has_variables(source):
-    raise FileNotFoundError(f"no teacher in {source}; run `kd-jax distill "
-                            f"--workdir={workdir}` first (it resumes)")
-  variables, _ = ckpt_lib.load_variables(source,
-                                         phase_lib.variables_like(teacher, info.image_shape))
-  return teacher, variables
+  return _load(config, "teacher", source,
+               f"no teacher in {source}; run `kd-jax distill --workdir={workdir}` first "
+               "(it resumes)", info)
 
 
 def export_student(config, workdir: str, student, variables, info) -> dict[str, Any]:

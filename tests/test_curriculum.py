@@ -109,7 +109,7 @@ def test_difficulty_scores_keep_order_and_drop_padding():
     ({"scoring": "loss"}, "curriculum.scoring='loss' is unknown"),
     ({"start_fraction": 0.0}, "start_fraction must be in (0, 1]"),
     ({"full_at_epoch": -1}, "full_at_epoch must not be negative"),
-    ({"pace": "linear"}, "curriculum has no pace; its keys: pacing"),
+    ({"pace": "linear"}, "curriculum has no key 'pace'; did you mean 'pacing'? its keys: pacing"),
 ])
 def test_bad_curriculum_configs_are_one_line_errors(spec, message):
   with pytest.raises(ValueError) as error:
@@ -283,7 +283,7 @@ def test_self_paced_off_is_the_plain_objective():
     objective_lib.build({"self_paced": dict(kind="hard", start_threshold=3.0,
                                             final_threshold=1.0)},
                         total_steps=1, steps_per_epoch=1)
-  with pytest.raises(ValueError, match="self_paced has no threshold"):
+  with pytest.raises(ValueError, match="self_paced has no key 'threshold'"):
     objective_lib.build({"self_paced": dict(kind="hard", threshold=3.0)},
                         total_steps=1, steps_per_epoch=1)
 

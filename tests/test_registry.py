@@ -2,6 +2,7 @@
 import pytest
 
 from kd_jax import models, objective, workflows
+from kd_jax.data import augment, preprocess
 from kd_jax.registry import Registry
 
 
@@ -34,5 +35,17 @@ def test_unknown_name_is_one_line_with_the_closest_and_every_name():
 
 def test_the_package_tables_are_registries():
   for table, name in ((models._REGISTRY, "resnet8"), (objective.METHODS, "kd"),
-                      (workflows.WORKFLOWS, "distill")):
+                      (workflows.WORKFLOWS, "distill"), (augment.OPS, "jpeg"),
+                      (preprocess.AUGMENTATIONS, "cifar")):
     assert isinstance(table, Registry) and name in table
+
+
+def test_a_config_section_takes_its_owners_defaults_and_rejects_unknown_keys():
+  from kd_jax.registry import section
+  defaults = {"pacing": "none", "stages": 4}
+  assert section("curriculum", None, defaults) == defaults
+  assert section("curriculum", {"stages": 2, "pacing": None}, defaults) == {
+      "pacing": "none", "stages": 2}
+  with pytest.raises(ValueError, match="^curriculum has no key 'pacnig'; did you mean "
+                                       "'pacing'\\? its keys: pacing, stages$"):
+    section("curriculum", {"pacnig": "root"}, defaults)

@@ -39,11 +39,13 @@ from typing import Any, Optional
 
 import tensorflow as tf
 
+from kd_jax.registry import Registry
+
 Image = tf.Tensor
 EdgeOp = Callable[[Image, tf.Tensor, int], Image]
 SEVERITIES = (1, 2, 3, 4, 5)
 
-OPS: dict[str, EdgeOp] = {}
+OPS: Registry[EdgeOp] = Registry("edge op")
 # Ops that act on colour only: identities on 1-channel images.
 COLOUR_OPS = ("grayscale", "chroma_subsampling")
 _SPEC_KEYS = ("op", "prob", "severity")
@@ -63,11 +65,7 @@ _CUTOUT_SIZE = (0.25, 0.375, 0.5, 0.625, 0.75)  # Fractions of the image side.
 def register(name: str) -> Callable[[EdgeOp], EdgeOp]:
   """Makes `op(image, seed, severity) -> image` usable as `{'op': name}`."""
 
-  def add(op: EdgeOp) -> EdgeOp:
-    OPS[name] = op
-    return op
-
-  return add
+  return OPS.register(name)
 
 
 def _level(table: Sequence[Any], severity: int) -> Any:
@@ -238,7 +236,7 @@ def _parse(spec: Any, where: str) -> tuple[str, float, tuple[int, int]]:
                      f"{', '.join(_SPEC_KEYS)}")
   name = spec.get("op")
   if name not in OPS:
-    raise ValueError(f"{where}: unknown edge op {name!r}; use one of {', '.join(OPS)}")
+    raise ValueError(f"{where}: {OPS.unknown(name)}")
   prob = spec.get("prob", 1.0)
   if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0 <= prob <= 1:
     raise ValueError(f"{where}: prob must be a number in [0, 1], got {prob!r}")

@@ -40,6 +40,8 @@ from typing import Any, Optional
 import numpy as np
 import tensorflow as tf
 
+from kd_jax import registry
+
 SCORINGS = ("teacher_loss", "margin", "entropy")
 PACINGS = ("linear", "root", "geometric", "step")
 _DEFAULTS = dict(pacing="none", scoring="teacher_loss", start_fraction=0.3,
@@ -137,12 +139,7 @@ def settings(spec: Optional[Mapping[str, Any]]) -> dict[str, Any]:
   Raises:
     ValueError: an unknown key or a value out of range, in one line.
   """
-  given = {key: value for key, value in dict(spec or {}).items() if value is not None}
-  unknown = sorted(set(given) - set(_DEFAULTS))
-  if unknown:
-    raise ValueError(f"curriculum has no {', '.join(unknown)}; its keys: "
-                     f"{', '.join(_DEFAULTS)}")
-  spec = {**_DEFAULTS, **given}
+  spec = registry.section("curriculum", spec, _DEFAULTS)
   if spec["pacing"] not in ("none", *PACINGS):
     raise ValueError(f"curriculum.pacing={spec['pacing']!r} is unknown; use none or one "
                      f"of {', '.join(PACINGS)}")

@@ -27,6 +27,8 @@ from typing import Optional
 
 import tensorflow as tf
 
+from kd_jax.registry import Registry
+
 Image = tf.Tensor
 Size = tuple[int, int]
 
@@ -118,7 +120,8 @@ class Augmentation:
 
 
 AugmentationFactory = Callable[..., Augmentation]
-_AUGMENTATIONS: dict[str, AugmentationFactory] = {}
+AUGMENTATIONS: Registry[AugmentationFactory] = Registry("augmentation",
+                                                       hint="set data.augment")
 
 
 def register_augmentation(
@@ -126,22 +129,14 @@ def register_augmentation(
 ) -> Callable[[AugmentationFactory], AugmentationFactory]:
   """Registers `factory(*, image_size, pad, flip) -> Augmentation` under `name`."""
 
-  def register(factory: AugmentationFactory) -> AugmentationFactory:
-    _AUGMENTATIONS[name] = factory
-    return factory
-
-  return register
+  return AUGMENTATIONS.register(name)
 
 
 def get_augmentation(
     name: str, *, image_size: Optional[Size], pad: int, flip: bool
 ) -> Augmentation:
   """Builds the registered preset `name` (see the module docstring for the presets)."""
-  if name not in _AUGMENTATIONS:
-    raise ValueError(
-        f"unknown augmentation {name!r}; use one of {sorted(_AUGMENTATIONS)}"
-    )
-  return _AUGMENTATIONS[name](image_size=image_size, pad=pad, flip=flip)
+  return AUGMENTATIONS.get(name)(image_size=image_size, pad=pad, flip=flip)
 
 
 def _resize_to(image_size: Optional[Size]) -> Callable[[Image], Image]:
