@@ -171,9 +171,15 @@ def _evaluation_lines(config, workdir, records) -> list[str]:
   columns = [c for c in ("accuracy", "top5_accuracy", "nll", "ece", "teacher_agreement")
              if any(c in r for r in rows.values())]
   columns += sorted({c for r in rows.values() for c in r if c.startswith("cka/")})
-  lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+  best = {r["phase"]: r for r in records if r.get("kind") == "best_eval"}
+  extra = ["best-by-validation accuracy (step)"] if best else []
+  lines = ["| model | " + " | ".join(columns + extra) + " |",
+           "|---" * (len(columns) + len(extra) + 1) + "|"]
   for phase, record in rows.items():
     cells = [_number(record.get(c)) for c in columns]
+    if best:
+      cells.append(f"{_number(best[phase]['accuracy'])} ({best[phase]['step']})"
+                   if phase in best else "—")
     lines.append(f"| {_label(phase)} | " + " | ".join(cells) + " |")
   lines += ["", f"On the {rows[next(iter(rows))].get('num_examples', '?')} examples of "
             "the eval split. `cka/<pair>`: minibatch linear CKA between student (after "
@@ -333,6 +339,11 @@ def plot_training_curves(records: Sequence[Mapping[str, Any]], path: str) -> boo
     for key in ("accuracy", "teacher_agreement"):
       if key in keys:
         row[1].plot(steps, series(key), label=f"train {key}")
+    held_out = [r for r in records if r.get("phase") == phase
+                and r.get("kind") == "validation"]
+    if held_out:
+      row[1].plot([r["step"] for r in held_out], [r["accuracy"] for r in held_out], "o-",
+                  label="validation accuracy")
     final = last_eval(records, phase)
     if final:
       row[1].plot([final["step"]], [final["accuracy"]], "k*", markersize=10,
