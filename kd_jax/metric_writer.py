@@ -48,8 +48,13 @@ class MetricWriter:
     self._tb = None
     if self._enabled:
       import tensorflow as tf
+      from tensorflow.core.framework import summary_pb2
       self._tf = tf
       self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+      # TensorBoard's scalar plugin reads summaries tagged with this metadata; written
+      # with the core `tf.summary.write`, no tensorboard package is needed to log.
+      self._scalar = summary_pb2.SummaryMetadata(
+          plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
 
   def drop_after(self, phase: str, step: int) -> None:
     """On resume: forget records of `phase` logged after the restored `step`."""
@@ -73,7 +78,8 @@ class MetricWriter:
     with self._tb.as_default():
       for k, v in record.items():
         if isinstance(v, (int, float)) and k != "step":
-          self._tf.summary.scalar(f"{phase}/{kind}/{k}", v, step=int(step))
+          self._tf.summary.write(f"{phase}/{kind}/{k}", self._tf.constant(v, self._tf.float32),
+                                 step=int(step), metadata=self._scalar)
     self._tb.flush()
 
   def close(self) -> None:

@@ -222,8 +222,8 @@ def test_two_processes_of_two_devices_match_one_process_of_four(finished_run, tm
   like = jax.eval_shape(lambda: student.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1))))
   # The steps are the same computation, but the rounding differences of another
   # reduction order (gloo across processes) grow quickly in these 8-image-per-device
-  # steps. Measured with oneDNN's convolutions, vanilla train loss one process against
-  # two: equal to 1e-7 up to step 7, then 6e-6, 1e-5, 1e-4 at steps 8-10 and ~5e-3 from
+  # steps. Measured once (vanilla train loss, one process against two): equal to 1e-7
+  # up to step 7, then 6e-6, 1e-5, 1e-4 at steps 8-10 and ~5e-3 from
   # step 15 (parameters 1.0% apart in L2 at the end; distilled: 7e-8). So the first
   # logged losses agree to rounding, the trajectories to 2%, the parameters to 5%.
   for phase, trajectory_rtol in (("vanilla", 2e-2), ("distilled", 1e-3)):
