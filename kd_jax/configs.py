@@ -23,9 +23,11 @@ def resolve_config_path(path: str) -> str:
   """
   file, colon, variant = path.partition(":")
   head, name = os.path.split(os.path.normpath(file))
-  if os.path.exists(file) or head != "experiments":
+  packaged = os.path.join(EXPERIMENTS_DIR, name)
+  if (os.path.exists(file) or os.path.basename(head) != "experiments"
+      or not os.path.isfile(packaged)):
     return path
-  return os.path.join(EXPERIMENTS_DIR, name) + colon + variant
+  return packaged + colon + variant
 
 
 def experiment_config(name: str, variant: str = "") -> ml_collections.ConfigDict:

@@ -56,6 +56,10 @@ class Registry(Generic[T]):
       raise ValueError(self.unknown(name))
     return self._entries[name]
 
+  def items(self) -> list[tuple[str, T]]:
+    """(name, entry) pairs, in registration order."""
+    return list(self._entries.items())
+
   def __getitem__(self, name: str) -> T:
     return self.get(name)
 

@@ -181,21 +181,23 @@ def test_for_run_scores_with_the_teacher_once(tmp_path, monkeypatch):
   mesh = parallel.data_mesh()
   kw = dict(train_data=train_data, teacher=teacher, teacher_variables=t_vars, mesh=mesh)
   c = teacher_pass.curriculum_for_run(config, str(tmp_path), **kw)
-  split = copy.deepcopy(train_data)
-  split.eval_split = "train[:10%]"
+  # The training examples only: 144 in train[:10%], less the last 14 held out for
+  # validation (data.validation_fraction=0.1), in file order.
+  assert train_data.validation_fraction == 0.1
   expected = teacher_pass.difficulty_scores(
-      teacher, t_vars, data.eval_iterator(split, batch_size=128), mesh, "margin")
+      teacher, t_vars, data.eval_iterator(train_data, batch_size=128, split="train"), mesh,
+      "margin")
   np.testing.assert_array_equal(c.difficulty, expected)
-  assert c.difficulty.shape == (144,)
+  assert c.difficulty.shape == (130,)
   assert (c.pacing, c.start_fraction, c.stages) == ("step", 0.3, 2)
-  assert c.full_step == 2 * (144 // 32)  # epochs of train.batch_size batches
+  assert c.full_step == 2 * (130 // 32)  # epochs of train.batch_size batches
   saved = tmp_path / "curriculum" / "difficulty_margin.npy"
   np.testing.assert_array_equal(np.load(saved), expected)
 
   def no_second_pass(*args, **kwargs):
     raise AssertionError("the saved scores were not reused")
 
-  monkeypatch.setattr(curriculum_lib, "difficulty_scores", no_second_pass)
+  monkeypatch.setattr(teacher_pass, "difficulty_scores", no_second_pass)
   np.testing.assert_array_equal(teacher_pass.curriculum_for_run(config, str(tmp_path), **kw)
                                 .difficulty, expected)
   config.curriculum.pacing = "none"
@@ -320,15 +322,16 @@ def test_curriculum_and_self_paced_run_logs_their_schedules(finished_run):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
   logged = [r for r in records if r["phase"] == "distilled" and r["kind"] == "train"]
-  assert [r["step"] for r in logged] == [5, 10, 15, 20, 25, 27]
+  assert [r["step"] for r in logged] == [5, 10, 15, 20, 24]  # 3 epochs of 259 // 32
   scores = np.load(os.path.join(workdir, "curriculum", "difficulty_teacher_loss.npy"))
-  assert scores.shape == (288,)  # the student's budget, train[:20%]
+  # The student's budget, train[:20%]: 288 examples less the 29 held out for validation.
+  assert scores.shape == (259,)
   for r in logged:
-    step = r["step"] - 1  # the record's batch; 9 steps per epoch
-    fraction = 0.5 + 0.5 * min(step / 18, 1.0)  # linear from 0.5, whole split at step 18
-    assert r["curriculum_fraction"] == math.ceil(fraction * 288 - 1e-9) / 288
+    step = r["step"] - 1  # the record's batch; 8 steps per epoch
+    fraction = 0.5 + 0.5 * min(step / 16, 1.0)  # linear from 0.5, whole split at step 16
+    assert r["curriculum_fraction"] == math.ceil(fraction * 259 - 1e-9) / 259
     assert 0 <= r["curriculum_difficulty"] <= scores.max()
-    threshold = 2.0 + 4.0 * min(step / 9, 1.0)  # 2 -> 6 over the first epoch
+    threshold = 2.0 + 4.0 * min(step / 8, 1.0)  # 2 -> 6 over the first epoch
     np.testing.assert_allclose(r["self_paced/threshold"], threshold, rtol=1e-6)
     assert 0 <= r["self_paced/mean_weight"] <= r["self_paced/admitted"] <= 1
 
@@ -337,7 +340,7 @@ def test_interrupted_curriculum_run_resumes_bit_identical(finished_run, tmp_path
   workdir, summary = finished_run
   resumed = str(tmp_path / "resumed")
   shutil.copytree(workdir, resumed)
-  # As if the run had stopped after its step-20 checkpoint of 27.
+  # As if the run had stopped after its step-20 checkpoint of 24.
   os.remove(os.path.join(resumed, "summary.json"))
   shutil.rmtree(os.path.join(resumed, "distilled"))
   shutil.copytree(os.path.join(workdir, "distilled", "checkpoints", "20"),

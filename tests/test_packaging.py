@@ -76,4 +76,5 @@ def test_wheel_ships_the_configs_and_its_kd_jax_distill_runs(tmp_path):
   assert 0.1 < summary["distilled_accuracy"] <= 1.0
   assert os.path.getsize(summary["tflite"]["fp32"]["path"]) > 0
   with open(workdir / "config.json") as f:  # the packaged tiny variant, not another
-    assert json.load(f)["train"]["epochs"] == 1
+    run_config = json.load(f)
+  assert run_config["teacher"]["train"]["epochs"] == 1 and run_config["train"]["epochs"] == 3
