@@ -74,12 +74,16 @@ def student_recipe(config: ml_collections.ConfigDict,
 
 
 def training_data(config: ml_collections.ConfigDict, which: str) -> ml_collections.ConfigDict:
-  """The data config a model trains on: `data`, with `<which>.train_split` if set."""
-  split = config[which].get("train_split")
-  if not split:
+  """The data config a model trains on: `data`, with `<which>.train_split` and
+  `<which>.validation_split` (a named split instead of the held-out fraction) if set."""
+  split, validation = (config[which].get(key) for key in ("train_split", "validation_split"))
+  if not split and not validation:
     return config.data
   data_config = config.data.copy_and_resolve_references()
-  data_config.train_split = split
+  if split:
+    data_config.train_split = split
+  if validation:
+    data_config.validation_split, data_config.validation_fraction = validation, 0.0
   return data_config
 
 

@@ -322,16 +322,16 @@ def test_curriculum_and_self_paced_run_logs_their_schedules(finished_run):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
   logged = [r for r in records if r["phase"] == "distilled" and r["kind"] == "train"]
-  assert [r["step"] for r in logged] == [5, 10, 15, 20, 24]  # 3 epochs of 259 // 32
+  assert [r["step"] for r in logged] == [5, 10, 15, 20, 25, 27]  # 3 epochs of 288 // 32
   scores = np.load(os.path.join(workdir, "curriculum", "difficulty_teacher_loss.npy"))
-  # The student's budget, train[:20%]: 288 examples less the 29 held out for validation.
-  assert scores.shape == (259,)
+  # The student's budget, train[:20%] (it validates on student.validation_split).
+  assert scores.shape == (288,)
   for r in logged:
-    step = r["step"] - 1  # the record's batch; 8 steps per epoch
-    fraction = 0.5 + 0.5 * min(step / 16, 1.0)  # linear from 0.5, whole split at step 16
-    assert r["curriculum_fraction"] == math.ceil(fraction * 259 - 1e-9) / 259
+    step = r["step"] - 1  # the record's batch; 9 steps per epoch
+    fraction = 0.5 + 0.5 * min(step / 18, 1.0)  # linear from 0.5, whole split at step 18
+    assert r["curriculum_fraction"] == math.ceil(fraction * 288 - 1e-9) / 288
     assert 0 <= r["curriculum_difficulty"] <= scores.max()
-    threshold = 2.0 + 4.0 * min(step / 8, 1.0)  # 2 -> 6 over the first epoch
+    threshold = 2.0 + 4.0 * min(step / 9, 1.0)  # 2 -> 6 over the first epoch
     np.testing.assert_allclose(r["self_paced/threshold"], threshold, rtol=1e-6)
     assert 0 <= r["self_paced/mean_weight"] <= r["self_paced/admitted"] <= 1
 
@@ -340,7 +340,7 @@ def test_interrupted_curriculum_run_resumes_bit_identical(finished_run, tmp_path
   workdir, summary = finished_run
   resumed = str(tmp_path / "resumed")
   shutil.copytree(workdir, resumed)
-  # As if the run had stopped after its step-20 checkpoint of 24.
+  # As if the run had stopped after its step-20 checkpoint of 27.
   os.remove(os.path.join(resumed, "summary.json"))
   shutil.rmtree(os.path.join(resumed, "distilled"))
   shutil.copytree(os.path.join(workdir, "distilled", "checkpoints", "20"),

@@ -29,9 +29,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.mixed_precision = False  # True: bfloat16 compute, float32 params/optimizer/losses
 
   c.data = data.default_data_config()  # kd_digits, with its own defaults
-  # The last 10% of each phase's training split is held out for validation: evaluated
-  # every `validation.every_steps`, it picks each phase's best checkpoint; the test
-  # split gives the final figures of the last and of the best model.
+  # The last 10% of the teacher's training split is held out for validation (the
+  # student validates on its own split, below): evaluated every
+  # `validation.every_steps`, it picks each phase's best checkpoint; the test split
+  # gives the final figures of the last and of the best model.
   c.data.validation_fraction = 0.1
   c.validation = ml_collections.ConfigDict(dict(every_steps=40, metric="accuracy"))
 
@@ -41,14 +42,19 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
   c.teacher = ml_collections.ConfigDict(dict(
       name="wrn_16_2", checkpoint=config_dict.placeholder(str),
-      train_split=config_dict.placeholder(str), kwargs={},
+      train_split=config_dict.placeholder(str),
+      validation_split=config_dict.placeholder(str), kwargs={},
       bf16_forward=False))  # True: the teacher's forward pass in bfloat16
   c.teacher.train = ml_collections.ConfigDict(recipe)
   # The student's labelled budget: a slice of the training split (TFDS split syntax);
   # unset, it trains on data.train_split like the teacher.
   c.student = ml_collections.ConfigDict(dict(
-      name="resnet8", kwargs={}, train_split=config_dict.placeholder(str)))
+      name="resnet8", kwargs={}, train_split=config_dict.placeholder(str),
+      validation_split=config_dict.placeholder(str)))
   c.student.train_split = "train[:20%]"
+  # The student's checkpoints are selected on 144 held-out labelled digits next to its
+  # budget rather than on a tenth of its 288 training labels.
+  c.student.validation_split = "train[20%:30%]"
   c.train = ml_collections.ConfigDict(recipe)
   c.train.update(batch_size=32, epochs=60)
   c.train_vanilla = True

@@ -153,7 +153,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   old_classes, new_classes = tuple(block.old_classes), tuple(block.new_classes)
   old_config = common.derived(config, {
       "data": data, "data.eval_split": class_split("test", old_classes),
-      "student.train_split": class_split("train", old_classes)})
+      "student.train_split": class_split("train", old_classes),
+      "student.validation_split": None})
   deployed = phase_lib.train_phase(
       old_config, phase=OLD, model=student, train_config=config.train,
       distill_config=config.distill, teacher=teacher, teacher_variables=t_vars,

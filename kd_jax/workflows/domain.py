@@ -68,7 +68,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   teacher = rundir.model(config, "teacher", info.num_classes)
   target_config = common.derived(config, {
       "data.edge_augment": target_augment(block),
-      "student.train_split": block.train_split})
+      "student.train_split": block.train_split, "student.validation_split": None})
   adapted = phase_lib.train_phase(
       target_config, phase=ADAPTED, model=student,
       train_config=phase_lib.student_recipe(config, block.get("train")),
