@@ -24,7 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from kd_jax import checkpoint, data, models, objective, parallel, train  # noqa: E402
+from kd_jax import checkpoint, data, machine, models, objective, parallel, train  # noqa: E402
 
 RECIPE = dict(optimizer="sgd", learning_rate=0.05, momentum=0.9, weight_decay=5e-4,
               schedule="cosine")
@@ -91,23 +91,24 @@ def main(argv=None):
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--save_every", type=int, default=100)
   p.add_argument("--json", action="store_true")
+  p.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+                 help="folder for checkpoint_overhead.{json,md} ('' to write nothing)")
   args = p.parse_args(argv)
   image = tuple(int(v) for v in args.image.split(","))
   rows = [measure(*pair.split(":"), image, args.batch, args.save_every)
           for pair in args.pairs.split(",")]
-  if args.json:
-    print(json.dumps(rows, indent=2))
-    return
-  print(f"{'teacher → student':28} {'params':>9} {'step ms':>8} {'save ms':>8} "
-        f"{'overhead':>9} {'restore ms':>10} {'iter ms':>8} {'1st step s':>10} "
-        f"{'resume s':>9}")
-  for r in rows:
-    print(f"{r['teacher'] + ' → ' + r['student']:28} {r['student_params']:>9} "
-          f"{r['step_ms']:>8.2f} {r['save_ms']:>8.1f} "
-          f"{100 * r['checkpoint_overhead']:>8.2f}% {r['restore_ms']:>10.1f} "
-          f"{r['iterator_resume_ms']:>8.1f} {r['first_step_s']:>10.2f} "
-          f"{r['resume_s']:>9.2f}")
-  print(f"(overhead = one save / {args.save_every} steps; device: {jax.devices()[0]})")
+  lines = ["| teacher → student | params | step ms | save ms | overhead | restore ms | "
+           "iterator resume ms | first step s | resume s |", "|---" * 9 + "|"]
+  lines += [f"| {r['teacher']} → {r['student']} | {r['student_params']} | "
+            f"{r['step_ms']:.2f} | {r['save_ms']:.1f} | {100 * r['checkpoint_overhead']:.2f}% | "
+            f"{r['restore_ms']:.1f} | {r['iterator_resume_ms']:.1f} | "
+            f"{r['first_step_s']:.2f} | {r['resume_s']:.2f} |" for r in rows]
+  lines.append(f"\n(overhead = one save / {args.save_every} steps; device: "
+               f"{jax.devices()[0]}; host: {machine.describe()})")
+  table = "\n".join(lines)
+  if args.results:
+    machine.write_results(args.results, "checkpoint_overhead", rows, table)
+  print(json.dumps(rows, indent=2) if args.json else table)
 
 
 if __name__ == "__main__":

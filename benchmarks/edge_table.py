@@ -121,17 +121,18 @@ def main(argv=None) -> None:
   parser.add_argument("--cifar_only", action="store_true", help="skip the digits tables")
   parser.add_argument("--latency_runs", type=int, default=100)
   parser.add_argument("--json", action="store_true", help="print the rows as JSON instead")
+  parser.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+                      help="folder for edge_table.{json,md} ('' to write nothing)")
   args = parser.parse_args(argv)
   from kd_jax import runtime
   runtime.configure()
   digits = None if args.cifar_only else digits_tables(args.workdir)
   text, rows = cifar_table(args.latency_runs)
-  if args.json:
-    print(json.dumps(rows, indent=2))
-    return
-  if digits:
-    print(digits)
-  print(text)
+  from kd_jax import machine
+  table = "\n\n".join(t for t in (digits, text) if t)
+  if args.results:
+    machine.write_results(args.results, "edge_table", rows, table)
+  print(json.dumps(rows, indent=2) if args.json else table)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from typing import Any, Optional
 
 import tensorflow as tf
 
+from kd_jax.data import salts
 from kd_jax.registry import Registry
 
 Image = tf.Tensor
@@ -49,7 +50,6 @@ OPS: Registry[EdgeOp] = Registry("edge op")
 # Ops that act on colour only: identities on 1-channel images.
 COLOUR_OPS = ("grayscale", "chroma_subsampling")
 _SPEC_KEYS = ("op", "prob", "severity")
-_EDGE_SALT = 2  # Separates the edge ops' seeds from the geometric augmentation's.
 
 _EXPOSURE = (0.8, 0.65, 0.5, 0.35, 0.25)
 _GAMMA = (1.2, 1.4, 1.6, 1.8, 2.0)
@@ -289,7 +289,7 @@ def compose(specs: Optional[Sequence[Mapping[str, Any]]],
 
   def apply(image: Image, seed: tf.Tensor) -> Image:
     image = tf.cast(image, tf.float32)
-    seed = tf.random.experimental.stateless_fold_in(seed, _EDGE_SALT)
+    seed = tf.random.experimental.stateless_fold_in(seed, salts.EDGE)
     for i, (name, prob, (lowest, highest)) in enumerate(ops):
       coin_seed, level_seed, op_seed = tf.unstack(tf.random.experimental.stateless_split(
           tf.random.experimental.stateless_fold_in(seed, i), 3))

@@ -41,12 +41,12 @@ import numpy as np
 import tensorflow as tf
 
 from kd_jax import registry
+from kd_jax.data import salts
 
 SCORINGS = ("teacher_loss", "margin", "entropy")
 PACINGS = ("linear", "root", "geometric", "step")
 _DEFAULTS = dict(pacing="none", scoring="teacher_loss", start_fraction=0.3,
                  full_at_epoch=30.0, stages=4)
-_SAMPLING_SALT = 3  # Beside the shuffle (0), augmentation (1) and edge-op (2) salts.
 
 
 def pacing_fraction(kind: str, step, *, start_fraction: float, full_step: int,
@@ -114,7 +114,7 @@ class Curriculum:
     pool_sizes = tf.constant(self.pool_size(np.arange(self.full_step + 1),
                                             global_batch_size))
     ranks = tf.range(n, dtype=tf.int64)
-    base_seed = tf.constant([seed, _SAMPLING_SALT], tf.int64)
+    base_seed = tf.constant([seed, salts.CURRICULUM], tf.int64)
 
     def host_indices(step: tf.Tensor) -> tf.Tensor:
       step = tf.cast(step, tf.int64)

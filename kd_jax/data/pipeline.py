@@ -57,6 +57,7 @@ from kd_jax.data import augment
 from kd_jax.data import curriculum as curriculum_lib
 from kd_jax.data import kd_digits
 from kd_jax.data import preprocess
+from kd_jax.data import salts
 
 try:  # JAX owns the accelerators; TensorFlow only feeds data from the CPU.
   tf.config.set_visible_devices([], "GPU")
@@ -70,7 +71,6 @@ DataConfig = ml_collections.ConfigDict
 _PREPARE_ON_DEMAND = (kd_digits.KdDigits.name,)
 _CACHE_LIMIT_BYTES = 1 << 30
 _UNCACHED_SHUFFLE_BUFFER = 16_384
-_SHUFFLE_SALT, _AUGMENT_SALT = 0, 1
 _CORRUPTION_SEED = 0  # Eval corruptions: example p is corrupted with seeds (0, 0, p).
 
 # Defaults of the config fields left at None; mean/std: per channel, [0, 1] pixels.
@@ -370,7 +370,7 @@ def example_seeds(seed: int, epoch, positions) -> tf.Tensor:
   computed for all positions at once.
   """
   epoch_key = tf.random.experimental.stateless_fold_in(
-      tf.constant([seed, _AUGMENT_SALT], tf.int64), tf.cast(epoch, tf.int64))
+      tf.constant([seed, salts.AUGMENT], tf.int64), tf.cast(epoch, tf.int64))
   positions = tf.cast(positions, tf.int64)
   folded = tf.random.stateless_uniform(
       [], epoch_key, minval=None, maxval=None, dtype=tf.int64)
@@ -380,7 +380,7 @@ def example_seeds(seed: int, epoch, positions) -> tf.Tensor:
 def _epoch_shuffle_seed(seed: int, epoch) -> tf.Tensor:
   """The seed of epoch `epoch`'s shuffle (int64 scalar)."""
   key = tf.random.experimental.stateless_fold_in(
-      tf.constant([seed, _SHUFFLE_SALT], tf.int64), tf.cast(epoch, tf.int64))
+      tf.constant([seed, salts.SHUFFLE], tf.int64), tf.cast(epoch, tf.int64))
   return tf.random.stateless_uniform([], key, minval=None, maxval=None, dtype=tf.int64)
 
 
