@@ -121,7 +121,8 @@ def train_phase(config: ml_collections.ConfigDict, *, phase: str, model, train_c
   seed = config.seed if seed is None else seed
   batch = int(train_config.batch_size)
   train_data = training_data(config, TEACHER if phase == TEACHER else "student")
-  num_train = data_lib.get_info(train_data).num_train
+  train_info = data_lib.get_info(train_data)
+  num_train = train_info.num_train
   steps_per_epoch = num_train // batch
   if steps_per_epoch == 0:
     raise ValueError(f"train.batch_size={batch} exceeds the {num_train} training "
@@ -129,7 +130,7 @@ def train_phase(config: ml_collections.ConfigDict, *, phase: str, model, train_c
   total_steps = int(round(train_config.epochs * steps_per_epoch))
   validation = validation_settings(config.get("validation"))
   validate_every = int(validation["every_steps"])
-  has_validation = data_lib.get_info(train_data).num_validation > 0
+  has_validation = train_info.num_validation > 0
   objective = objective_lib.build(distill_config, total_steps=total_steps,
                                   steps_per_epoch=steps_per_epoch, num_train=num_train)
   accumulate = max(1, int(train_config.get("accumulation_steps", 1)))
