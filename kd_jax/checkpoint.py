@@ -89,9 +89,6 @@ class BestCheckpointer:
             keep_checkpoints_without_metrics=False, enable_async_checkpointing=False,
             create=True))
 
-  def best_step(self) -> int | None:
-    return self._manager.best_step()
-
   def drop_after(self, step: int) -> None:
     """Forgets steps after `step` (a resumed phase reaches them again)."""
     for saved in self._manager.all_steps():

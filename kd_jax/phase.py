@@ -310,14 +310,13 @@ def _select_best(best: ckpt_lib.BestCheckpointer, state, phase: str,
                  metric: str, test_metrics, writer: MetricWriter) -> dict[str, Any]:
   """Best-by-validation against last: their validation metrics and the best model's
   test-split metrics (the test split's one use for the best model)."""
-  records = validations
   best_step, best_state = best.restore(state)
   best_test = test_metrics(best_state.student_variables)
   writer.write(phase, best_step, best_test, kind="best_eval")
   keep = lambda r: {k: v for k, v in r.items() if k not in ("phase", "kind", "step")}
   return {"metric": metric, "best_step": int(best_step),
-          "best_validation": keep(records[best_step]),
-          "last_validation": keep(records[last_step]), "best_test": best_test}
+          "best_validation": keep(validations[best_step]),
+          "last_validation": keep(validations[last_step]), "best_test": best_test}
 
 
 def _progress(phase: str, start: int, total: int):

@@ -1,4 +1,4 @@
-"""Name -> object tables (models, methods, augmentations, datasets, workflows).
+"""Name -> object tables (models, methods, edge ops, augmentations, workflows).
 
 One helper serves every table, so an unknown name fails the same way everywhere: one
 line naming what was asked for, the closest known name, and every known name.
