@@ -29,6 +29,7 @@ import collections
 import functools
 import json
 import math
+import os
 import sys
 import time
 
@@ -41,7 +42,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
+from kd_jax import machine  # noqa: E402
 from kd_jax import models  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 MODELS = "resnet32x4,resnet8x4,wrn_40_2,wrn_16_2,vgg13,MobileNetV2"
 IMAGE = (32, 32, 3)
@@ -212,6 +216,8 @@ def main() -> int:
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--rounds", type=int, default=5, help="timed rounds (medians)")
   p.add_argument("--json", action="store_true")
+  p.add_argument("--results", default=RESULTS,
+                 help="folder for conv_kernels.{json,md} ('' to write nothing)")
   args = p.parse_args()
   names = args.models.split(",")
   unknown = [n for n in names if n not in models.available()]
@@ -252,30 +258,29 @@ def main() -> int:
                  "gflop": sum(c * flops(s) for s, c in counts.items()) / 1e9,
                  **{f"{k}_seconds": v for k, v in total.items()},
                  **{f"{k}_model_forward_seconds": v for k, v in forward_seconds.items()}})
-  if args.json:
-    print(json.dumps(rows, indent=1))
-    return 0
-
   kernels = list(next(iter(timed.values())))
-  print(f"GFLOP/s per convolution shape, batch {args.batch} (NHWC input → output "
-        "channels, kernel/stride; GFLOP is the forward's, a backward does twice as "
-        "many)\n")
-  print("| model | convolution | count | GFLOP | " + " | ".join(kernels) + " |")
-  print("|---|---|---|---|" + "---|" * len(kernels))
+  lines = [f"GFLOP/s per convolution shape, batch {args.batch} (NHWC input → output "
+           "channels, kernel/stride; GFLOP is the forward's, a backward does twice as "
+           "many)", "",
+           "| model | convolution | count | GFLOP | " + " | ".join(kernels) + " |",
+           "|---|---|---|---|" + "---|" * len(kernels)]
   for r in rows:
-    if r["shape"] == "all convolutions":
-      continue
-    print(f"| {r['model']} | {r['shape']} | {r['count']} | {r['gflop']:.2f} | " + " | ".join(
-        f"{r[k + '_gflop_per_s']:.0f}" for k in kernels) + " |")
-  print(f"\nMilliseconds summed over each model's convolutions, batch {args.batch}\n")
+    if r["shape"] != "all convolutions":
+      lines.append(f"| {r['model']} | {r['shape']} | {r['count']} | {r['gflop']:.2f} | "
+                   + " | ".join(f"{r[k + '_gflop_per_s']:.0f}" for k in kernels) + " |")
   forwards = ["xla"]
-  print("| model | convolutions | GFLOP | " + " | ".join(kernels) + " | model forward |")
-  print("|---|---|---|" + "---|" * (len(kernels) + len(forwards)))
+  lines += ["", f"Milliseconds summed over each model's convolutions, batch {args.batch}",
+            "", "| model | convolutions | GFLOP | " + " | ".join(kernels)
+            + " | model forward |", "|---|---|---|" + "---|" * (len(kernels) + len(forwards))]
   for r in rows:
     if r["shape"] == "all convolutions":
-      print(f"| {r['model']} | {r['count']} | {r['gflop']:.1f} | " + " | ".join(
+      lines.append(f"| {r['model']} | {r['count']} | {r['gflop']:.1f} | " + " | ".join(
           f"{r[k + '_seconds'] * 1e3:.0f}" for k in kernels) + " | " + " | ".join(
           f"{r[k + '_model_forward_seconds'] * 1e3:.0f}" for k in forwards) + " |")
+  table = "\n".join(lines) + f"\n\n({versions}host: {machine.describe()})"
+  if args.results:
+    machine.write_results(args.results, "conv_kernels", rows, table)
+  print(json.dumps({**machine.stamp(), "rows": rows}, indent=1) if args.json else table)
   return 0
 
 

@@ -110,7 +110,7 @@ def _run(command: str, argv: list[str]) -> None:
       config = configs.load_run_config(workdir)
   else:
     workdir = workdir or os.path.join("runs", configs.config_name(fv["config"].config_filename))
-  configs.validate(config, deep=True)
+  config = configs.validate(config, deep=True)
 
   from kd_jax import experiment
   if command == "distill":

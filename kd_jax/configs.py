@@ -1,12 +1,20 @@
-"""Experiment configs: the embedded default, validation, and the copy saved with a run."""
+"""Experiment configs: the default config, validation, and the copy saved with a run.
+
+`default_config()` holds every key a run reads; each block's defaults (and its checks)
+are defined by the module that reads the block, and only placed here. `validate` lays
+a config over the defaults, checks every key, runs each owner's checks and returns the
+completed config, locked: code reads its keys without fallback defaults.
+"""
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
 from typing import Any
 
 import ml_collections
+from ml_collections import config_dict
 
 # The experiment configs ship inside the package (`kd_jax.experiments`), so editable,
 # wheel and sdist installs find them alike.
@@ -53,15 +61,6 @@ def load_config_file(path: str, variant: str = "") -> ml_collections.ConfigDict:
   spec.loader.exec_module(module)
   return module.get_config(variant)
 
-# Keys every experiment config must have, and the type each must be.
-REQUIRED = {
-    "seed": int, "eval_batch_size": int, "data.name": str, "teacher.name": str,
-    "student.name": str, "train.batch_size": int, "train.epochs": (int, float),
-    "train.learning_rate": (int, float), "teacher.train.batch_size": int,
-    "teacher.train.epochs": (int, float), "distill.ce_weight": (int, float),
-}
-
-
 def shrink_to_tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A config's smoke-test flavour: offline kd_digits, one epoch, small batches.
 
@@ -104,70 +103,66 @@ def explain_flag_error(error: Exception, argv: list[str]) -> str:
   return text
 
 
-def _get(config: Any, dotted: str) -> Any:
-  for part in dotted.split("."):
-    config = config[part]
-  return config
+# The keys under these hold what their user writes (model kwargs, published figures):
+# they are not checked key by key.
+_FREE = ("published", "teacher.kwargs", "student.kwargs")
+# A block of one of these names inside another block (`heads.train`, `edge.qat.train`,
+# `domain.distill`) overrides some keys of the top-level block of that name.
+_OVERRIDABLE = ("train", "distill")
 
 
-# Keys a config may add to those of the default config, with their types (None: any).
-OPTIONAL = {
-    "published": None, "mixed_precision": bool, "teacher.kwargs": None,
-    "student.kwargs": None,
-    **{f"{p}train.{k}": t for p in ("", "teacher.") for k, t in (
-        ("accumulation_steps", int), ("max_nonfinite_steps", int),
-        ("rollback_lr_factor", float), ("max_rollbacks", int))},
-    "curriculum.pacing": str, "curriculum.scoring": str,
-    "curriculum.start_fraction": float, "curriculum.full_at_epoch": float,
-    "curriculum.stages": int, "distill.self_paced.kind": str,
-    **{f"distill.self_paced.{k}": float for k in (
-        "start_threshold", "final_threshold", "full_at_epoch", "softness")},
-    "teacher.bf16_forward": bool, "distill.cache_teacher_logits": bool,
-    # kd_jax.workflows: the workflow a config runs, and its config block.
-    "workflow": str, "heads.tap": str, "heads.hidden": int, "heads.joint": tuple,
-    "heads.added": tuple, "heads.export": tuple, "heads.weight": float,
-    "heads.temperature": float, "domain.corruption": str, "domain.severity": int,
-    "domain.train_split": str, "domain.distill.ce_weight": float,
-    "domain.distill.terms": None, "continual.old_classes": tuple,
-    "continual.new_classes": tuple, "continual.new_percent": int,
-    "continual.anchors": tuple, "continual.anchor_weight": float,
-    "continual.temperature": float,
-    **{f"{block}.train.{key}": kind for block in ("heads", "domain", "continual")
-       for key, kind in (("epochs", float), ("learning_rate", float),
-                         ("batch_size", int), ("checkpoint_every_steps", int))},
-}
-_FREE = ("published", "teacher.kwargs", "student.kwargs", "distill.terms", "data.cache")
+def default_config() -> ml_collections.ConfigDict:
+  """Every key a run reads, at its default. Each block comes from the module that reads
+  it (`train.default_recipe`, `objective.default_config`, ...); this function only
+  places them. Experiment configs start from it and change what they decide."""
+  from kd_jax import data, export, objective, phase, train, workflows
+  from kd_jax.data import curriculum
+  from kd_jax.edge import phases as edge_phases
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.workflow = workflows.DEFAULT  # kd_jax/workflows/__init__.py
+  c.log_every_steps = 20
+  c.eval_batch_size = 128
+  c.mixed_precision = False  # True: bfloat16 compute, float32 params/optimizer/losses
+  # Published figures an experiment reproduces (kd-jax reproduce, report): free-form.
+  c.published = ml_collections.ConfigDict()
+  c.data = data.default_data_config()
+  c.validation = phase.default_validation_config()
+  # The teacher: trained by the run, or `checkpoint` (a finished run's workdir, or its
+  # teacher/ folder). `train_split` / `validation_split` replace data's splits for it.
+  c.teacher = ml_collections.ConfigDict(dict(
+      name=config_dict.placeholder(str), checkpoint=config_dict.placeholder(str),
+      train_split=config_dict.placeholder(str),
+      validation_split=config_dict.placeholder(str), kwargs=ml_collections.ConfigDict(),
+      bf16_forward=False))  # True: the teacher's forward pass in bfloat16
+  c.teacher.train = train.default_recipe()
+  c.student = ml_collections.ConfigDict(dict(
+      name=config_dict.placeholder(str), train_split=config_dict.placeholder(str),
+      validation_split=config_dict.placeholder(str), kwargs=ml_collections.ConfigDict()))
+  c.train = train.default_recipe()
+  c.train_vanilla = True  # also train the student on labels alone (the baseline)
+  c.distill = objective.default_config()
+  c.curriculum = curriculum.default_config()
+  c.edge = edge_phases.default_config()
+  c.export = export.default_config()
+  for _, workflow in workflows.WORKFLOWS.items():
+    if workflow.block:
+      c[workflow.block] = workflow.default_config()
+  return c
 
 
-def _schema() -> dict[str, Any]:
-  """Every key of the default config with the type its value must have."""
-  import importlib.util
-  import sys
-  name = "kd_jax_default_experiment"
-  if name not in sys.modules:
-    spec = importlib.util.spec_from_file_location(name, DEFAULT_CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-  schema = {}
-
-  def walk(cfg, prefix):
-    for key in cfg.keys():
-      ref = cfg.get_ref(key) if hasattr(cfg, "get_ref") else None
-      value = cfg[key]
-      if isinstance(value, ml_collections.ConfigDict):
-        walk(value, prefix + key + ".")
-      else:
-        schema[prefix + key] = ref.get_type() if ref is not None else type(value)
-  walk(sys.modules[name].get_config(), "")
-  return {**schema, **OPTIONAL}
+def _field_type(config: ml_collections.ConfigDict, key: str) -> Any:
+  value = config[key]
+  if isinstance(value, ml_collections.ConfigDict):
+    return ml_collections.ConfigDict
+  return config.get_ref(key).get_type()
 
 
 def _type_ok(value: Any, kind: Any) -> bool:
-  if kind is None or kind is object:
-    return True
-  if value is None:
+  if kind is None or kind is object or value is None:
     return True  # unset placeholders take the dataset's / model's default
+  if kind is type(None):
+    return True
   if kind is bool:
     return isinstance(value, bool)
   if isinstance(value, bool):
@@ -179,71 +174,121 @@ def _type_ok(value: Any, kind: Any) -> bool:
   return isinstance(value, kind)
 
 
-def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for key in config.keys():
-    value = config[key]
+def _unknown_key(dotted: str, known: Any) -> ValueError:
+  parent, _, key = dotted.rpartition(".")
+  close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+  guess = f"did you mean {close[0]!r}? " if close else ""
+  return ValueError(f"unknown config key {dotted}; {guess}the keys of "
+                    f"{parent or 'the config'} are {', '.join(known)}")
+
+
+def _overlay(out: ml_collections.ConfigDict, given: Any, prefix: str,
+             schema: ml_collections.ConfigDict, fill: bool) -> None:
+  """Sets `given`'s keys into `out`, each checked against `schema` (name and type)."""
+  for key in given.keys():
     dotted = prefix + str(key)
-    if isinstance(value, (dict, ml_collections.ConfigDict)) and not any(
-        dotted == f or dotted.startswith(f + ".") for f in _FREE):
-      out.update(_flatten(value, dotted + "."))
+    value = given[key]
+    if key not in schema:
+      raise _unknown_key(dotted, schema.keys())
+    kind = _field_type(schema, key)
+    if dotted in _FREE:
+      out[key] = value
+    elif kind is ml_collections.ConfigDict:
+      if not isinstance(value, (dict, ml_collections.ConfigDict)):
+        raise ValueError(f"config key {dotted} is a block of keys "
+                         f"({', '.join(schema[key].keys())}), got {value!r}")
+      if key in _OVERRIDABLE and prefix:  # keys of the top-level block, not filled
+        sub_schema = default_config()[key]
+        if key not in out:
+          out[key] = ml_collections.ConfigDict()
+        _overlay(out[key], value, dotted + ".", sub_schema, fill=False)
+      else:
+        _overlay(out[key], value, dotted + ".", schema[key], fill)
     else:
-      out[dotted] = value
+      if not _type_ok(value, kind):
+        raise ValueError(f"config key {dotted} must be {getattr(kind, '__name__', kind)}, "
+                         f"got {value!r}")
+      out[key] = value
+
+
+def complete(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` on top of `default_config()`, as a new locked ConfigDict.
+
+  Every key the run reads is present afterwards (code reads keys without fallbacks);
+  an unknown key or a value of the wrong type fails in one line naming the key and,
+  for a misspelt key, the closest known one.
+  """
+  out = default_config()
+  given = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
+  _overlay(out, given, "", default_config(), fill=True)
+  out.lock()
   return out
 
 
-def validate(config: ml_collections.ConfigDict, *, deep: bool = False) -> None:
-  """Fails before any work, in one line naming the key and the fix.
+def validate(config: ml_collections.ConfigDict, *, deep: bool = False
+             ) -> ml_collections.ConfigDict:
+  """The completed config (see `complete`), checked before any work; one-line errors.
 
-  Checks every key against the default config's (unknown keys, wrong types, missing
-  required keys), the objective's terms, batch sizes against the devices, model names,
-  and — with `deep` — the dataset and every term's taps against the two models.
+  Each block is checked by the module that owns it (ranges and choices), then what
+  crosses blocks: model names, batch sizes against the devices, the objective's terms,
+  the selected workflow's block and — with `deep` — the dataset and every term's taps
+  against the two models.
   """
-  schema = _schema()
-  flat = _flatten(config)
-  for key, value in flat.items():
-    if key not in schema:
-      parent = key.rpartition(".")[0]
-      siblings = sorted(k.rpartition(".")[2] for k in schema
-                        if k.rpartition(".")[0] == parent)
-      raise ValueError(f"unknown config key {key}; the keys of "
-                       f"{parent or 'the config'} are {', '.join(siblings)}")
-    kind = schema[key]
-    if not _type_ok(value, kind):
-      raise ValueError(f"config key {key} must be {getattr(kind, '__name__', kind)}, "
-                       f"got {value!r}")
-  for key, kind in REQUIRED.items():
-    if key not in flat or flat[key] is None:
-      raise ValueError(f"config key {key} is missing; add it to the config file")
-  from kd_jax import parallel
-  for key in ("train.batch_size", "teacher.train.batch_size", "eval_batch_size"):
-    if flat[key] <= 0:
-      raise ValueError(f"config key {key} must be positive, got {flat[key]}")
-    parallel.check_batch_size(flat[key], key)
-  for key in ("train.epochs", "teacher.train.epochs", "train.learning_rate",
-              "teacher.train.learning_rate"):
-    if flat.get(key) is not None and flat[key] < 0:
-      raise ValueError(f"config key {key} must not be negative, got {flat[key]}")
-  from kd_jax import models
-  for key in ("teacher.name", "student.name"):
-    if flat[key] not in models.available():
-      raise ValueError(f"{key}={flat[key]!r} is not a known model; known models: "
-                       f"{', '.join(models.available())}")
-  from kd_jax import objective
-  terms = config.distill.get("terms", ()) or ()
-  if not isinstance(terms, (list, tuple)) or not all(
-      isinstance(t, (dict, ml_collections.ConfigDict)) for t in terms):
-    raise ValueError("config key distill.terms must be a list of dicts such as "
-                     "dict(method='kd', weight=0.9)")
-  obj = objective.build(config.distill, total_steps=1, steps_per_epoch=1)
+  config = complete(config)
+  from kd_jax import export, models, objective, parallel, phase, train, workflows
   from kd_jax.data import augment, curriculum
-  augment.parse(config.data.get("edge_augment"))
-  curriculum.settings(config.get("curriculum"))
-  if config.distill.get("cache_teacher_logits"):
+  from kd_jax.edge import phases as edge_phases
+  for key in ("teacher.name", "student.name"):
+    name = config[key.split(".")[0]].name
+    if name not in models.available():
+      raise ValueError(f"{key}={name!r} is not a known model; known models: "
+                       f"{', '.join(models.available())}")
+  train.check_recipe(config.train, "train")
+  train.check_recipe(config.teacher.train, "teacher.train")
+  for where, overrides in _override_blocks(config, "train"):
+    train.check_recipe({**config.train.to_dict(), **overrides}, where)
+  for key in ("train.batch_size", "teacher.train.batch_size", "eval_batch_size"):
+    value = _get(config, key)
+    if value < 1:
+      raise ValueError(f"config key {key} must be positive, got {value}")
+    parallel.check_batch_size(value, key)
+  if config.log_every_steps < 1:
+    raise ValueError(f"config key log_every_steps must be at least 1, got "
+                     f"{config.log_every_steps}")
+  phase.validation_settings(config.validation)
+  if config.distill.ce_weight < 0:
+    raise ValueError(f"distill.ce_weight must not be negative, got {config.distill.ce_weight}")
+  obj = objective.build(config.distill, total_steps=1, steps_per_epoch=1)
+  augment.parse(config.data.edge_augment)
+  curriculum.settings(config.curriculum)
+  if config.distill.cache_teacher_logits:
     from kd_jax import teacher_cache
     teacher_cache.check_cacheable(config.data, obj)
+  edge_phases.check_config(config.edge)
+  export.check_config(config.export)
+  workflow = workflows.WORKFLOWS.get(config.workflow)
   if deep:
+    if workflow.check_config:
+      workflow.check_config(config)
     _check_taps(config, obj)
+  return config
+
+
+def _get(config: Any, dotted: str) -> Any:
+  for part in dotted.split("."):
+    config = config[part]
+  return config
+
+
+def _override_blocks(config: Any, name: str, prefix: str = ""):
+  """(dotted path, dict) of every block called `name` below the top level."""
+  for key in config.keys():
+    value = config[key]
+    if isinstance(value, ml_collections.ConfigDict):
+      if key == name and prefix:
+        yield prefix + key, value.to_dict()
+      elif str(prefix + key) not in _FREE:
+        yield from _override_blocks(value, name, prefix + key + ".")
 
 
 def _check_taps(config, obj) -> None:

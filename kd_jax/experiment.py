@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from kd_jax import configs
 from kd_jax import data as data_lib
 from kd_jax import evaluate as eval_lib
 from kd_jax import parallel
@@ -29,12 +30,12 @@ from kd_jax.workflows import distill as distill_workflow
 
 def distill(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """`kd-jax distill`: runs the config's `workflow`; writes `<workdir>/summary.json`."""
-  return workflows.run(config, workdir)
+  return workflows.run(configs.validate(config), workdir)
 
 
 def train_teacher(config: ml_collections.ConfigDict, workdir: str) -> phase_lib.PhaseResult:
   """`kd-jax train-teacher`: the teacher phase alone (reuse it with teacher.checkpoint)."""
-  return distill_workflow.train_teacher(config, workdir)
+  return distill_workflow.train_teacher(configs.validate(config), workdir)
 
 
 def evaluate_run(config, workdir: str, robustness: bool = False) -> dict[str, Any]:
@@ -43,6 +44,7 @@ def evaluate_run(config, workdir: str, robustness: bool = False) -> dict[str, An
   With `robustness`, also their accuracy under every edge corruption at 5 severities
   (`kd_jax.robustness`), under the key 'robustness'.
   """
+  config = configs.validate(config)
   mesh = parallel.data_mesh()
   info = data_lib.get_info(config.data)
   teacher, t_vars = rundir.load_teacher(config, workdir, info)
@@ -71,6 +73,7 @@ def evaluate_run(config, workdir: str, robustness: bool = False) -> dict[str, An
 
 def export_run(config, workdir: str) -> dict[str, Any]:
   """`kd-jax export`: TFLite variants of a run's distilled student; updates summary.json."""
+  config = configs.validate(config)
   info = data_lib.get_info(config.data)
   model, variables = rundir.load_phase(config, workdir, rundir.DISTILLED, info)
   variables = parallel.to_host(variables)
@@ -93,4 +96,4 @@ def export_run(config, workdir: str) -> dict[str, Any]:
 
 def report_run(config, workdir: str) -> str:
   """`kd-jax report`: `<workdir>/report.md` with its plots (see `kd_jax.report`)."""
-  return report.write_report(config, workdir)
+  return report.write_report(configs.validate(config), workdir)

@@ -34,16 +34,37 @@ import os
 import re
 import time
 import warnings
+from typing import Any, Mapping
 
 from ai_edge_litert import schema_py_generated as tflite_schema
 from ai_edge_litert.interpreter import Interpreter
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from kd_jax.models import layers as zoo_layers
 
 QUANTIZATIONS = ("fp32", "fp16", "dynamic", "int8")
+# The `export` block of an experiment config: the TFLite variants of the distilled
+# student, the calibration images of int8 and the timed single-image invokes.
+DEFAULTS = dict(variants=("fp32", "int8"), num_calibration_images=256, latency_runs=50)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The `export` block of an experiment config, at its defaults."""
+  return ml_collections.ConfigDict(DEFAULTS)
+
+
+def check_config(export_config: Mapping[str, Any]) -> None:
+  """One-line errors for an `export` block that cannot export."""
+  unknown = [v for v in export_config["variants"] if v not in QUANTIZATIONS]
+  if unknown:
+    raise ValueError(f"export.variants names unknown quantizations {unknown}; use some "
+                     f"of {', '.join(QUANTIZATIONS)}")
+  for key in ("num_calibration_images", "latency_runs"):
+    if export_config[key] < 1:
+      raise ValueError(f"export.{key} must be at least 1, got {export_config[key]}")
 
 _BUILTIN_OP_NAMES = {
     code: name
@@ -79,7 +100,7 @@ def _example_shape(input_shape, batch_size):
   return (None if batch_size is None else int(batch_size)), tuple(int(d) for d in input_shape)
 
 
-def _logits_fn(model, variables):
+def logits_function(model, variables):
   """Inference logits of `model`, traced with the ``lax`` ops (`models.portable`):
   TFLite gets DEPTHWISE_CONV_2D and MAX_POOL_2D."""
   model = zoo_layers.portable(model)
@@ -123,7 +144,7 @@ def to_tflite(model, variables, input_shape, quantization="fp32",
     ValueError: unknown quantization, 'int8' without calibration images, or a model
       that needs ops outside TFLITE_BUILTINS (the message names them).
   """
-  return function_to_tflite(_logits_fn(model, variables), input_shape, quantization,
+  return function_to_tflite(logits_function(model, variables), input_shape, quantization,
                             representative_images, batch_size)
 
 
@@ -368,6 +389,37 @@ def jax_logits(fn, images):
     return np.asarray(jax.jit(fn)(np.asarray(images, np.float32)))
 
 
+def export_and_measure(fn, input_shape, path, quantization="fp32", *,
+                       representative_images=None, parity_images=None, reference_fn=None,
+                       eval_batches_fn=None, latency_runs=50, batch_size=1):
+  """Converts `fn` to TFLite, writes it to `path` and measures it in LiteRT.
+
+  Every model kd_jax exports (students, pruned and QAT models, exits, head sets) goes
+  through here, so every row of an export table is measured the same way.
+
+  Args:
+    fn, input_shape, quantization, representative_images, batch_size: as for
+      `function_to_tflite`.
+    path: the .tflite file to write (its folder is created if missing).
+    parity_images: optional float32 [N, H, W, C]; the flatbuffer's outputs are compared
+      with `reference_fn(parity_images)` (default `fn`) run by JAX at full precision.
+    eval_batches_fn, latency_runs: as for `measure`.
+
+  Returns:
+    dict(path, **measure(...)).
+  """
+  flatbuffer = function_to_tflite(fn, input_shape, quantization, representative_images,
+                                  batch_size)
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path, "wb") as f:
+    f.write(flatbuffer)
+  reference = (jax_logits(reference_fn or fn, parity_images)
+               if parity_images is not None else None)
+  return dict(path=path, **measure(
+      flatbuffer, input_shape, eval_batches_fn=eval_batches_fn,
+      parity_images=parity_images, reference_logits=reference, latency_runs=latency_runs))
+
+
 def export_all(model, variables, input_shape, out_dir, variants=("fp32", "int8"),
                representative_images=None, eval_batches_fn=None, parity_images=None,
                latency_runs=50, name="student", batch_polymorphic=False):
@@ -388,22 +440,12 @@ def export_all(model, variables, input_shape, out_dir, variants=("fp32", "int8")
   Returns:
     {variant: dict(path, **measure(...))}.
   """
-  os.makedirs(out_dir, exist_ok=True)
-  reference = None
-  if parity_images is not None:
-    reference = jax_logits(_logits_fn(model, variables), parity_images)
-  results = {}
-  for variant in variants:
-    flatbuffer = to_tflite(model, variables, input_shape, variant, representative_images,
-                           batch_size=None if batch_polymorphic else 1)
-    path = os.path.join(out_dir, f"{name}_{variant}.tflite")
-    with open(path, "wb") as f:
-      f.write(flatbuffer)
-    results[variant] = dict(path=path, **measure(
-        flatbuffer, input_shape, eval_batches_fn=eval_batches_fn,
-        parity_images=parity_images, reference_logits=reference,
-        latency_runs=latency_runs))
-  return results
+  fn = logits_function(model, variables)
+  return {variant: export_and_measure(
+      fn, input_shape, os.path.join(out_dir, f"{name}_{variant}.tflite"), variant,
+      representative_images=representative_images, parity_images=parity_images,
+      eval_batches_fn=eval_batches_fn, latency_runs=latency_runs,
+      batch_size=None if batch_polymorphic else 1) for variant in variants}
 
 
 _TABLE_COLUMNS = (

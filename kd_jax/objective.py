@@ -35,6 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+import ml_collections
 import optax
 
 from kd_jax import losses
@@ -110,15 +111,29 @@ register("crd", losses.CRD, EMBEDDING)
 register("review_kd", losses.ReviewKD, MULTI)
 register("class_prior", losses.ClassPrior, LOGITS, needs_labels=True)
 
-_TERM_KEYS = ("method", "weight", "schedule", "warmup_epochs", "decay_epochs",
-              "student_tap", "teacher_tap", "name", "adapter", "temperature_schedule",
-              "final_temperature")
+# The keys of a `distill.terms` entry other than its method's hyper-parameters, with
+# their defaults (teacher_tap None: the student's tap; name None: the method's name,
+# with the tap of a feature term).
+TERM_DEFAULTS = dict(method=None, weight=1.0, schedule="constant", warmup_epochs=0.0,
+                     decay_epochs=(), student_tap=None, teacher_tap=None, name=None,
+                     adapter=None, temperature_schedule="constant",
+                     final_temperature=None)
 TEMPERATURE_SCHEDULES = ("constant", "linear", "cosine")
 ADAPTERS = ("conv1x1", "linear")
 SCHEDULES = ("constant", "linear_warmup", "cosine", "step")
 SELF_PACED = ("none", "hard", "linear", "soft")
 _SELF_PACED_DEFAULTS = dict(kind="none", start_threshold=2.0, final_threshold=6.0,
                             full_at_epoch=30.0, softness=0.25)
+# The `distill` block of an experiment config: objective = ce_weight · CE (with
+# label_smoothing) + Σ weight · term; `cache_teacher_logits` computes the teacher's
+# logits once for the training split (needs data.augment='none'; teacher_cache.py).
+DEFAULTS = dict(ce_weight=1.0, terms=[], label_smoothing=0.0, cache_teacher_logits=False,
+                self_paced=_SELF_PACED_DEFAULTS)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The `distill` block of an experiment config, at its defaults (cross-entropy alone)."""
+  return ml_collections.ConfigDict(DEFAULTS)
 
 
 def weight_schedule(weight: float, kind: str = "constant", *, total_steps: int,
@@ -295,6 +310,7 @@ class Objective:
   terms: tuple[Term, ...]
   label_smoothing: float = 0.0
   self_paced: SelfPaced | None = None
+  cache_teacher_logits: bool = False
 
   @property
   def needs_teacher(self) -> bool:
@@ -345,22 +361,22 @@ class Objective:
 def build(distill_config: Mapping[str, Any], *, total_steps: int,
           steps_per_epoch: int, num_train: int = 0) -> Objective:
   """The objective from `config.distill` (`ce_weight`, `terms`); one-line errors."""
+  distill = section("distill", distill_config, DEFAULTS)
   terms, names = [], set()
-  for i, spec in enumerate(distill_config.get("terms", ()) or ()):
+  for i, given in enumerate(distill["terms"]):
     where = f"distill.terms[{i}]"
-    spec = dict(spec)
-    method_name = spec.get("method")
+    spec = {**TERM_DEFAULTS, **{k: v for k, v in dict(given).items() if v is not None}}
+    method_name = spec["method"]
     if method_name not in METHODS:
       raise ValueError(f"{where}: {METHODS.unknown(method_name)}")
     method = METHODS.get(method_name)
-    hyper = {k: v for k, v in spec.items() if k not in _TERM_KEYS}
+    hyper = {k: v for k, v in spec.items() if k not in TERM_DEFAULTS}
     unknown = sorted(set(hyper) - set(method.hyper_parameters))
     if unknown:
       raise ValueError(f"{where}: {method_name} takes no {', '.join(unknown)}; "
                        f"its settings: {', '.join(method.hyper_parameters) or 'none'}")
-    default_tap = "embedding" if method.inputs == EMBEDDING else None
-    student_tap = spec.get("student_tap", default_tap)
-    teacher_tap = spec.get("teacher_tap", student_tap)
+    student_tap = spec["student_tap"] or ("embedding" if method.inputs == EMBEDDING else None)
+    teacher_tap = spec["teacher_tap"] or student_tap
     if method.inputs in (FEATURES, MULTI) and not student_tap:
       raise ValueError(f"{where}: {method_name} compares feature maps; "
                        "set student_tap (and teacher_tap), e.g. student_tap='stage_2'")
@@ -369,41 +385,42 @@ def build(distill_config: Mapping[str, Any], *, total_steps: int,
       if len(student_tap) != len(teacher_tap):
         raise ValueError(f"{where}: {method_name} pairs taps one to one; student_tap "
                          f"has {len(student_tap)} names, teacher_tap {len(teacher_tap)}")
-    name = spec.get("name") or (method_name if method.inputs in (LOGITS, MULTI)
-                                else f"{method_name}/{student_tap}")
+    name = spec["name"] or (method_name if method.inputs in (LOGITS, MULTI)
+                            else f"{method_name}/{student_tap}")
     if name in names:
       raise ValueError(f"{where}: a second term named {name!r}; give it name='...'")
     names.add(name)
-    if spec.get("schedule", "constant") not in SCHEDULES:
+    if spec["schedule"] not in SCHEDULES:
       raise ValueError(f"{where}: unknown schedule {spec['schedule']!r}; "
                        f"use one of {', '.join(SCHEDULES)}")
     weight = weight_schedule(
-        spec.get("weight", 1.0), spec.get("schedule", "constant"),
-        total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-        warmup_epochs=spec.get("warmup_epochs", 0.0),
-        decay_epochs=tuple(spec.get("decay_epochs", ())))
-    adapter = spec.get("adapter")
+        spec["weight"], spec["schedule"], total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch, warmup_epochs=spec["warmup_epochs"],
+        decay_epochs=tuple(spec["decay_epochs"]))
+    adapter = spec["adapter"]
     if adapter and (adapter not in ADAPTERS or method.inputs == LOGITS):
       raise ValueError(f"{where}: adapter={adapter!r} is not available here; use "
                        f"{' or '.join(ADAPTERS)} on a feature or embedding term")
     temperature = None
-    if spec.get("temperature_schedule", "constant") != "constant":
+    if spec["temperature_schedule"] != "constant":
       if "temperature" not in method.hyper_parameters or method.is_module:
         raise ValueError(f"{where}: {method_name} has no temperature to schedule; "
                          "remove temperature_schedule")
+      start = hyper.get("temperature", inspect.signature(method.fn).parameters[
+          "temperature"].default)
       temperature = temperature_schedule(
-          float(spec.get("temperature", 4.0)), spec.get("final_temperature"),
-          spec["temperature_schedule"], total_steps=total_steps)
+          float(start), spec["final_temperature"], spec["temperature_schedule"],
+          total_steps=total_steps)
       if temperature is None:
         raise ValueError(f"{where}: temperature_schedule needs final_temperature")
     terms.append(Term(name, method, weight,
                       None if method.inputs == LOGITS else student_tap,
                       None if method.inputs == LOGITS else teacher_tap, hyper,
                       adapter=adapter, num_train=num_train, temperature=temperature))
-  return Objective(float(distill_config.get("ce_weight", 1.0)), tuple(terms),
-                   float(distill_config.get("label_smoothing", 0.0)),
-                   build_self_paced(distill_config.get("self_paced"),
-                                    steps_per_epoch=steps_per_epoch))
+  return Objective(float(distill["ce_weight"]), tuple(terms),
+                   float(distill["label_smoothing"]),
+                   build_self_paced(distill["self_paced"], steps_per_epoch=steps_per_epoch),
+                   cache_teacher_logits=bool(distill["cache_teacher_logits"]))
 
 
 def _names(taps: str | Sequence[str]) -> tuple[str, ...]:

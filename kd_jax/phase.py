@@ -39,7 +39,8 @@ TEACHER = "teacher"
 # and at the last step the model is evaluated on the validation split, and the train
 # state with the best `metric` is kept. Metrics where lower is better:
 _LOWER_IS_BETTER = ("nll", "ece")
-_VALIDATION_DEFAULTS = dict(every_steps=100, metric="accuracy")
+VALIDATION_METRICS = ("accuracy", "top5_accuracy", *_LOWER_IS_BETTER)
+VALIDATION_DEFAULTS = dict(every_steps=100, metric="accuracy")
 
 
 @dataclasses.dataclass
@@ -55,15 +56,19 @@ class PhaseResult:
   selection: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+def default_validation_config() -> ml_collections.ConfigDict:
+  """The `validation` block of an experiment config, at its defaults."""
+  return ml_collections.ConfigDict(VALIDATION_DEFAULTS)
+
+
 def validation_settings(spec: Mapping[str, Any] | None) -> dict[str, Any]:
   """The `validation` config block with its defaults; one-line errors."""
-  spec = registry.section("validation", spec, _VALIDATION_DEFAULTS)
+  spec = registry.section("validation", spec, VALIDATION_DEFAULTS)
   if int(spec["every_steps"]) < 1:
     raise ValueError(f"validation.every_steps must be at least 1, got {spec['every_steps']}")
-  known = ("accuracy", "top5_accuracy", *_LOWER_IS_BETTER)
-  if spec["metric"] not in known:
+  if spec["metric"] not in VALIDATION_METRICS:
     raise ValueError(f"validation.metric={spec['metric']!r} is unknown; use one of "
-                     f"{', '.join(known)}")
+                     f"{', '.join(VALIDATION_METRICS)}")
   return spec
 
 
@@ -76,7 +81,7 @@ def student_recipe(config: ml_collections.ConfigDict,
 def training_data(config: ml_collections.ConfigDict, which: str) -> ml_collections.ConfigDict:
   """The data config a model trains on: `data`, with `<which>.train_split` and
   `<which>.validation_split` (a named split instead of the held-out fraction) if set."""
-  split, validation = (config[which].get(key) for key in ("train_split", "validation_split"))
+  split, validation = config[which].train_split, config[which].validation_split
   if not split and not validation:
     return config.data
   data_config = config.data.copy_and_resolve_references()
@@ -119,7 +124,8 @@ def train_phase(config: ml_collections.ConfigDict, *, phase: str, model, train_c
   batch difficulty are logged with the train metrics.
   """
   seed = config.seed if seed is None else seed
-  batch = int(train_config.batch_size)
+  recipe = train_lib.recipe(train_config)
+  batch = recipe["batch_size"]
   train_data = training_data(config, TEACHER if phase == TEACHER else "student")
   train_info = data_lib.get_info(train_data)
   num_train = train_info.num_train
@@ -127,13 +133,13 @@ def train_phase(config: ml_collections.ConfigDict, *, phase: str, model, train_c
   if steps_per_epoch == 0:
     raise ValueError(f"train.batch_size={batch} exceeds the {num_train} training "
                      "examples; lower it")
-  total_steps = int(round(train_config.epochs * steps_per_epoch))
-  validation = validation_settings(config.get("validation"))
+  total_steps = int(round(recipe["epochs"] * steps_per_epoch))
+  validation = validation_settings(config.validation)
   validate_every = int(validation["every_steps"])
   has_validation = train_info.num_validation > 0
   objective = objective_lib.build(distill_config, total_steps=total_steps,
                                   steps_per_epoch=steps_per_epoch, num_train=num_train)
-  accumulate = max(1, int(train_config.get("accumulation_steps", 1)))
+  accumulate = recipe["accumulation_steps"]
   schedule = train_lib.learning_rate_schedule(  # in optimizer updates
       train_config, max(1, steps_per_epoch // accumulate), max(1, total_steps // accumulate))
   optimizer = train_lib.make_optimizer(train_config, schedule)
@@ -158,7 +164,7 @@ def train_phase(config: ml_collections.ConfigDict, *, phase: str, model, train_c
 
   state = fresh_state()
   phase_dir = os.path.join(workdir, phase)
-  save_every = max(1, int(train_config.checkpoint_every_steps))
+  save_every = recipe["checkpoint_every_steps"]
   checkpointer = ckpt_lib.Checkpointer(os.path.join(phase_dir, "checkpoints"))
   best = None
   if has_validation:
@@ -190,16 +196,16 @@ def train_phase(config: ml_collections.ConfigDict, *, phase: str, model, train_c
         (r["step"], r) for r in read_records(workdir)
         if r["phase"] == phase and r["kind"] == "validation" and r["step"] <= start)
 
-  max_nonfinite = int(train_config.get("max_nonfinite_steps", 5))
-  rollback_factor = float(train_config.get("rollback_lr_factor", 0.5))
-  max_rollbacks = int(train_config.get("max_rollbacks", 3))
+  max_nonfinite = recipe["max_nonfinite_steps"]
+  rollback_factor = recipe["rollback_lr_factor"]
+  max_rollbacks = recipe["max_rollbacks"]
   rollbacks = 0
   if start < total_steps:
     step_fn = train_lib.make_train_step(
         model, teacher, objective, optimizer, mesh,
-        teacher_bf16=bool(config.teacher.get("bf16_forward", False)))
+        teacher_bf16=config.teacher.bf16_forward)
     cached_logits = None
-    if objective.needs_teacher and distill_config.get("cache_teacher_logits", False):
+    if objective.needs_teacher and objective.cache_teacher_logits:
       cached_logits = teacher_cache.load_or_compute(
           os.path.join(phase_dir, "teacher_logits.npy"), teacher, teacher_variables,
           train_data, objective, mesh, batch_size=batch)  # the step's per-device shapes
@@ -213,7 +219,7 @@ def train_phase(config: ml_collections.ConfigDict, *, phase: str, model, train_c
         batches = teacher_cache.attach(batches, cached_logits)
       return parallel.prefetch_to_device(batches, mesh)
 
-    log_every = max(1, int(config.get("log_every_steps", 50)))
+    log_every = config.log_every_steps
     progress = _progress(phase, start, total_steps)
     batches = batches_from(start)
     t0, seen, step = time.perf_counter(), 0, start

@@ -78,7 +78,7 @@ def _saved_model_folder(path: str) -> str | None:
 
 def resolve_candidates(config: ml_collections.ConfigDict) -> list[Candidate]:
   """The config's candidates with their top-1 and its source; one-line errors."""
-  published = dict(config.get("published") or {})
+  published = dict(config.published)
   candidates = []
   for name in _names(config.candidates):
     folder = _saved_model_folder(name) if os.path.isdir(name) else None
@@ -89,7 +89,7 @@ def resolve_candidates(config: ml_collections.ConfigDict) -> list[Candidate]:
                          f"{', '.join(models.available())}")
       accuracy = published.get(name)
       candidates.append(Candidate(name, name, None, accuracy,
-                                  config.get("published_source") if accuracy else None))
+                                  config.published_source if accuracy else None))
       continue
     with open(os.path.join(folder, "model.json")) as f:
       meta = json.load(f)

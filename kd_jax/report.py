@@ -102,8 +102,7 @@ def _finished_models(config, workdir: str, info) -> dict[str, tuple[Any, Any]]:
 
 
 def _eval_batches(config):
-  return data_lib.eval_iterator(config.data, batch_size=config.eval_batch_size,
-                                process_index=0, process_count=1)
+  return data_lib.host_eval_iterator(config.data, batch_size=config.eval_batch_size)
 
 
 def logged_phases(records: Sequence[Mapping[str, Any]], kind: str) -> list[str]:
@@ -132,11 +131,11 @@ def _phase_lines(config, workdir, records, finished, summary) -> list[str]:
   for phase in PHASES:
     model = config.teacher.name if phase == rundir.TEACHER else config.student.name
     steps = [r["step"] for r in records if r.get("phase") == phase and r["kind"] == "train"]
-    if phase == rundir.VANILLA and not config.get("train_vanilla", True):
+    if phase == rundir.VANILLA and not config.train_vanilla:
       state = "not part of this run (`train_vanilla=False`)"
     elif phase in finished:
       state = "finished"
-      if phase == rundir.TEACHER and config.teacher.get("checkpoint"):
+      if phase == rundir.TEACHER and config.teacher.checkpoint:
         state = f"loaded from `{rundir.teacher_source(config, workdir)}`"
     elif steps:
       state = f"interrupted: last logged step {max(steps)}, no final model yet"
@@ -157,7 +156,7 @@ def _evaluation_lines(config, workdir, records) -> list[str]:
   rows, notes = {}, []
   for phase in dict.fromkeys([rundir.TEACHER] + logged_phases(records, "eval")):
     record = last_eval(records, phase)
-    if record is None and phase == rundir.TEACHER and config.teacher.get("checkpoint"):
+    if record is None and phase == rundir.TEACHER and config.teacher.checkpoint:
       meta = _read_json(os.path.join(rundir.teacher_source(config, workdir),
                                      "model.json"))
       record = (meta or {}).get("metrics")

@@ -59,8 +59,7 @@ def run_config(pair: str, method: str, tiny: bool = False, *,
     config.data.data_dir = data_dir
   if not export:
     config.export.variants = ()
-  configs.validate(config)
-  return config
+  return configs.validate(config)
 
 
 def _teacher_part(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

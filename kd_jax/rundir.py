@@ -34,8 +34,8 @@ SUMMARY = "summary.json"
 def model(config: ml_collections.ConfigDict, which: str, num_classes: int):
   """The teacher or student; `mixed_precision=True` computes in bfloat16 (params stay fp32)."""
   spec = config[which]
-  kw = dict(spec.get("kwargs", {}) or {})
-  kw.setdefault("dtype", jnp.bfloat16 if config.get("mixed_precision") else jnp.float32)
+  kw = dict(spec.kwargs)
+  kw.setdefault("dtype", jnp.bfloat16 if config.mixed_precision else jnp.float32)
   return models.create(spec.name, num_classes, **kw)
 
 
@@ -45,7 +45,7 @@ def teacher_source(config, workdir: str) -> str:
   `teacher.checkpoint` (a `kd-jax train-teacher` workdir or its `teacher/` folder),
   else `<workdir>/teacher`.
   """
-  source = config.teacher.get("checkpoint")
+  source = config.teacher.checkpoint
   if not source:
     return os.path.join(workdir, TEACHER)
   inner = os.path.join(source, TEACHER)
@@ -86,9 +86,9 @@ def export_student(config, workdir: str, student, variables, info) -> dict[str, 
       student.clone(dtype=jnp.float32), variables, tuple(info.image_shape),
       os.path.join(workdir, "export"),
       variants=tuple(ecfg.variants), representative_images=rep,
-      eval_batches_fn=lambda: data_lib.eval_iterator(
-          config.data, batch_size=config.eval_batch_size, process_index=0, process_count=1),
-      parity_images=rep[:16], latency_runs=int(ecfg.get("latency_runs", 50)))
+      eval_batches_fn=lambda: data_lib.host_eval_iterator(
+          config.data, batch_size=config.eval_batch_size),
+      parity_images=rep[:16], latency_runs=ecfg.latency_runs)
 
 
 def write_export_table(workdir, student, distilled, info, tflite, other_rows=None):

@@ -44,7 +44,7 @@ def check_cacheable(data_config: ml_collections.ConfigDict,
     ValueError: augmentation is not explicitly off (`data.augment='none'`), edge
       augmentations are configured, or a term needs more than the teacher's logits.
   """
-  if data_config.get("augment") != "none" or data_config.get("edge_augment"):
+  if data_config.augment != "none" or data_config.edge_augment:
     raise ValueError(
         "distill.cache_teacher_logits needs a fixed, unaugmented training set (augmented "
         "images change every epoch, cached teacher logits would not); set "

@@ -65,7 +65,7 @@ def curriculum_for_run(config: ml_collections.ConfigDict, workdir: str, *, train
   scores saved in `<workdir>/curriculum/difficulty_<scoring>.npy` by an earlier attempt
   of the run. Epochs count `config.train.batch_size` batches of that split.
   """
-  spec = curriculum_lib.settings(config.get("curriculum"))
+  spec = curriculum_lib.settings(config.curriculum)
   if spec["pacing"] == "none":
     return None
   scoring = spec["scoring"]

@@ -10,12 +10,14 @@ step with an objective of plain cross-entropy.
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Any, Callable, Mapping
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from jax import lax
@@ -23,6 +25,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from kd_jax import objective as objective_lib
 from kd_jax import parallel
+from kd_jax import registry
 
 
 @flax.struct.dataclass
@@ -43,15 +46,66 @@ class TrainState:
             "batch_stats": self.batch_stats["student"]}
 
 
+# The training recipe (`train`, `teacher.train`): every key with its default. A phase's
+# override block (`heads.train`, `edge.qat.train`, ...) may set any of these keys.
+RECIPE_DEFAULTS = dict(
+    optimizer="sgd", learning_rate=0.05, momentum=0.9, nesterov=False, weight_decay=5e-4,
+    schedule="cosine", decay_epochs=(), decay_factor=0.1, warmup_epochs=0.0,
+    batch_size=64, epochs=30.0, checkpoint_every_steps=100, accumulation_steps=1,
+    # Rollback on non-finite steps (kd_jax/phase.py): after `max_nonfinite_steps`
+    # skipped steps in a row, restart from the last good checkpoint with the learning
+    # rate times `rollback_lr_factor`, at most `max_rollbacks` times.
+    max_nonfinite_steps=5, rollback_lr_factor=0.5, max_rollbacks=3)
+OPTIMIZERS = ("sgd", "adamw")
+LR_SCHEDULES = ("step", "cosine", "constant")
+
+
+def default_recipe() -> ml_collections.ConfigDict:
+  """The `train` block of an experiment config, with every key at its default."""
+  return ml_collections.ConfigDict(RECIPE_DEFAULTS)
+
+
+def recipe(train_config: Mapping[str, Any]) -> dict[str, Any]:
+  """`train_config` with the defaults of the keys it leaves out; unknown keys fail."""
+  return registry.section("train", train_config, RECIPE_DEFAULTS)
+
+
+def check_recipe(train_config: Mapping[str, Any], where: str = "train") -> None:
+  """One-line errors for a recipe that cannot train (`where` names its config block)."""
+  r = recipe(train_config)
+  if r["optimizer"] not in OPTIMIZERS:
+    raise ValueError(f"{where}.optimizer={r['optimizer']!r} is unknown; use one of "
+                     f"{', '.join(OPTIMIZERS)}")
+  if r["schedule"] not in LR_SCHEDULES:
+    raise ValueError(f"{where}.schedule={r['schedule']!r} is unknown; use one of "
+                     f"{', '.join(LR_SCHEDULES)}")
+  ranges = (("learning_rate", lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+            ("epochs", lambda v: 0 < v < math.inf, "a finite number > 0"),
+            ("batch_size", lambda v: v >= 1, "at least 1"),
+            ("checkpoint_every_steps", lambda v: v >= 1, "at least 1"),
+            ("accumulation_steps", lambda v: v >= 1, "at least 1"),
+            ("weight_decay", lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+            ("momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+            ("decay_factor", lambda v: 0 < v <= 1, "in (0, 1]"),
+            ("warmup_epochs", lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+            ("max_nonfinite_steps", lambda v: v >= 1, "at least 1"),
+            ("rollback_lr_factor", lambda v: 0 < v <= 1, "in (0, 1]"),
+            ("max_rollbacks", lambda v: v >= 0, "at least 0"))
+  for key, ok, want in ranges:
+    if not ok(r[key]):
+      raise ValueError(f"{where}.{key} must be {want}, got {r[key]!r}")
+
+
 def learning_rate_schedule(train_config: Mapping[str, Any], steps_per_epoch: int,
                            total_steps: int) -> optax.Schedule:
   """Step decay (the CRD recipe: ×decay_factor at each of decay_epochs) or cosine."""
-  lr = float(train_config["learning_rate"])
-  warmup = int(train_config.get("warmup_epochs", 0) * steps_per_epoch)
-  kind = train_config.get("schedule", "step")
+  r = recipe(train_config)
+  lr = float(r["learning_rate"])
+  warmup = int(r["warmup_epochs"] * steps_per_epoch)
+  kind = r["schedule"]
   if kind == "step":
-    boundaries = {int(e * steps_per_epoch): float(train_config.get("decay_factor", 0.1))
-                  for e in train_config.get("decay_epochs", ())}
+    boundaries = {int(e * steps_per_epoch): float(r["decay_factor"])
+                  for e in r["decay_epochs"]}
     main = optax.piecewise_constant_schedule(lr, boundaries)
     if warmup:  # join_schedules restarts the count at the boundary: shift it back
       return optax.join_schedules(
@@ -62,7 +116,7 @@ def learning_rate_schedule(train_config: Mapping[str, Any], steps_per_epoch: int
                                               max(total_steps, warmup + 1))
   if kind == "constant":
     return optax.constant_schedule(lr)
-  raise ValueError(f"train.schedule={kind!r} is unknown; use step, cosine or constant")
+  raise ValueError(f"train.schedule={kind!r} is unknown; use one of {', '.join(LR_SCHEDULES)}")
 
 
 def make_optimizer(train_config: Mapping[str, Any],
@@ -73,18 +127,17 @@ def make_optimizer(train_config: Mapping[str, Any],
   (optax.MultiSteps) before one update, so k steps of batch b update like one of k·b;
   the schedule then counts updates, not steps.
   """
-  name = train_config.get("optimizer", "sgd")
-  wd = float(train_config.get("weight_decay", 0.0))
+  r = recipe(train_config)
+  name, wd = r["optimizer"], float(r["weight_decay"])
   if name == "sgd":
     opt = optax.chain(
         optax.add_decayed_weights(wd) if wd else optax.identity(),
-        optax.sgd(schedule, momentum=train_config.get("momentum", 0.9) or None,
-                  nesterov=bool(train_config.get("nesterov", False))))
+        optax.sgd(schedule, momentum=r["momentum"] or None, nesterov=bool(r["nesterov"])))
   elif name == "adamw":
     opt = optax.adamw(schedule, weight_decay=wd)
   else:
-    raise ValueError(f"train.optimizer={name!r} is unknown; use sgd or adamw")
-  k = int(train_config.get("accumulation_steps", 1))
+    raise ValueError(f"train.optimizer={name!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
+  k = int(r["accumulation_steps"])
   return optax.MultiSteps(opt, every_k_schedule=k) if k > 1 else opt
 
 

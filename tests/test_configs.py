@@ -119,3 +119,77 @@ def test_malformed_configs_get_one_line_errors(path, action, value, new_key):
     assert message and "\n" not in message, message
     assert "Traceback" not in message
   # Passing is fine: the mutation left a valid config (e.g. an int for a float).
+
+
+# --- Defaults written once, by the module that reads each block. ---------------------
+
+def test_each_block_of_the_default_config_is_its_owners():
+  from kd_jax import export, train
+  from kd_jax.data import curriculum
+  from kd_jax.edge import phases as edge_phases
+  from kd_jax.workflows import heads
+  c = configs.default_config()
+  assert c.train.to_dict() == train.RECIPE_DEFAULTS
+  assert c.teacher.train.to_dict() == c.train.to_dict()
+  assert c.curriculum.to_dict() == curriculum.DEFAULTS
+  assert c.export.variants == export.DEFAULTS["variants"]
+  assert c.edge.exits.steps == edge_phases.DEFAULTS["exits"]["steps"]
+  assert c.heads.tap == heads.DEFAULTS["tap"]
+  assert c.distill.ce_weight == 1.0 and list(c.distill.terms) == []
+
+
+def test_validate_completes_checks_and_locks():
+  c = ml_collections.ConfigDict(dict(teacher=dict(name="resnet8"),
+                                     student=dict(name="resnet8"),
+                                     train=dict(epochs=2)))
+  done = configs.validate(c)
+  assert done.train.epochs == 2.0 and done.train.batch_size == 64  # the recipe default
+  assert done.log_every_steps == 20 and done.edge.qat.enabled is False
+  with pytest.raises(AttributeError):
+    done.train.new_key = 1  # locked
+  assert configs.validate(done).to_dict() == done.to_dict()  # idempotent
+
+
+@pytest.mark.parametrize("override, message", [
+    (("train", "learnig_rate", 0.1), "unknown config key train.learnig_rate; did you mean "
+                                     "'learning_rate'?"),
+    (("heads", "train", {"epocs": 1}), "unknown config key heads.train.epocs; did you mean "
+                                       "'epochs'?"),
+    (("train", "epochs", 0), "train.epochs must be a finite number > 0, got 0"),
+    (("train", "checkpoint_every_steps", -5), "train.checkpoint_every_steps must be at least 1"),
+    (("train", "learning_rate", float("nan")), "train.learning_rate must be a finite number"),
+    (("distill", "ce_weight", -1.0), "distill.ce_weight must not be negative"),
+    (("export", "variants", ("fp32", "int4")), "export.variants names unknown quantizations"),
+    (("edge", "prune", {"criterion": "l3"}), "edge.prune.criterion='l3' is unknown"),
+    (("validation", "metric", "f1"), "validation.metric='f1' is unknown"),
+])
+def test_bad_values_name_the_key(override, message):
+  c = _load("digits", "tiny")
+  *path, key, value = override
+  node = c
+  for part in path:
+    node = node[part]
+  if isinstance(value, dict):
+    node[key] = ml_collections.ConfigDict(value) if key not in node else node[key]
+    for k, v in value.items():
+      with node[key].unlocked():
+        node[key][k] = v
+  else:
+    with node.unlocked():
+      node[key] = value
+  with pytest.raises(ValueError) as e:
+    configs.validate(c)
+  assert message in str(e.value)
+
+
+def test_a_value_of_the_wrong_type_names_the_key():
+  c = ml_collections.ConfigDict(dict(teacher=dict(name="resnet8"),
+                                     student=dict(name="resnet8"), train=dict(batch_size=1.5)))
+  with pytest.raises(ValueError, match="config key train.batch_size must be int, got 1.5"):
+    configs.validate(c)
+
+
+def test_a_phase_train_block_may_set_any_recipe_key():
+  c = _load("digits_heads", "tiny")
+  c.heads.train.batch_size = 16  # not among heads.train's defaults, but a recipe key
+  assert configs.validate(c).heads.train.batch_size == 16

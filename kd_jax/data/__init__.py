@@ -17,6 +17,7 @@ from kd_jax.data.pipeline import default_data_config
 from kd_jax.data.pipeline import eval_dataset
 from kd_jax.data.pipeline import eval_datasets
 from kd_jax.data.pipeline import eval_iterator
+from kd_jax.data.pipeline import host_eval_iterator
 from kd_jax.data.pipeline import get_info
 from kd_jax.data.pipeline import representative_images
 from kd_jax.data.pipeline import train_dataset
@@ -30,6 +31,7 @@ __all__ = [
     "eval_dataset",
     "eval_datasets",
     "eval_iterator",
+    "host_eval_iterator",
     "get_info",
     "kd_digits",
     "preprocess",

@@ -49,7 +49,8 @@ SEVERITIES = (1, 2, 3, 4, 5)
 OPS: Registry[EdgeOp] = Registry("edge op")
 # Ops that act on colour only: identities on 1-channel images.
 COLOUR_OPS = ("grayscale", "chroma_subsampling")
-_SPEC_KEYS = ("op", "prob", "severity")
+# The keys of a `data.edge_augment` entry and their defaults (op has none).
+SPEC_DEFAULTS = dict(op=None, prob=1.0, severity=3)
 
 _EXPOSURE = (0.8, 0.65, 0.5, 0.35, 0.25)
 _GAMMA = (1.2, 1.4, 1.6, 1.8, 2.0)
@@ -230,17 +231,18 @@ def _parse(spec: Any, where: str) -> tuple[str, float, tuple[int, int]]:
   if not isinstance(spec, Mapping):
     raise ValueError(f"{where} must be a dict such as {{'op': 'jpeg', 'prob': 0.5, "
                      f"'severity': 3}}, got {spec!r}")
-  unknown = sorted(set(spec) - set(_SPEC_KEYS))
+  unknown = sorted(set(spec) - set(SPEC_DEFAULTS))
   if unknown:
     raise ValueError(f"{where} has unknown keys {', '.join(unknown)}; use "
-                     f"{', '.join(_SPEC_KEYS)}")
-  name = spec.get("op")
+                     f"{', '.join(SPEC_DEFAULTS)}")
+  spec = {**SPEC_DEFAULTS, **spec}
+  name = spec["op"]
   if name not in OPS:
     raise ValueError(f"{where}: {OPS.unknown(name)}")
-  prob = spec.get("prob", 1.0)
+  prob = spec["prob"]
   if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0 <= prob <= 1:
     raise ValueError(f"{where}: prob must be a number in [0, 1], got {prob!r}")
-  severity = spec.get("severity", 3)
+  severity = spec["severity"]
   bounds = tuple(severity) if isinstance(severity, (tuple, list)) else (severity,) * 2
   if (len(bounds) != 2 or not all(isinstance(s, int) and s in SEVERITIES for s in bounds)
       or bounds[0] > bounds[1]):

@@ -37,6 +37,7 @@ from collections.abc import Callable, Mapping
 import dataclasses
 from typing import Any, Optional
 
+import ml_collections
 import numpy as np
 import tensorflow as tf
 
@@ -45,8 +46,14 @@ from kd_jax.data import salts
 
 SCORINGS = ("teacher_loss", "margin", "entropy")
 PACINGS = ("linear", "root", "geometric", "step")
-_DEFAULTS = dict(pacing="none", scoring="teacher_loss", start_fraction=0.3,
-                 full_at_epoch=30.0, stages=4)
+# The `curriculum` block of an experiment config: off (pacing 'none') by default.
+DEFAULTS = dict(pacing="none", scoring="teacher_loss", start_fraction=0.3,
+                full_at_epoch=30.0, stages=4)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The `curriculum` block of an experiment config, at its defaults."""
+  return ml_collections.ConfigDict(DEFAULTS)
 
 
 def pacing_fraction(kind: str, step, *, start_fraction: float, full_step: int,
@@ -139,7 +146,7 @@ def settings(spec: Optional[Mapping[str, Any]]) -> dict[str, Any]:
   Raises:
     ValueError: an unknown key or a value out of range, in one line.
   """
-  spec = registry.section("curriculum", spec, _DEFAULTS)
+  spec = registry.section("curriculum", spec, DEFAULTS)
   if spec["pacing"] not in ("none", *PACINGS):
     raise ValueError(f"curriculum.pacing={spec['pacing']!r} is unknown; use none or one "
                      f"of {', '.join(PACINGS)}")

@@ -250,7 +250,7 @@ def _source(data_config: DataConfig) -> _Source:
   defaults = _DATASET_DEFAULTS.get(builder.name, _GENERIC_DEFAULTS)
 
   def option(key):
-    value = data_config.get(key)
+    value = data_config[key]
     return defaults.get(key) if value is None else value
 
   image_key, label_key = _supervised_keys(builder)
@@ -260,8 +260,8 @@ def _source(data_config: DataConfig) -> _Source:
       else "validation")
   num_train = _read_split(builder, data_config.train_split)[1]
   num_eval = _read_split(builder, eval_split)[1]
-  fraction = float(data_config.get("validation_fraction") or 0.0)
-  validation_split = data_config.get("validation_split")
+  fraction = float(data_config.validation_fraction)
+  validation_split = data_config.validation_split
   if not 0.0 <= fraction < 1.0:
     raise ValueError(f"data.validation_fraction must be in [0, 1), got {fraction}")
   if validation_split and fraction:
@@ -290,7 +290,7 @@ def _source(data_config: DataConfig) -> _Source:
     image_hw = native_shape[:2]
 
   fixed_shape = None not in native_shape
-  cache = _parse_cache(data_config.get("cache"))
+  cache = _parse_cache(data_config.cache)
   if cache is None:
     cache = fixed_shape and num_train * math.prod(native_shape) < _CACHE_LIMIT_BYTES
   shuffle_buffer = option("shuffle_buffer") or (
@@ -317,7 +317,7 @@ def _source(data_config: DataConfig) -> _Source:
           pad=option("pad"),
           flip=option("flip"),
       ),
-      edge=augment.compose(data_config.get("edge_augment"), channels),
+      edge=augment.compose(data_config.edge_augment, channels),
       mean=mean,
       std=std,
       cache=cache,
@@ -700,6 +700,15 @@ def eval_iterator(
       corruption=corruption,
       split=split,
   ).as_numpy_iterator()
+
+
+def host_eval_iterator(data_config: DataConfig, *, batch_size: int,
+                       split: str = "eval") -> Iterator[Batch]:
+  """One pass over all of a split on this host alone, for host-side work that sees
+  every example (TFLite accuracy in LiteRT, reports): `eval_iterator` as if this
+  were the only process."""
+  return eval_iterator(data_config, batch_size=batch_size, process_index=0,
+                       process_count=1, split=split)
 
 
 def representative_images(data_config: DataConfig, n: int, seed: int = 0) -> np.ndarray:

@@ -389,19 +389,9 @@ def export_exits(student: nn.Module, student_variables: Any, heads: ExitHeads,
     ``{exit: dict(path, **kd_jax.export.measure(...))}`` in cascade order, then
     ``'final'``.
   """
-  os.makedirs(out_dir, exist_ok=True)
-  results = {}
-  for name in (*heads.taps, FINAL):
-    fn = exit_function(student, student_variables, heads, head_variables, name)
-    flatbuffer = export_lib.function_to_tflite(fn, input_shape, quantization,
-                                               representative_images)
-    path = os.path.join(out_dir, f"exit_{name}_{quantization}.tflite")
-    with open(path, "wb") as f:
-      f.write(flatbuffer)
-    reference = (export_lib.jax_logits(fn, parity_images)
-                 if parity_images is not None else None)
-    results[name] = dict(path=path, **export_lib.measure(
-        flatbuffer, input_shape, eval_batches_fn=eval_batches_fn,
-        parity_images=parity_images, reference_logits=reference,
-        latency_runs=latency_runs))
-  return results
+  return {name: export_lib.export_and_measure(
+      exit_function(student, student_variables, heads, head_variables, name), input_shape,
+      os.path.join(out_dir, f"exit_{name}_{quantization}.tflite"), quantization,
+      representative_images=representative_images, parity_images=parity_images,
+      eval_batches_fn=eval_batches_fn, latency_runs=latency_runs)
+      for name in (*heads.taps, FINAL)}

@@ -18,7 +18,7 @@ Every exported model is measured in the LiteRT interpreter and added to
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -40,21 +40,47 @@ QAT, PRUNED, EXITS = "qat", "pruned", "exits"
 _CONFIG_KEYS = {QAT: "qat", PRUNED: "prune", EXITS: "exits"}  # phase -> config.edge.<key>
 
 
+# The `edge` block of an experiment config: each phase off by default; a phase's
+# `train` block overrides keys of the student's recipe (`train`).
+DEFAULTS = dict(
+    qat=dict(enabled=False, bits=8, train=dict(epochs=15.0, learning_rate=0.01)),
+    prune=dict(enabled=False, flops_ratio=0.5, criterion="bn_scale",
+               train=dict(epochs=30.0, learning_rate=0.02)),
+    # Exit heads (GAP, optionally a `hidden`-wide 1x1 conv-BN-ReLU, dense) on `taps`,
+    # trained `steps` steps on ce_weight · CE + kd_weight · KD at `temperature`; the
+    # cascade is tabulated at each confidence threshold.
+    exits=dict(enabled=False, taps=("stage_1", "stage_2"), hidden=64, steps=600,
+               batch_size=32, learning_rate=0.01, temperature=4.0, ce_weight=0.1,
+               kd_weight=0.9,
+               thresholds=(0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.01)))
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The `edge` block of an experiment config, at its defaults."""
+  return ml_collections.ConfigDict(DEFAULTS)
+
+
+def check_config(edge: Mapping[str, Any]) -> None:
+  """One-line errors for an `edge` block the phases cannot run."""
+  if edge["qat"]["bits"] != 8:
+    raise ValueError(f"edge.qat.bits={edge['qat']['bits']} is not supported; use 8")
+  if not 0 < edge["prune"]["flops_ratio"] <= 1:
+    raise ValueError("edge.prune.flops_ratio must be in (0, 1], got "
+                     f"{edge['prune']['flops_ratio']}")
+  if edge["prune"]["criterion"] not in prune_lib.CRITERIA:
+    raise ValueError(f"edge.prune.criterion={edge['prune']['criterion']!r} is unknown; "
+                     f"use one of {', '.join(prune_lib.CRITERIA)}")
+  exits = edge["exits"]
+  for key in ("steps", "batch_size"):
+    if exits[key] < 1:
+      raise ValueError(f"edge.exits.{key} must be at least 1, got {exits[key]}")
+  if exits["enabled"] and not exits["taps"]:
+    raise ValueError("edge.exits.taps names no tap; give e.g. ('stage_1', 'stage_2')")
+
+
 def enabled(config: ml_collections.ConfigDict) -> list[str]:
   """The edge phases a config turns on, in the order they run."""
-  edge = config.get("edge")
-  if not edge:
-    return []
-  return [phase for phase, key in _CONFIG_KEYS.items() if edge[key].get("enabled")]
-
-
-def _measure(flatbuffer, path, input_shape, eval_batches_fn, parity_images, reference,
-             latency_runs, **extra):
-  with open(path, "wb") as f:
-    f.write(flatbuffer)
-  return dict(path=path, **export_lib.measure(
-      flatbuffer, input_shape, eval_batches_fn=eval_batches_fn, parity_images=parity_images,
-      reference_logits=reference, latency_runs=latency_runs), **extra)
+  return [phase for phase, key in _CONFIG_KEYS.items() if config.edge[key].enabled]
 
 
 def run(config, workdir: str, *, mesh, info, writer, teacher, teacher_variables,
@@ -79,10 +105,10 @@ def run(config, workdir: str, *, mesh, info, writer, teacher, teacher_variables,
   export_dir = os.path.join(workdir, "export")
   rep = data_lib.representative_images(config.data, int(ecfg.num_calibration_images))
   parity = rep[:16]
-  runs = int(ecfg.get("latency_runs", 50))
+  runs = ecfg.latency_runs
   eval_fn = lambda: data_lib.eval_iterator(config.data, batch_size=config.eval_batch_size)
-  host_eval_fn = lambda: data_lib.eval_iterator(
-      config.data, batch_size=config.eval_batch_size, process_index=0, process_count=1)
+  host_eval_fn = lambda: data_lib.host_eval_iterator(config.data,
+                                                     batch_size=config.eval_batch_size)
   write = jax.process_index() == 0
   phase_args = dict(workdir=workdir, mesh=mesh, info=info, writer=writer, teacher=teacher,
                     teacher_variables=teacher_variables)
@@ -91,36 +117,36 @@ def run(config, workdir: str, *, mesh, info, writer, teacher, teacher_variables,
 
   if QAT in phases:
     qcfg = edge.qat
-    bits = int(qcfg.get("bits", 8))
+    bits = qcfg.bits
     result = phase_lib.train_phase(
         config, phase=QAT, model=quantize.quant_aware(student, bits),
-        train_config=phase_lib.student_recipe(config, qcfg.get("train")),
+        train_config=phase_lib.student_recipe(config, qcfg.train),
         distill_config=config.distill, init_variables=distilled.variables,
         model_meta={"quantization": f"int{bits} fake-quant (QAT)"}, **phase_args)
     summary[QAT] = {"accuracy": result.metrics["accuracy"], "metrics": result.metrics}
     if write:
       weights = quantize.materialize(result.variables, bits)
       float_student = student.clone(dtype=jnp.float32)
-      flatbuffer = export_lib.to_tflite(float_student, weights, shape, "int8", rep)
       qat_model = quantize.quant_aware(float_student, bits)
-      reference = export_lib.jax_logits(
-          lambda x: qat_model.apply(result.variables, x, train=False)[0], parity)
-      row = _measure(flatbuffer, os.path.join(export_dir, "qat_int8.tflite"), shape,
-                     host_eval_fn, parity, reference, runs,
-                     jax_accuracy=result.metrics["accuracy"], macs=student_macs,
-                     params=cost.count_params(weights))
+      row = dict(export_lib.export_and_measure(
+          export_lib.logits_function(float_student, weights), shape,
+          os.path.join(export_dir, "qat_int8.tflite"), "int8", representative_images=rep,
+          parity_images=parity, eval_batches_fn=host_eval_fn, latency_runs=runs,
+          reference_fn=lambda x: qat_model.apply(result.variables, x, train=False)[0]),
+          jax_accuracy=result.metrics["accuracy"], macs=student_macs,
+          params=cost.count_params(weights))
       rows["qat int8"] = row
       summary[QAT]["tflite_int8"] = row
 
   if PRUNED in phases:
     pcfg = edge.prune
     pruned = prune_lib.prune(student, distilled.variables, shape,
-                             float(pcfg.flops_ratio), pcfg.get("criterion", "bn_scale"))
+                             pcfg.flops_ratio, pcfg.criterion)
     before = eval_lib.evaluate(pruned.model, parallel.replicate(pruned.variables, mesh),
                                eval_fn(), mesh, num_classes=info.num_classes)
     result = phase_lib.train_phase(
         config, phase=PRUNED, model=pruned.model,
-        train_config=phase_lib.student_recipe(config, pcfg.get("train")),
+        train_config=phase_lib.student_recipe(config, pcfg.train),
         distill_config=config.distill, init_variables=pruned.variables,
         model_meta={"model_kwargs": {"mid_widths": list(pruned.mid_widths)}}, **phase_args)
     summary[PRUNED] = {
@@ -157,7 +183,7 @@ def _exits(config, workdir, *, mesh, info, teacher, teacher_variables, student, 
   """Trains (or reloads) the exit heads, tabulates thresholds, exports one model per exit."""
   xcfg = config.edge.exits
   heads = early_exit.ExitHeads(info.num_classes, taps=tuple(xcfg.taps),
-                               hidden=xcfg.get("hidden") or None)
+                               hidden=xcfg.hidden or None)
   directory = os.path.join(workdir, EXITS)
   shape = tuple(info.image_shape)
   like = jax.eval_shape(lambda: early_exit.init_exit_heads(
@@ -168,10 +194,8 @@ def _exits(config, workdir, *, mesh, info, teacher, teacher_variables, student, 
   else:
     head_vars, history = early_exit.train_exit_heads(
         student, distilled.variables, teacher, teacher_variables, data_config, heads=heads,
-        steps=int(xcfg.steps), batch_size=int(xcfg.get("batch_size", config.train.batch_size)),
-        learning_rate=float(xcfg.learning_rate),
-        temperature=float(xcfg.get("temperature", 4.0)),
-        ce_weight=float(xcfg.get("ce_weight", 0.1)), kd_weight=float(xcfg.get("kd_weight", 0.9)),
+        steps=xcfg.steps, batch_size=xcfg.batch_size, learning_rate=xcfg.learning_rate,
+        temperature=xcfg.temperature, ce_weight=xcfg.ce_weight, kd_weight=xcfg.kd_weight,
         seed=config.seed, mesh=mesh)
     ckpt_lib.save_variables(directory, head_vars, {
         "taps": list(heads.taps), "hidden": heads.hidden, "steps": int(xcfg.steps),

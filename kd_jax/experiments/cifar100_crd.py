@@ -53,7 +53,6 @@ from __future__ import annotations
 import dataclasses
 
 import ml_collections
-from ml_collections import config_dict
 
 from kd_jax import configs, data
 
@@ -207,28 +206,21 @@ def parse_variant(variant: str) -> tuple[str, str, bool]:
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
   pair_name, method, tiny = parse_variant(variant)
   pair = PAIRS[pair_name]
-  c = ml_collections.ConfigDict()
+  c = configs.default_config()
   c.seed = 0
   c.log_every_steps = 100
   c.eval_batch_size = 256
 
-  c.data = data.default_data_config()
   c.data.name = "cifar100"  # RepDistiller's normalisation, pad 4 + crop + flip
 
-  c.teacher = ml_collections.ConfigDict(dict(
-      name=pair.teacher, checkpoint=config_dict.placeholder(str),
-      train_split=config_dict.placeholder(str), kwargs={}))
-  c.teacher.train = ml_collections.ConfigDict(_recipe(0.05))
-  c.student = ml_collections.ConfigDict(dict(
-      name=pair.student, kwargs={}, train_split=config_dict.placeholder(str)))
-  c.train = ml_collections.ConfigDict(
-      _recipe(0.01 if pair.student in _LOW_LR_STUDENTS else 0.05))
+  c.teacher.name = pair.teacher
+  c.teacher.train.update(_recipe(0.05))
+  c.student.name = pair.student
+  c.train.update(_recipe(0.01 if pair.student in _LOW_LR_STUDENTS else 0.05))
   c.train_vanilla = False  # the vanilla student is a run of its own (method 'vanilla')
-  ce_weight, terms = distill_terms(pair, method)
-  c.distill = ml_collections.ConfigDict(dict(ce_weight=ce_weight, terms=terms))
+  c.distill.ce_weight, c.distill.terms = distill_terms(pair, method)
 
-  c.export = ml_collections.ConfigDict(dict(
-      variants=("fp32", "int8"), num_calibration_images=512, latency_runs=100))
+  c.export.update(variants=("fp32", "int8"), num_calibration_images=512, latency_runs=100)
   c.published = ml_collections.ConfigDict(published(pair, method))
 
   if tiny:  # well under a minute per run on a CPU: for tests and smoke runs

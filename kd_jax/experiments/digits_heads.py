@@ -14,8 +14,6 @@ Run (about 5 minutes on 2 CPU cores with a reused teacher: add
   kd-jax distill --config=experiments/digits_heads.py --workdir=runs/digits_heads
 Tiny variant for tests: --config=experiments/digits_heads.py:tiny
 """
-import ml_collections
-
 from kd_jax import configs
 
 
@@ -31,12 +29,11 @@ def get_config(variant: str = ""):
       dict(method="fitnet", weight=10.0, student_tap="stage_2", teacher_tap="stage_2",
            adapter="conv1x1"),
   ]
-  # Each head: GAP + dense on the trunk's `tap` (hidden > 0: a 1x1 conv-BN-ReLU first),
-  # distilled with weight · grouped KD at `temperature`.
-  c.heads = ml_collections.ConfigDict(dict(
-      tap="stage_3", hidden=0, joint=("parity",), added=("large",),
-      export=("digit", "large"), weight=1.0, temperature=4.0,
-      train=dict(epochs=30.0, learning_rate=0.05)))
+  # The heads block's defaults (kd_jax/workflows/heads.py): heads on stage_3, `parity`
+  # trained with the trunk, `large` added afterwards for 30 epochs, the digit and large
+  # heads exported.
+  c.heads.update(tap="stage_3", joint=("parity",), added=("large",),
+                 export=("digit", "large"))
   if variant == "tiny":
     c.heads.train.epochs = 2.0
   return c

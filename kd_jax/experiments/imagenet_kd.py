@@ -27,9 +27,8 @@ for the teacher and again for each student. The `:tiny` flavours (e.g.
 and train their own teacher.
 """
 import ml_collections
-from ml_collections import config_dict
 
-from kd_jax import configs, data
+from kd_jax import configs
 
 _SOURCE = ("Zhao et al., Decoupled Knowledge Distillation, CVPR 2022 (ImageNet results "
            "as listed in mdistiller's README); teacher and student: torchvision")
@@ -42,42 +41,34 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   if method not in ("kd", "dkd", "teacher") or flavour not in ("", "tiny"):
     raise ValueError(f"unknown variant {variant!r} of experiments/imagenet_kd.py; use "
                      "kd, dkd or teacher, optionally followed by :tiny")
-  c = ml_collections.ConfigDict()
+  c = configs.default_config()
   c.seed = 0
   c.log_every_steps = 200
   c.eval_batch_size = 256
 
-  c.data = data.default_data_config()
-  c.data.name = "imagenet2012"
-  c.data.augment = "imagenet"
-  c.data.image_size = 224
+  c.data.update(name="imagenet2012", augment="imagenet", image_size=224)
 
-  c.teacher = ml_collections.ConfigDict(dict(
-      name="resnet34", checkpoint=config_dict.placeholder(str),
-      train_split=config_dict.placeholder(str), kwargs={}))
+  c.teacher.name = "resnet34"
   if method != "teacher":
     c.teacher.checkpoint = TEACHER_CHECKPOINT
-  c.teacher.train = ml_collections.ConfigDict(dict(
+  c.teacher.train.update(dict(
       optimizer="sgd", learning_rate=0.1, momentum=0.9, nesterov=False,
       weight_decay=1e-4, schedule="step", decay_epochs=(30, 60), decay_factor=0.1,
       warmup_epochs=0, batch_size=256, epochs=90, checkpoint_every_steps=5000))
-  c.student = ml_collections.ConfigDict(dict(
-      name="resnet18", kwargs={}, train_split=config_dict.placeholder(str)))
-  c.train = ml_collections.ConfigDict(dict(
+  c.student.name = "resnet18"
+  c.train.update(dict(
       optimizer="sgd", learning_rate=0.2, momentum=0.9, nesterov=False,
       weight_decay=1e-4, schedule="step", decay_epochs=(30, 60, 90), decay_factor=0.1,
       warmup_epochs=0, batch_size=512, epochs=100, checkpoint_every_steps=2500))
   c.train_vanilla = False
   if method == "dkd":
-    c.distill = ml_collections.ConfigDict(dict(ce_weight=1.0, terms=[dict(
+    c.distill.update(ce_weight=1.0, terms=[dict(
         method="dkd", weight=1.0, alpha=1.0, beta=0.5, temperature=1.0,
-        schedule="linear_warmup", warmup_epochs=1)]))
+        schedule="linear_warmup", warmup_epochs=1)])
   else:  # kd; the teacher variant only trains the teacher
-    c.distill = ml_collections.ConfigDict(dict(
-        ce_weight=0.5, terms=[dict(method="kd", weight=0.5, temperature=1.0)]))
+    c.distill.update(ce_weight=0.5, terms=[dict(method="kd", weight=0.5, temperature=1.0)])
 
-  c.export = ml_collections.ConfigDict(dict(
-      variants=("fp32", "int8"), num_calibration_images=512, latency_runs=100))
+  c.export.update(variants=("fp32", "int8"), num_calibration_images=512, latency_runs=100)
   c.published = ml_collections.ConfigDict(dict(  # the teacher variant's method: the teacher
       teacher=_PUBLISHED["teacher"], student=_PUBLISHED["student"],
       method=_PUBLISHED[method], source=_SOURCE))

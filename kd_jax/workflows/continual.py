@@ -103,17 +103,28 @@ def by_class_data(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   data.train_split = class_split("train", range(10))
   data.eval_split = class_split("test", range(10))
   for key, value in pipeline.dataset_defaults(kd_digits.KdDigits.name).items():
-    if data.get(key) is None:
+    if data[key] is None:
       data[key] = value
   return data
 
 
+# The `continual` block of an experiment config: the deployed student knows
+# `old_classes`; it is updated on `new_percent`% of the training images of
+# `new_classes`, once per `anchors` entry (none | student | teacher, anchored with
+# `anchor_weight` at `temperature`); `train` overrides keys of the student's recipe.
+DEFAULTS = dict(old_classes=(0, 1, 2, 3, 4), new_classes=(5, 6, 7, 8, 9), new_percent=20,
+                anchors=("none", "student", "teacher"), anchor_weight=1.0,
+                temperature=2.0, train=dict(epochs=10.0, learning_rate=0.01))
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The `continual` block of an experiment config, at its defaults."""
+  return ml_collections.ConfigDict(DEFAULTS)
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
   """One-line errors for a `continual` block the workflow cannot run."""
-  block = config.get("continual")
-  if block is None:
-    raise ValueError("workflow='continual' needs a config block continual; see "
-                     "experiments/digits_continual.py")
+  block = config.continual
   if config.data.name != kd_digits.KdDigits.name:
     raise ValueError("the continual workflow splits kd_digits by class; set "
                      "data.name=kd_digits")
@@ -170,7 +181,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     anchor_model, anchor_variables = anchors[anchor]
     results[f"new_{anchor}"] = phase_lib.train_phase(
         new_config, phase=f"new_{anchor}", model=student,
-        train_config=phase_lib.student_recipe(config, block.get("train")),
+        train_config=phase_lib.student_recipe(config, block.train),
         distill_config=anchor_objective(anchor, block), teacher=anchor_model,
         teacher_variables=anchor_variables, init_variables=deployed.variables,
         **context.phase_args)

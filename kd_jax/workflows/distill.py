@@ -32,7 +32,7 @@ def teacher_phase(config, workdir: str, mesh, info, writer: MetricWriter) -> pha
   teacher = rundir.model(config, "teacher", info.num_classes)
   like = phase_lib.variables_like(teacher, info.image_shape)
   source = rundir.teacher_source(config, workdir)
-  if config.teacher.get("checkpoint") and not ckpt_lib.has_variables(source):
+  if config.teacher.checkpoint and not ckpt_lib.has_variables(source):
     raise FileNotFoundError(
         f"teacher checkpoint {source!r} not found; train one with `kd-jax train-teacher "
         f"--workdir=DIR` (then --config.teacher.checkpoint=DIR) or unset "
@@ -59,7 +59,7 @@ def student_phases(config, workdir, mesh, info, writer, teacher_result):
   teacher = rundir.model(config, "teacher", info.num_classes)
   t_vars = parallel.replicate(teacher_result.variables, mesh)
   vanilla = None
-  if config.get("train_vanilla", True):
+  if config.train_vanilla:
     vanilla = phase_lib.train_phase(config, phase=rundir.VANILLA, model=student, train_config=config.train,
                           distill_config={"ce_weight": 1.0}, workdir=workdir, mesh=mesh,
                           info=info, writer=writer, teacher=teacher,

@@ -34,15 +34,29 @@ from kd_jax.workflows import distill as distill_workflow
 ADAPTED = "adapted"
 
 
+# The `domain` block of an experiment config: the target domain is the training split
+# `train_split` under `corruption` at `severity` (kd_jax/data/augment.py), unlabelled;
+# `distill` and `train` override keys of the run's objective and student recipe.
+DEFAULTS = dict(
+    corruption="motion_blur", severity=3, train_split="train",
+    distill=dict(ce_weight=0.0, terms=[
+        dict(method="kd", weight=1.0, temperature=4.0),
+        dict(method="fitnet", weight=10.0, student_tap="stage_2",
+             teacher_tap="stage_2", adapter="conv1x1")]),
+    train=dict(epochs=20.0, learning_rate=0.01))
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The `domain` block of an experiment config, at its defaults."""
+  return ml_collections.ConfigDict(DEFAULTS)
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
   """One-line errors for a `domain` block the workflow cannot run."""
-  block = config.get("domain")
-  if block is None:
-    raise ValueError("workflow='domain_adaptation' needs a config block domain; see "
-                     "experiments/digits_domain.py")
+  block = config.domain
   data_lib.augment.parse(target_augment(block))
   distill = block.distill
-  if float(distill.get("ce_weight", 1.0)) != 0.0:
+  if float(distill.ce_weight) != 0.0:
     raise ValueError("the target images are unlabelled: set "
                      "--config.domain.distill.ce_weight=0")
   objective = objective_lib.build(distill, total_steps=1, steps_per_epoch=1)
@@ -71,7 +85,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "student.train_split": block.train_split, "student.validation_split": None})
   adapted = phase_lib.train_phase(
       target_config, phase=ADAPTED, model=student,
-      train_config=phase_lib.student_recipe(config, block.get("train")),
+      train_config=phase_lib.student_recipe(config, block.train),
       distill_config=block.distill.to_dict(), teacher=teacher,
       teacher_variables=context.teacher_variables,
       init_variables=source.variables, **context.phase_args)

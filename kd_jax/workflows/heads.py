@@ -228,8 +228,7 @@ def task_accuracies(predict, data_config, batch_size: int,
   """
   correct = dict.fromkeys(tasks, 0)
   count = 0
-  for batch in data_lib.eval_iterator(data_config, batch_size=batch_size,
-                                      process_index=0, process_count=1):
+  for batch in data_lib.host_eval_iterator(data_config, batch_size=batch_size):
     keep = np.asarray(batch["mask"]) > 0
     labels = np.asarray(batch["label"])[keep]
     outputs = predict(batch["image"])
@@ -246,16 +245,28 @@ def task_accuracies(predict, data_config, batch_size: int,
 def head_specs(config: ml_collections.ConfigDict,
                tasks: Sequence[str]) -> tuple[HeadSpec, ...]:
   """The heads of `tasks` as the `heads` config block places them."""
-  return tuple(HeadSpec(task, config.heads.tap, int(config.heads.get("hidden", 0)))
+  return tuple(HeadSpec(task, config.heads.tap, config.heads.hidden)
                for task in tasks)
+
+
+# The `heads` block of an experiment config. Each head: GAP + dense on the trunk's
+# `tap` (hidden > 0: a 1x1 conv-BN-ReLU first), distilled with weight · grouped KD at
+# `temperature`; `joint` heads train with the trunk, `added` ones afterwards on the
+# frozen trunk (`train` overrides keys of the student's recipe for that phase), and
+# `export` names the heads of the exported TFLite model.
+DEFAULTS = dict(tap="stage_3", hidden=0, joint=("parity",), added=("large",),
+                export=("digit", "large"), weight=1.0, temperature=4.0,
+                train=dict(epochs=30.0, learning_rate=0.05))
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The `heads` block of an experiment config, at its defaults."""
+  return ml_collections.ConfigDict(DEFAULTS)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """One-line errors for a `heads` block the workflow cannot run."""
-  block = config.get("heads")
-  if block is None:
-    raise ValueError("workflow='heads' needs a config block heads; see "
-                     "experiments/digits_heads.py")
+  block = config.heads
   joint, added = tuple(block.joint), tuple(block.added)
   for key, tasks in (("joint", joint), ("added", added)):
     unknown = [t for t in tasks if t not in TASKS]
@@ -290,7 +301,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   trunk_model = MultiHeadStudent(student, joint)
   distill = config.distill.to_dict()
-  distill["terms"] = list(distill.get("terms", [])) + head_terms(joint, weight, temperature)
+  distill["terms"] = list(distill["terms"]) + head_terms(joint, weight, temperature)
   trunk = phase_lib.train_phase(
       config, phase="trunk", model=trunk_model, train_config=config.train,
       distill_config=distill, teacher=teacher, teacher_variables=t_vars,
@@ -298,7 +309,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   added_model = HeadsOnFrozenTrunk(trunk_model, trunk.variables, added)
   new_heads = phase_lib.train_phase(
       config, phase="added", model=added_model,
-      train_config=phase_lib.student_recipe(config, block.get("train")),
+      train_config=phase_lib.student_recipe(config, block.train),
       distill_config={"ce_weight": 0.0, "terms": head_terms(added, weight, temperature)},
       teacher=teacher, teacher_variables=t_vars, **context.phase_args)
 
@@ -346,19 +357,15 @@ def export_heads(config: ml_collections.ConfigDict, workdir: str, model: MultiHe
   output layout and each task's accuracy in the LiteRT interpreter.
   """
   fn = export_function(model.clone(trunk=models.portable(model.trunk)), variables, tasks)
-  shape = tuple(info.image_shape)
-  flatbuffer = export_lib.function_to_tflite(fn, shape)
-  out_dir = os.path.join(workdir, "export")
-  os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, f"heads_{'+'.join(tasks)}_fp32.tflite")
-  with open(path, "wb") as f:
-    f.write(flatbuffer)
   images = data_lib.representative_images(config.data, 16)
-  result = export_lib.measure(flatbuffer, shape, parity_images=images,
-                              reference_logits=export_lib.jax_logits(fn, images),
-                              latency_runs=int(config.export.get("latency_runs", 50)))
+  result = export_lib.export_and_measure(
+      fn, tuple(info.image_shape),
+      os.path.join(workdir, "export", f"heads_{'+'.join(tasks)}_fp32.tflite"),
+      parity_images=images, latency_runs=config.export.latency_runs)
+  with open(result["path"], "rb") as f:
+    flatbuffer = f.read()
   interpreter = export_lib.TFLiteModel(flatbuffer)
   predict = lambda images: split_outputs(interpreter(images), tasks, info.num_classes)
-  result.update(path=path, outputs=list(tasks), accuracy=task_accuracies(
+  result.update(outputs=list(tasks), accuracy=task_accuracies(
       predict, config.data, config.eval_batch_size, tasks))
   return result
