@@ -36,16 +36,19 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 import ml_collections
+import numpy as np
 import optax
 
 from kd_jax import losses
 from kd_jax.registry import Registry, section
 
 # What a method compares: the two logits vectors, a pair of taps (feature maps), a
-# pair of taps that defaults to the penultimate embeddings, or several taps at once
-# (student_tap / teacher_tap are then sequences of names, the loss gets tuples).
+# pair of taps that defaults to the penultimate embeddings, several taps at once
+# (student_tap / teacher_tap are then sequences of names, the loss gets tuples), or a
+# pair of embeddings and the two logits (`fn(s_emb, t_emb, s_logits, t_logits)`).
 LOGITS, FEATURES, EMBEDDING, MULTI = "logits", "features", "embedding", "multi"
-INPUTS = (LOGITS, FEATURES, EMBEDDING, MULTI)
+EMBEDDING_LOGITS = "embedding+logits"
+INPUTS = (LOGITS, FEATURES, EMBEDDING, MULTI, EMBEDDING_LOGITS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +64,10 @@ class Method:
   inputs: str
   needs_labels: bool = False
   per_example: Any = None  # Same arguments as `fn`, returns the [B] values it averages.
+  # Arguments of `fn` taken from the teacher's parameters when the objective is
+  # resolved against the models: name -> fn(teacher params) (not set in a config).
+  from_teacher: Mapping[str, Callable[[Any], Any]] = dataclasses.field(
+      default_factory=dict)
 
   @property
   def is_module(self) -> bool:
@@ -74,8 +81,8 @@ class Method:
                    if f.init and f.name not in ("parent", "name", "num_train",
                                                 "bn_axis_name"))
     params = list(inspect.signature(self.fn).parameters.values())
-    skip = 3 if self.needs_labels else 2
-    return tuple(p.name for p in params[skip:])
+    skip = (3 if self.needs_labels else 2) + (2 if self.inputs == EMBEDDING_LOGITS else 0)
+    return tuple(p.name for p in params[skip:] if p.name not in self.from_teacher)
 
 
 METHODS: Registry[Method] = Registry("distillation method",
@@ -83,7 +90,8 @@ METHODS: Registry[Method] = Registry("distillation method",
 
 
 def register(name: str, fn: Any, inputs: str, needs_labels: bool = False,
-             per_example: Any = None) -> None:
+             per_example: Any = None,
+             from_teacher: Mapping[str, Callable[[Any], Any]] | None = None) -> None:
   """Makes `fn` usable as `method=name` in a config's `distill.terms`.
 
   `fn(student, teacher, [labels,] **hyper) -> scalar` for a pure loss, or a Flax
@@ -93,7 +101,24 @@ def register(name: str, fn: Any, inputs: str, needs_labels: bool = False,
   """
   if inputs not in INPUTS:
     raise ValueError(f"inputs must be one of {', '.join(INPUTS)}; got {inputs!r}")
-  METHODS.register(name, Method(fn, inputs, needs_labels, per_example))
+  METHODS.register(name, Method(fn, inputs, needs_labels, per_example,
+                                dict(from_teacher or {})))
+
+
+def _teacher_classifier(params: Any) -> Any:
+  """The zoo teacher's final Dense kernel `[D, K]` (`Classifier.head`)."""
+  return params["classifier"]["kernel"]
+
+
+def wkd(student_logits, teacher_logits, labels, classifier_kernel, kappa: float = 1.0,
+        temperature: float = 2.0, gamma: float = 30.0, sinkhorn_lambda: float = 0.05,
+        sinkhorn_iters: int = 10):
+  """WKD-L (`losses.wkd_logit`) with the class cost from the teacher's classifier
+  weights (`losses.wkd_cost_matrix`, sharpened by `kappa`)."""
+  return losses.wkd_logit(student_logits, teacher_logits, labels,
+                          losses.wkd_cost_matrix(classifier_kernel, kappa),
+                          temperature=temperature, gamma=gamma,
+                          sinkhorn_lambda=sinkhorn_lambda, sinkhorn_iters=sinkhorn_iters)
 
 
 register("kd", losses.kd, LOGITS, per_example=losses.kd_per_example)
@@ -110,6 +135,14 @@ register("vid", losses.VID, FEATURES)
 register("crd", losses.CRD, EMBEDDING)
 register("review_kd", losses.ReviewKD, MULTI)
 register("class_prior", losses.ClassPrior, LOGITS, needs_labels=True)
+register("dist", losses.dist, LOGITS)
+register("srd", losses.srd_standardized, EMBEDDING_LOGITS)
+register("skd_instance", losses.skd_instance, LOGITS)
+register("skd_direction", losses.skd_direction, LOGITS)
+register("nkd", losses.nkd, LOGITS, needs_labels=True)
+register("wkd", wkd, LOGITS, needs_labels=True,
+         from_teacher={"classifier_kernel": _teacher_classifier})
+register("mlkd", losses.mlkd, LOGITS)
 
 # The keys of a `distill.terms` entry other than its method's hyper-parameters, with
 # their defaults (teacher_tap None: the student's tap; name None: the method's name,
@@ -285,11 +318,15 @@ class Term(nn.Module):
     if self.adapter:
       s = Adapter(self.adapter, self.teacher_features, self.bn_axis_name,
                   name="adapter")(s, train)
+    if self.method.inputs == EMBEDDING_LOGITS:
+      s, t = (s, s_logits), (t, t_logits)
     if self.method.is_module:
       module = self.method.fn(num_train=self.num_train, bn_axis_name=self.bn_axis_name,
                               **self.hyper, name="method")
       return module(s, t, labels=labels, index=index, train=train)
-    args = (s, t, labels) if self.method.needs_labels else (s, t)
+    args = (s[0], t[0], s[1], t[1]) if self.method.inputs == EMBEDDING_LOGITS else (s, t)
+    if self.method.needs_labels:
+      args = (*args, labels)
     hyper = dict(self.hyper)
     if self.temperature is not None and step is not None:
       hyper["temperature"] = self.temperature(step)
@@ -375,7 +412,8 @@ def build(distill_config: Mapping[str, Any], *, total_steps: int,
     if unknown:
       raise ValueError(f"{where}: {method_name} takes no {', '.join(unknown)}; "
                        f"its settings: {', '.join(method.hyper_parameters) or 'none'}")
-    student_tap = spec["student_tap"] or ("embedding" if method.inputs == EMBEDDING else None)
+    student_tap = spec["student_tap"] or (
+        "embedding" if method.inputs in (EMBEDDING, EMBEDDING_LOGITS) else None)
     teacher_tap = spec["teacher_tap"] or student_tap
     if method.inputs in (FEATURES, MULTI) and not student_tap:
       raise ValueError(f"{where}: {method_name} compares feature maps; "
@@ -429,13 +467,19 @@ def _names(taps: str | Sequence[str]) -> tuple[str, ...]:
 
 def resolve(objective: Objective, student_taps: Mapping[str, Any],
             teacher_taps: Mapping[str, Any], student_name: str,
-            teacher_name: str) -> Objective:
+            teacher_name: str, teacher_params: Any = None) -> Objective:
   """Checks every term's taps against the models (one-line errors) and sizes adapters.
 
-  Returns the objective with each adapter's output width set to its teacher tap's.
+  Returns the objective with each adapter's output width set to its teacher tap's and,
+  given `teacher_params`, the arguments a method takes from the teacher's parameters
+  (`Method.from_teacher`) filled in as constants.
   """
   resolved = []
   for term in objective.terms:
+    if term.method.from_teacher and teacher_params is not None:
+      term = term.clone(hyper={**term.hyper, **{
+          name: np.asarray(fn(teacher_params))
+          for name, fn in term.method.from_teacher.items()}})
     if term.method.inputs == LOGITS:
       resolved.append(term)
       continue
@@ -466,4 +510,5 @@ def resolve(objective: Objective, student_taps: Mapping[str, Any],
 
 
 def _needs_equal_shapes(term: Term) -> bool:
-  return term.method.fn in (losses.fitnet, losses.correlation_congruence)
+  return (term.method.fn in (losses.fitnet, losses.correlation_congruence)
+          or term.method.inputs == EMBEDDING_LOGITS)

@@ -150,7 +150,8 @@ def train_phase(config: ml_collections.ConfigDict, *, phase: str, model, train_c
         jax.random.key(0), x, train=False)[0][1])
     t_taps = jax.eval_shape(lambda: teacher.apply(teacher_variables, x, train=False)[1])
     objective = objective_lib.resolve(objective, s_taps, t_taps, config.student.name,
-                                      config.teacher.name)
+                                      config.teacher.name,
+                                      teacher_params=parallel.to_host(teacher_variables["params"]))
 
   def fresh_state():
     state = train_lib.init_state(

@@ -29,6 +29,16 @@ from kd_jax.losses._logit import kd_per_example
 from kd_jax.losses._logit import lskd
 from kd_jax.losses._logit import lskd_per_example
 from kd_jax.losses._logit import standardize_logits
+from kd_jax.losses._recent import batch_standardize
+from kd_jax.losses._recent import dist
+from kd_jax.losses._recent import mlkd
+from kd_jax.losses._recent import nkd
+from kd_jax.losses._recent import skd_direction
+from kd_jax.losses._recent import skd_instance
+from kd_jax.losses._recent import srd
+from kd_jax.losses._recent import srd_standardized
+from kd_jax.losses._recent import wkd_cost_matrix
+from kd_jax.losses._recent import wkd_logit
 from kd_jax.losses._relation import correlation_congruence
 from kd_jax.losses._relation import pkt
 from kd_jax.losses._relation import rkd
@@ -40,10 +50,12 @@ __all__ = [
     "VID",
     "adaptive_average_pool",
     "attention_transfer",
+    "batch_standardize",
     "contrast_loss",
     "correlation_congruence",
     "cross_entropy",
     "cross_entropy_per_example",
+    "dist",
     "dkd",
     "dkd_per_example",
     "fitnet",
@@ -52,9 +64,17 @@ __all__ = [
     "kd_per_example",
     "lskd",
     "lskd_per_example",
+    "mlkd",
+    "nkd",
     "nst",
     "pkt",
     "rkd",
     "similarity_preserving",
+    "skd_direction",
+    "skd_instance",
+    "srd",
+    "srd_standardized",
     "standardize_logits",
+    "wkd_cost_matrix",
+    "wkd_logit",
 ]

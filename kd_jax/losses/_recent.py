@@ -1,0 +1,301 @@
+"""Logit and feature losses of 2022–2026: DIST, SRD, SKD, NKD, WKD-L and MLKD.
+
+Each is reduced as its authors' public code reduces it (or, where the method's
+signature follows torchdistill's re-implementation, as that does), so published
+weights and temperatures carry over; every docstring says where the two differ. As in
+the rest of `kd_jax.losses`, the teacher is a constant and features are NHWC or
+`[B, D]`.
+"""
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from kd_jax.losses import _common
+from kd_jax.losses import _logit
+
+
+def _batch_kl(student_logits, teacher_logits, temperature) -> jax.Array:
+  """`1/B sum_b KL(softmax(z_t,b / T) || softmax(z_s,b / T))`, the teacher a constant."""
+  student, teacher = _common.as_student_and_teacher(student_logits, teacher_logits)
+  log_p_s = jax.nn.log_softmax(student / temperature, axis=-1)
+  log_p_t = jax.nn.log_softmax(teacher / temperature, axis=-1)
+  return jnp.mean(jnp.sum(jnp.exp(log_p_t) * (log_p_t - log_p_s), axis=-1))
+
+
+def _pearson_rows(a: jax.Array, b: jax.Array, eps: float = 1e-8) -> jax.Array:
+  """Per-row Pearson correlation of `a` and `b` `[N, M]`: the cosine of the rows
+  centred on their means, `eps` added to the product of the two norms."""
+  a = a - jnp.mean(a, axis=1, keepdims=True)
+  b = b - jnp.mean(b, axis=1, keepdims=True)
+  norms = (_common.safe_sqrt(jnp.sum(a * a, axis=1))
+           * _common.safe_sqrt(jnp.sum(b * b, axis=1)))
+  return jnp.sum(a * b, axis=1) / (norms + eps)
+
+
+def dist(student_logits: jax.typing.ArrayLike, teacher_logits: jax.typing.ArrayLike,
+         beta: float = 1.0, gamma: float = 1.0, temperature: float = 1.0) -> jax.Array:
+  """DIST: relations of the softened predictions instead of their exact values.
+
+  With `Y = softmax(z / T)` (`[B, K]`) and `rho(a, b)` the Pearson correlation of
+  two vectors (centred cosine, eps 1e-8 added to the norms' product),
+
+    inter = 1 - 1/B sum_b rho(Y_s[b, :], Y_t[b, :])   (classes of each sample)
+    intra = 1 - 1/K sum_k rho(Y_s[:, k], Y_t[:, k])   (samples of each class)
+    L = T^2 (beta inter + gamma intra).
+
+  The authors weight the whole loss by 2 on top of CE 1, with T=4 on CIFAR-100 and
+  T=1 on ImageNet (`weight=2.0` in a config's term).
+
+  References:
+    Huang, You, Wang, Qian and Xu, Knowledge Distillation from A Stronger Teacher,
+    NeurIPS 2022 (code: hunto/image_classification_sota, `dist_kd.py`).
+  """
+  student, teacher = _common.as_student_and_teacher(student_logits, teacher_logits)
+  y_s = jax.nn.softmax(student / temperature, axis=-1)
+  y_t = jax.nn.softmax(teacher / temperature, axis=-1)
+  inter = 1.0 - jnp.mean(_pearson_rows(y_s, y_t))
+  intra = 1.0 - jnp.mean(_pearson_rows(y_s.T, y_t.T))
+  return temperature**2 * (beta * inter + gamma * intra)
+
+
+def srd(student_features: jax.typing.ArrayLike, teacher_features: jax.typing.ArrayLike,
+        student_logits: jax.typing.ArrayLike, teacher_logits: jax.typing.ArrayLike,
+        exponent: float = 1.0, temperature: float = 1.0) -> jax.Array:
+  """SRD: a log-distance between projected features plus a batch-mean KL.
+
+    L = 2 log sum_{b,d} |f_s[b, d] - f_t[b, d]|^p
+        + 1/B sum_b KL(softmax(z_t,b / T) || softmax(z_s,b / T))
+
+  over every element of the two feature arrays (one log of the whole sum), with no
+  T^2 on the KL (torchdistill's `SRDLoss`; the authors' code multiplies the KL by
+  T^2, which is the same at their T=1). The features are the caller's: in the
+  authors' ImageNet recipe the student's pooled last stage goes through a linear
+  projector to the teacher's width, both are batch-standardised (BatchNorm without
+  affine, eps 1e-4), and p=4, T=1 — what the objective's `srd` method does.
+
+  References:
+    Miles and Mikolajczyk, Understanding the Role of the Projector in Knowledge
+    Distillation, AAAI 2024 (code: roymiles/Simple-Recipe-Distillation).
+  """
+  student, teacher = _common.as_student_and_teacher(student_features, teacher_features)
+  distance = jnp.sum(jnp.abs(student - teacher) ** exponent)
+  return 2.0 * jnp.log(distance) + _batch_kl(student_logits, teacher_logits, temperature)
+
+
+def batch_standardize(x: jax.typing.ArrayLike, eps: float = 1e-4) -> jax.Array:
+  """Each feature of `[B, ..., D]` standardised over the batch (biased variance): the
+  training-mode output of a BatchNorm without scale and shift."""
+  x = _common.as_float(x)
+  mean = jnp.mean(x, axis=0, keepdims=True)
+  variance = jnp.mean(jnp.square(x - mean), axis=0, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(variance + eps)
+
+
+def srd_standardized(student_features: jax.typing.ArrayLike,
+                     teacher_features: jax.typing.ArrayLike,
+                     student_logits: jax.typing.ArrayLike,
+                     teacher_logits: jax.typing.ArrayLike,
+                     exponent: float = 4.0, temperature: float = 1.0) -> jax.Array:
+  """`srd` on batch-standardised features, at the authors' ImageNet p=4, T=1.
+
+  The objective's `srd` method: each device standardises its own shard of the batch,
+  as the authors' unsynchronised BatchNorm does under DDP.
+  """
+  return srd(batch_standardize(student_features),
+             batch_standardize(jax.lax.stop_gradient(teacher_features)),
+             student_logits, teacher_logits, exponent=exponent, temperature=temperature)
+
+
+def skd_instance(student_logits: jax.typing.ArrayLike,
+                 teacher_logits: jax.typing.ArrayLike,
+                 temperature: float = 4.0) -> jax.Array:
+  """Streamlined KD's instance term: `1/B sum_b KL(softmax(z_t/T) || softmax(z_s/T))`.
+
+  No T^2 factor (torchdistill's `SKDInstanceLoss`); the authors' code multiplies by
+  T^2 — `kd` is that form.
+
+  References:
+    Jeong, Lee and Choi, Streamlined Knowledge Distillation, CVPR 2026 (code:
+    HyunJunSik/StreamLined).
+  """
+  return _batch_kl(student_logits, teacher_logits, temperature)
+
+
+def skd_direction(student_logits: jax.typing.ArrayLike,
+                  teacher_logits: jax.typing.ArrayLike,
+                  tikhonov: float = 0.1) -> jax.Array:
+  """Streamlined KD's direction term: Mahalanobis norms of the Gramians' difference.
+
+  With `Z` the L2-normalised logits (rows), `G = Z Z^T` (`[B, B]`) and
+  `D = G_t - G_s`, each row `d_b` of D is measured from zero under the unbiased
+  covariance of D's rows plus `tikhonov · I`:
+
+    S = cov(rows of D) + tikhonov I,   L = 1/B sum_b sqrt(d_b^T S^{-1} d_b).
+
+  Gradients flow through S too. As torchdistill's `SKDDirectionLoss`; the authors'
+  code also divides both Gramians by the number of classes.
+
+  References:
+    Jeong, Lee and Choi, Streamlined Knowledge Distillation, CVPR 2026.
+  """
+  student, teacher = _common.as_student_and_teacher(student_logits, teacher_logits)
+  z_s, z_t = _common.l2_normalize(student), _common.l2_normalize(teacher)
+  d = z_t @ z_t.T - z_s @ z_s.T
+  batch = d.shape[0]
+  centred = d - jnp.mean(d, axis=0, keepdims=True)
+  covariance = centred.T @ centred / (batch - 1) + tikhonov * jnp.eye(batch, dtype=d.dtype)
+  factor = jax.scipy.linalg.cho_factor(covariance, lower=True)
+  solved = jax.scipy.linalg.cho_solve(factor, d.T).T  # rows: S^{-1} d_b
+  return jnp.mean(_common.safe_sqrt(jnp.sum(d * solved, axis=1)))
+
+
+def _non_target(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """`[B, K-1]`: each row without its label's column, the other columns in order."""
+  num_classes = logits.shape[-1]
+  keep = jnp.arange(num_classes - 1)[None, :]
+  columns = keep + (keep >= labels[:, None])  # skip the target column
+  return jnp.take_along_axis(logits, columns, axis=1)
+
+
+def _target_term(student: jax.Array, teacher: jax.Array, labels: jax.Array) -> jax.Array:
+  """`-1/B sum_b p_t[b, y_b] log p_s[b, y_b]` at temperature 1 (NKD's and WKD's)."""
+  log_p_s = jax.nn.log_softmax(student, axis=-1)
+  p_t = jax.nn.softmax(teacher, axis=-1)
+  index = labels[:, None]
+  return -jnp.mean(jnp.take_along_axis(p_t, index, axis=1)
+                   * jnp.take_along_axis(log_p_s, index, axis=1))
+
+
+def nkd(student_logits: jax.typing.ArrayLike, teacher_logits: jax.typing.ArrayLike,
+        labels: jax.typing.ArrayLike, temperature: float = 1.0,
+        gamma: float = 1.5) -> jax.Array:
+  """Normalized KD: the target class and the renormalised non-target classes apart.
+
+  With `p = softmax(z)` and `q = softmax(z' / T)` over the K-1 non-target logits `z'`,
+
+    L = -1/B sum_b p_t[y_b] log p_s[y_b]
+        - gamma T^2 / B sum_b sum_{k != y_b} q_t,k log q_s,k,
+
+  a cross-entropy (the teacher's entropy is not subtracted), as the authors'
+  `NKDLoss`. ImageNet: T=1, gamma=1.5; the authors' CIFAR-100 config: T=3, gamma=3.5.
+
+  References:
+    Yang, Zeng, Li, Zhang, Yuan and Li, From Knowledge Distillation to
+    Self-Knowledge Distillation: A Unified Approach with Normalized Loss and
+    Customized Soft Labels, ICCV 2023 (code: yzd-v/cls_KD).
+  """
+  student, teacher = _common.as_student_and_teacher(student_logits, teacher_logits)
+  labels = jnp.asarray(labels)
+  log_q_s = jax.nn.log_softmax(_non_target(student, labels) / temperature, axis=-1)
+  q_t = jax.nn.softmax(_non_target(teacher, labels) / temperature, axis=-1)
+  non_target = -jnp.mean(jnp.sum(q_t * log_q_s, axis=-1))
+  return _target_term(student, teacher, labels) + gamma * temperature**2 * non_target
+
+
+def wkd_cost_matrix(classifier_weights: jax.typing.ArrayLike,
+                    kappa: float = 1.0) -> jax.Array:
+  """WKD-L's class-to-class cost from a classifier's weights `[D, K]` (Dense layout).
+
+  With `c_ij` the cosine similarity of class vectors `w_i`, `w_j` (columns),
+  `C = 1 - exp(-kappa (1 - c))`, or `1 - c` when `kappa == 0` — the authors' "fc"
+  cost (their released configs load a CKA-based matrix instead).
+
+  References:
+    Lv, Yang, Li and Wang, Wasserstein Distance Rivals Kullback-Leibler Divergence
+    for Knowledge Distillation, NeurIPS 2024 (code: JiamingLv/WKD).
+  """
+  weights = _common.l2_normalize(jax.lax.stop_gradient(_common.as_float(classifier_weights)).T)
+  cost = 1.0 - weights @ weights.T
+  return cost if kappa == 0 else 1.0 - jnp.exp(-kappa * cost)
+
+
+def wkd_logit(student_logits: jax.typing.ArrayLike, teacher_logits: jax.typing.ArrayLike,
+              labels: jax.typing.ArrayLike, cost_matrix: jax.typing.ArrayLike,
+              temperature: float = 2.0, gamma: float = 30.0,
+              sinkhorn_lambda: float = 0.05, sinkhorn_iters: int = 10) -> jax.Array:
+  """WKD-L: NKD's target term plus the Wasserstein distance of the non-target classes.
+
+  For each sample, `q_s`, `q_t` are the softened (T) distributions over the K-1
+  non-target classes and `C'` the cost matrix without the target's row and column
+  (`relu(C') + 1e-8`). Sinkhorn with kernel `exp(-C'/lambda)`, `u = 1/(K-1)` and
+  `sinkhorn_iters` rounds of `v = q_t / (K^T u + 1e-8)`, `u = q_s / (K v + 1e-8)` gives
+  the plan `pi = diag(u) K diag(v)`, and
+
+    L = -1/B sum_b p_t[y_b] log p_s[y_b] + gamma / B sum_b sum_ij pi_ij C'_ij.
+
+  Gradients flow through the Sinkhorn iterations (the student's distribution enters
+  the second term only through the plan). No T^2. The authors decay gamma along a
+  cosine in training (a term's `schedule`); ImageNet R34->R18: T=2, gamma=30;
+  CIFAR-100 resnet32x4->resnet8x4: T=8, gamma=600.
+
+  References:
+    Lv, Yang, Li and Wang, Wasserstein Distance Rivals Kullback-Leibler Divergence
+    for Knowledge Distillation, NeurIPS 2024 (code: JiamingLv/WKD).
+  """
+  student, teacher = _common.as_student_and_teacher(student_logits, teacher_logits)
+  labels = jnp.asarray(labels)
+  cost = jax.lax.stop_gradient(_common.as_float(cost_matrix))
+  num_classes = cost.shape[0]
+  q_s = jax.nn.softmax(_non_target(student, labels) / temperature, axis=-1)
+  q_t = jax.nn.softmax(_non_target(teacher, labels) / temperature, axis=-1)
+  keep = jnp.arange(num_classes - 1)[None, :]
+  index = keep + (keep >= labels[:, None])  # [B, K-1] the non-target classes
+  sub = cost[index[:, :, None], index[:, None, :]]  # [B, K-1, K-1]
+  sub = jnp.maximum(sub, 0.0) + 1e-8
+  kernel = jnp.exp(-sub / sinkhorn_lambda)
+  u = jnp.full_like(q_s, 1.0 / (num_classes - 1))
+  v = u
+  for _ in range(int(sinkhorn_iters)):
+    v = q_t / (jnp.einsum("bij,bi->bj", kernel, u) + 1e-8)
+    u = q_s / (jnp.einsum("bij,bj->bi", kernel, v) + 1e-8)
+  plan = u[:, :, None] * kernel * v[:, None, :]
+  wasserstein = jnp.mean(jnp.sum(plan * sub, axis=(1, 2)))
+  return _target_term(student, teacher, labels) + gamma * wasserstein
+
+
+def _percentile_mask_fraction(values: jax.Array, percentile: float) -> jax.Array:
+  """The share of `values` at or below their `percentile` (linear interpolation)."""
+  threshold = jnp.percentile(values, percentile)
+  return jnp.mean((values <= threshold).astype(values.dtype))
+
+
+def mlkd(student_logits: jax.typing.ArrayLike, teacher_logits: jax.typing.ArrayLike,
+         temperatures: Sequence[float] = (2.0, 3.0, 4.0, 5.0, 6.0),
+         confidence_percentile: float = 50.0) -> jax.Array:
+  """MLKD's loss on one view: instance, class and batch level at several temperatures.
+
+  With `P = softmax(z / T)` (`[B, K]`), `kd_T` Hinton's KD at T (× T^2),
+
+    L = sum_T [ rho_b kd_T + rho_c ||P_t^T P_t - P_s^T P_s||_F^2 / K
+                + rho_b ||P_t P_t^T - P_s P_s^T||_F^2 / B ],
+
+  where rho_b is the share of samples whose teacher confidence (max of softmax(z_t))
+  is at most its `confidence_percentile`-th percentile and rho_c the share of classes
+  whose summed teacher probability is: the authors multiply each (scalar) loss by
+  those masks and average, which scales it by the share. The authors' training step
+  adds KD on a strongly augmented view (see `kd_jax.objective`); on ImageNet they use
+  temperatures (1, 2, 3, 5, 6).
+
+  References:
+    Jin, Wang and Lin, Multi-Level Logit Distillation, CVPR 2023 (code:
+    Jin-Ying/Multi-Level-Logit-Distillation, `KD_ours.py`).
+  """
+  student, teacher = _common.as_student_and_teacher(student_logits, teacher_logits)
+  batch, num_classes = student.shape
+  p_t1 = jax.nn.softmax(teacher, axis=-1)
+  rho_b = _percentile_mask_fraction(jnp.max(p_t1, axis=-1), confidence_percentile)
+  rho_c = _percentile_mask_fraction(jnp.sum(p_t1, axis=0), confidence_percentile)
+  total = jnp.zeros((), student.dtype)
+  for temperature in temperatures:
+    p_s = jax.nn.softmax(student / temperature, axis=-1)
+    p_t = jax.nn.softmax(teacher / temperature, axis=-1)
+    kd_t = _logit.kd(student, teacher, temperature)
+    class_level = jnp.sum(jnp.square(p_t.T @ p_t - p_s.T @ p_s)) / num_classes
+    batch_level = jnp.sum(jnp.square(p_t @ p_t.T - p_s @ p_s.T)) / batch
+    total = total + rho_b * kd_t + rho_c * class_level + rho_b * batch_level
+  return total
+
+
+__all__ = ["batch_standardize", "dist", "mlkd", "nkd", "skd_direction", "skd_instance",
+           "srd", "srd_standardized", "wkd_cost_matrix", "wkd_logit"]

@@ -1,0 +1,61 @@
+"""Each method of experiments/digits_recent.py trains end to end from one tiny teacher."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kd_jax import configs, experiment, models, objective
+from kd_jax.experiments import digits_recent
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("teacher"))
+  experiment.train_teacher(configs.experiment_config("digits", "tiny"), workdir)
+  return workdir
+
+
+@pytest.mark.parametrize("method", [m for m in digits_recent.METHODS if m != "kd"])
+def test_method_trains_end_to_end(method, teacher_dir, tmp_path):
+  c = digits_recent.get_config(f"{method}:tiny")
+  c.teacher.checkpoint = teacher_dir
+  c.train_vanilla = False
+  c.export.variants = ()
+  summary = experiment.distill(c, str(tmp_path))
+  assert 0.1 < summary["distilled_accuracy"] <= 1.0
+  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  train = [r for r in records if r["phase"] == "distilled" and r["kind"] == "train"]
+  names = [t.name_ for t in objective.build(c.distill, total_steps=1, steps_per_epoch=1).terms]
+  for name in names:
+    assert all(np.isfinite(r[name]) for r in train), name
+
+
+def test_wkd_takes_its_cost_from_the_teacher_classifier():
+  teacher = models.create("resnet8", 10)
+  variables = teacher.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
+  obj = objective.build(dict(terms=[dict(method="wkd")]), total_steps=1, steps_per_epoch=1)
+  taps = jax.eval_shape(lambda: teacher.apply(variables, jnp.zeros((2, 8, 8, 1)),
+                                              train=False)[1])
+  resolved = objective.resolve(obj, taps, taps, "resnet8", "resnet8",
+                               teacher_params=variables["params"])
+  kernel = resolved.terms[0].hyper["classifier_kernel"]
+  np.testing.assert_array_equal(kernel, variables["params"]["classifier"]["kernel"])
+  with pytest.raises(ValueError, match="wkd takes no classifier_kernel"):
+    objective.build(dict(terms=[dict(method="wkd", classifier_kernel=1.0)]),
+                    total_steps=1, steps_per_epoch=1)
+
+
+def test_srd_projects_the_student_embedding_to_the_teacher_width():
+  obj = objective.build(dict(terms=[dict(method="srd", adapter="linear")]), total_steps=1,
+                        steps_per_epoch=1)
+  term = obj.terms[0]
+  assert (term.student_tap, term.teacher_tap, term.adapter) == ("embedding", "embedding",
+                                                               "linear")
+  s_taps = {"embedding": jax.ShapeDtypeStruct((2, 64), jnp.float32)}
+  t_taps = {"embedding": jax.ShapeDtypeStruct((2, 128), jnp.float32)}
+  assert objective.resolve(obj, s_taps, t_taps, "s", "t").terms[0].teacher_features == 128
+  bare = objective.build(dict(terms=[dict(method="srd")]), total_steps=1, steps_per_epoch=1)
+  with pytest.raises(ValueError, match="add adapter='linear'"):
+    objective.resolve(bare, s_taps, t_taps, "s", "t")
