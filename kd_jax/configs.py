@@ -155,7 +155,10 @@ def _field_type(config: ml_collections.ConfigDict, key: str) -> Any:
   value = config[key]
   if isinstance(value, ml_collections.ConfigDict):
     return ml_collections.ConfigDict
-  return config.get_ref(key).get_type()
+  try:
+    return config.get_ref(key).get_type()
+  except ValueError:  # a plain None (not a typed placeholder): any type
+    return None
 
 
 def _type_ok(value: Any, kind: Any) -> bool:
@@ -235,7 +238,7 @@ def validate(config: ml_collections.ConfigDict, *, deep: bool = False
   against the two models.
   """
   config = complete(config)
-  from kd_jax import export, models, objective, parallel, phase, train, workflows
+  from kd_jax import data, export, models, objective, parallel, phase, train, workflows
   from kd_jax.data import augment, curriculum
   from kd_jax.edge import phases as edge_phases
   for key in ("teacher.name", "student.name"):
@@ -260,6 +263,15 @@ def validate(config: ml_collections.ConfigDict, *, deep: bool = False
     raise ValueError(f"distill.ce_weight must not be negative, got {config.distill.ce_weight}")
   obj = objective.build(config.distill, total_steps=1, steps_per_epoch=1)
   augment.parse(config.data.edge_augment)
+  views = data.view_names(config.data)
+  for view in (*obj.student_views, *obj.teacher_views):
+    if view not in views:
+      raise ValueError(f"the objective uses view {view!r} but data.views has "
+                       f"{list(views[1:]) or 'none'}; add {{'name': {view!r}}} to "
+                       "data.views")
+  for spec in config.data.views:
+    if "edge_augment" in spec:
+      augment.parse(spec["edge_augment"])
   curriculum.settings(config.curriculum)
   if config.distill.cache_teacher_logits:
     from kd_jax import teacher_cache

@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import inspect
 import math
+import operator
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -150,7 +152,8 @@ register("mlkd", losses.mlkd, LOGITS)
 TERM_DEFAULTS = dict(method=None, weight=1.0, schedule="constant", warmup_epochs=0.0,
                      decay_epochs=(), student_tap=None, teacher_tap=None, name=None,
                      adapter=None, temperature_schedule="constant",
-                     final_temperature=None)
+                     final_temperature=None, student_view=None, teacher_view=None)
+MAIN_VIEW = "image"  # the batch's own image (`kd_jax.data`: other views are `view/<name>`)
 TEMPERATURE_SCHEDULES = ("constant", "linear", "cosine")
 ADAPTERS = ("conv1x1", "linear")
 SCHEDULES = ("constant", "linear_warmup", "cosine", "step")
@@ -160,13 +163,31 @@ _SELF_PACED_DEFAULTS = dict(kind="none", start_threshold=2.0, final_threshold=6.
 # The `distill` block of an experiment config: objective = ce_weight · CE (with
 # label_smoothing) + Σ weight · term; `cache_teacher_logits` computes the teacher's
 # logits once for the training split (needs data.augment='none'; teacher_cache.py).
+# Views (`data.views`): CE is summed over `ce_views`; each term compares the student on
+# its `student_view` (default `student_view`) with the teacher on its `teacher_view`
+# (default `teacher_view`, None: the term's student view).
 DEFAULTS = dict(ce_weight=1.0, terms=[], label_smoothing=0.0, cache_teacher_logits=False,
-                self_paced=_SELF_PACED_DEFAULTS)
+                self_paced=_SELF_PACED_DEFAULTS, ce_views=(MAIN_VIEW,),
+                student_view=MAIN_VIEW, teacher_view=None)
+
+
+class Views(dict):
+  """{view name: value}: a model's outputs on several views of one batch."""
+
+
+def view_of(value: Any, name: str) -> Any:
+  """`value` on view `name` (the main view's where the batch has no such view, e.g. in
+  evaluation); a plain value is the main view's."""
+  if not isinstance(value, Views):
+    return value
+  return value[name] if name in value else value[MAIN_VIEW]
 
 
 def default_config() -> ml_collections.ConfigDict:
   """The `distill` block of an experiment config, at its defaults (cross-entropy alone)."""
-  return ml_collections.ConfigDict(DEFAULTS)
+  config = ml_collections.ConfigDict(DEFAULTS)
+  config.teacher_view = ml_collections.config_dict.placeholder(str)
+  return config
 
 
 def weight_schedule(weight: float, kind: str = "constant", *, total_steps: int,
@@ -304,10 +325,16 @@ class Term(nn.Module):
   num_train: int = 0
   bn_axis_name: str | None = None
   temperature: Callable[[jax.Array], jax.Array] | None = None  # scheduled, by step
+  student_view: str = MAIN_VIEW
+  teacher_view: str = MAIN_VIEW
 
   @nn.compact
   def __call__(self, s_logits, s_taps, t_logits, t_taps, labels, index, train: bool,
                step=None, example_weights=None):
+    s_logits, s_taps = (view_of(s_logits, self.student_view),
+                        view_of(s_taps, self.student_view))
+    t_logits, t_taps = (view_of(t_logits, self.teacher_view),
+                        view_of(t_taps, self.teacher_view))
     if self.method.inputs == LOGITS:
       s, t = s_logits, t_logits
     elif self.method.inputs == MULTI:
@@ -348,10 +375,22 @@ class Objective:
   label_smoothing: float = 0.0
   self_paced: SelfPaced | None = None
   cache_teacher_logits: bool = False
+  ce_views: tuple[str, ...] = (MAIN_VIEW,)
 
   @property
   def needs_teacher(self) -> bool:
     return bool(self.terms)
+
+  @property
+  def student_views(self) -> tuple[str, ...]:
+    """The views the student runs on: the CE's and the terms', main view first."""
+    return tuple(dict.fromkeys((MAIN_VIEW, *self.ce_views,
+                                *(t.student_view for t in self.terms))))
+
+  @property
+  def teacher_views(self) -> tuple[str, ...]:
+    """The views the teacher runs on (none without terms)."""
+    return tuple(dict.fromkeys(t.teacher_view for t in self.terms))
 
   def init(self, rng, s_logits, s_taps, t_logits, t_taps, labels, index) -> dict:
     """Variables of every term, keyed by term name inside each collection."""
@@ -368,10 +407,15 @@ class Objective:
     """Returns (total, parts, updated non-param collections)."""
     weights, self_paced_parts = None, {}
     if self.self_paced is None:
-      ce = losses.cross_entropy(s_logits, labels, label_smoothing=self.label_smoothing)
+      ce = functools.reduce(operator.add, [
+          losses.cross_entropy(view_of(s_logits, view), labels,
+                               label_smoothing=self.label_smoothing)
+          for view in self.ce_views])
     else:
-      ce_each = losses.cross_entropy_per_example(s_logits, labels,
-                                                 label_smoothing=self.label_smoothing)
+      ce_each = functools.reduce(operator.add, [
+          losses.cross_entropy_per_example(view_of(s_logits, view), labels,
+                                           label_smoothing=self.label_smoothing)
+          for view in self.ce_views])
       weights, self_paced_parts = self.self_paced(step, ce_each)
       ce = jnp.mean(weights * ce_each)
     total = self.ce_weight * ce
@@ -451,14 +495,22 @@ def build(distill_config: Mapping[str, Any], *, total_steps: int,
           total_steps=total_steps)
       if temperature is None:
         raise ValueError(f"{where}: temperature_schedule needs final_temperature")
+    student_view = spec["student_view"] or distill["student_view"]
+    teacher_view = spec["teacher_view"] or distill["teacher_view"] or student_view
     terms.append(Term(name, method, weight,
                       None if method.inputs == LOGITS else student_tap,
                       None if method.inputs == LOGITS else teacher_tap, hyper,
-                      adapter=adapter, num_train=num_train, temperature=temperature))
+                      adapter=adapter, num_train=num_train, temperature=temperature,
+                      student_view=student_view, teacher_view=teacher_view))
+  ce_views = tuple(distill["ce_views"])
+  if not ce_views:
+    raise ValueError("distill.ce_views names no view; use ('image',) and set "
+                     "distill.ce_weight=0 for no cross-entropy")
   return Objective(float(distill["ce_weight"]), tuple(terms),
                    float(distill["label_smoothing"]),
                    build_self_paced(distill["self_paced"], steps_per_epoch=steps_per_epoch),
-                   cache_teacher_logits=bool(distill["cache_teacher_logits"]))
+                   cache_teacher_logits=bool(distill["cache_teacher_logits"]),
+                   ce_views=ce_views)
 
 
 def _names(taps: str | Sequence[str]) -> tuple[str, ...]:

@@ -50,6 +50,11 @@ def check_cacheable(data_config: ml_collections.ConfigDict,
         "images change every epoch, cached teacher logits would not); set "
         "--config.data.augment=none (and no data.edge_augment) or "
         "--config.distill.cache_teacher_logits=False")
+  if objective.teacher_views not in ((), (objective_lib.MAIN_VIEW,)):
+    raise ValueError(
+        "distill.cache_teacher_logits stores the teacher's logits of the training images, "
+        f"but the objective shows it views {list(objective.teacher_views)}; set "
+        "--config.distill.cache_teacher_logits=False")
   for term in objective.terms:
     if term.method.inputs != objective_lib.LOGITS:
       raise ValueError(

@@ -192,31 +192,68 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None,
   teacher_forward = (teacher.clone(dtype=jnp.bfloat16)
                      if teacher_bf16 and teacher is not None else teacher)
 
-  def teacher_outputs(teacher_variables, batch):
+  student_views = objective.student_views
+  teacher_views = objective.teacher_views if objective.needs_teacher else ()
+  multi_view = student_views != (objective_lib.MAIN_VIEW,) or teacher_views not in (
+      (), (objective_lib.MAIN_VIEW,))
+
+  def images_of(batch, view):
+    if view == objective_lib.MAIN_VIEW:
+      return batch["image"]
+    if f"view/{view}" not in batch:
+      raise ValueError(f"the objective uses view {view!r} but the batches have none; add "
+                       f"{{'name': {view!r}}} to data.views")
+    return batch[f"view/{view}"]
+
+  def teacher_outputs(teacher_variables, batch, view=objective_lib.MAIN_VIEW):
     """(logits, taps) of the teacher for this shard: cached logits or a forward pass."""
     if "teacher_logits" in batch:
       return batch["teacher_logits"], {}
-    logits, taps = teacher_forward.apply(teacher_variables, batch["image"], train=False)
+    logits, taps = teacher_forward.apply(teacher_variables, images_of(batch, view),
+                                         train=False)
     return lax.stop_gradient(
         (logits, jax.tree.map(lambda t: t.astype(jnp.float32), taps)))
 
   def per_shard_step(state, teacher_variables, batch, rng):
     images, labels = batch["image"], batch["label"]
     rng = jax.random.fold_in(rng, lax.axis_index(axis))
-    if objective.needs_teacher:
-      t_logits, t_taps = teacher_outputs(teacher_variables, batch)
-    else:
+    if not objective.needs_teacher:
       t_logits, t_taps = None, None
+    elif multi_view:
+      outputs = {view: teacher_outputs(teacher_variables, batch, view)
+                 for view in teacher_views}
+      t_logits = objective_lib.Views({v: o[0] for v, o in outputs.items()})
+      t_taps = objective_lib.Views({v: o[1] for v, o in outputs.items()})
+    else:
+      t_logits, t_taps = teacher_outputs(teacher_variables, batch)
+
+    def student_outputs(params):
+      """The student on each view it sees, in train mode; BatchNorm statistics are
+      updated by each view in turn (as one network run on several views does)."""
+      batch_stats = state.batch_stats["student"]
+      logits, taps = objective_lib.Views(), objective_lib.Views()
+      for i, view in enumerate(student_views):
+        (logits[view], taps[view]), new_vars = student_train.apply(
+            {"params": params["student"], "batch_stats": batch_stats},
+            images_of(batch, view), train=True, mutable=["batch_stats"],
+            rngs={"dropout": jax.random.fold_in(rng, i) if i else rng})
+        batch_stats = new_vars["batch_stats"]
+      return logits, taps, batch_stats
 
     def loss_fn(params):
-      (s_logits, s_taps), new_vars = student_train.apply(
-          {"params": params["student"], "batch_stats": state.batch_stats["student"]},
-          images, train=True, mutable=["batch_stats"], rngs={"dropout": rng})
+      if multi_view:
+        s_logits, s_taps, new_bs = student_outputs(params)
+      else:
+        (s_logits, s_taps), new_vars = student_train.apply(
+            {"params": params["student"], "batch_stats": state.batch_stats["student"]},
+            images, train=True, mutable=["batch_stats"], rngs={"dropout": rng})
+        new_bs = new_vars["batch_stats"]
       term_vars = {"params": params.get("terms", {}), **state.term_state}
       loss, parts, term_state = objective(
           state.step, term_vars, s_logits, s_taps, t_logits, t_taps, labels,
           batch.get("index"), train=True, axis_name=axis)
-      return loss, (parts, s_logits, new_vars["batch_stats"], term_state)
+      main_logits = (s_logits[objective_lib.MAIN_VIEW] if multi_view else s_logits)
+      return loss, (parts, main_logits, new_bs, term_state)
 
     (loss, (parts, logits, new_bs, term_state)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params)
@@ -233,8 +270,9 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None,
                "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
                "grad_norm": grad_norm, **monitors(objective, state.step, grads)}
     if t_logits is not None:
+      t_main = t_logits[teacher_views[0]] if multi_view else t_logits
       metrics["teacher_agreement"] = jnp.mean(
-          jnp.argmax(logits, -1) == jnp.argmax(t_logits, -1))
+          jnp.argmax(logits, -1) == jnp.argmax(t_main, -1))
     metrics = lax.pmean(metrics, axis)
     nonfinite = jnp.where(finite, 0, state.nonfinite + 1)
     new_state = state.replace(

@@ -18,6 +18,7 @@ from kd_jax.data.pipeline import eval_dataset
 from kd_jax.data.pipeline import eval_datasets
 from kd_jax.data.pipeline import eval_iterator
 from kd_jax.data.pipeline import host_eval_iterator
+from kd_jax.data.pipeline import view_names
 from kd_jax.data.pipeline import get_info
 from kd_jax.data.pipeline import representative_images
 from kd_jax.data.pipeline import train_dataset
@@ -32,6 +33,7 @@ __all__ = [
     "eval_datasets",
     "eval_iterator",
     "host_eval_iterator",
+    "view_names",
     "get_info",
     "kd_digits",
     "preprocess",

@@ -135,6 +135,13 @@ def default_data_config() -> ml_collections.ConfigDict:
       tuple of dicts `{'op': name, 'prob': p, 'severity': s or (low, high)}` (see
       `kd_jax.data.augment`); () -> none. From the command line:
       --config.data.edge_augment="({'op': 'jpeg', 'prob': 0.3, 'severity': (1, 5)},)".
+    views: more views of each training example, beside 'image' (the view above),
+      each a dict `{'name', 'augment', 'edge_augment', 'same_crop'}`: `augment` a
+      preset (None -> the data's), `edge_augment` its own edge ops (default none),
+      `same_crop` True to draw the preset's crop and flip with the image's seed (a
+      paired view: e.g. the clean image behind a corrupted one) instead of the view's
+      own. Batches carry `view/<name>`; the objective says which view the teacher and
+      the student see (`distill.teacher_view`, a term's `student_view`, ...).
   """
   config = ml_collections.ConfigDict()
   config.name = "kd_digits"
@@ -153,7 +160,36 @@ def default_data_config() -> ml_collections.ConfigDict:
   # Typed `object` so both --config.data.cache=False and cache='auto' are accepted.
   config.cache = config_dict.FieldReference("auto", field_type=object)
   config.edge_augment = ()
+  config.views = ()
   return config
+
+
+VIEW_DEFAULTS = dict(name=None, augment=None, edge_augment=(), same_crop=False)
+MAIN_VIEW = "image"
+
+
+@dataclasses.dataclass(frozen=True)
+class _View:
+  """An extra view of each training example (`data.views`), resolved."""
+
+  name: str
+  augmentation: preprocess.Augmentation
+  edge: Optional[Callable[[tf.Tensor, tf.Tensor], tf.Tensor]]
+  same_crop: bool
+
+
+def view_names(data_config: DataConfig) -> tuple[str, ...]:
+  """'image' and the names of `data.views`, checked (one-line errors)."""
+  names = [MAIN_VIEW]
+  for i, view in enumerate(data_config.views):
+    unknown = sorted(set(view) - set(VIEW_DEFAULTS))
+    if unknown or not view.get("name"):
+      raise ValueError(f"data.views[{i}] must be a dict with a name and some of "
+                       f"{', '.join(VIEW_DEFAULTS)}, got {dict(view)!r}")
+    if view["name"] in names:
+      raise ValueError(f"data.views[{i}]: a second view named {view['name']!r}")
+    names.append(view["name"])
+  return tuple(names)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,6 +224,7 @@ class _Source:
   cache: bool  # Keep training examples in memory ...
   cache_decoded: bool  # ... decoded (only possible when all images have one shape).
   shuffle_buffer: int
+  views: tuple[_View, ...] = ()
 
 
 def _builder(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBuilder:
@@ -323,7 +360,24 @@ def _source(data_config: DataConfig) -> _Source:
       cache=cache,
       cache_decoded=cache and fixed_shape,
       shuffle_buffer=shuffle_buffer,
+      views=_views(data_config, option, image_size, image_hw, channels),
   )
+
+
+def _views(data_config, option, image_size, image_hw, channels) -> tuple[_View, ...]:
+  view_names(data_config)
+  views = []
+  for spec in data_config.views:
+    spec = {**VIEW_DEFAULTS, **dict(spec)}
+    views.append(_View(
+        name=spec["name"],
+        augmentation=preprocess.get_augmentation(
+            spec["augment"] or option("augment"),
+            image_size=None if image_size is None else image_hw,
+            pad=option("pad"), flip=option("flip")),
+        edge=augment.compose(spec["edge_augment"], channels),
+        same_crop=bool(spec["same_crop"])))
+  return tuple(views)
 
 
 def get_info(
@@ -390,30 +444,59 @@ def _preprocess_batch(source: _Source, images, labels, *, decoded: bool, train: 
 
   `train`: the preset's train augmentation then the config's edge ops, seeded by
   `seeds`; otherwise the eval preprocessing then `corruption(image, seed)` if given.
+  In training, each of `data.views` is made from the same decoded image with its own
+  preset and edge ops, seeded by `seeds` (`same_crop`) or by the view's own seeds.
   Examples are processed one by one (images may differ in size before cropping) with
   `tf.map_fn` inside one tf.data element, which costs far less than one tf.data
   element per example.
   """
-  edge = source.edge if train else corruption
+
+  def batch_of(augmentation, edge, view_seeds):
+    def one(args):
+      image = args[0] if decoded else source.decode(args[0])
+      if train:
+        image = augmentation.train(image, args[1])
+      else:
+        image = augmentation.eval(image)
+      image = tf.cast(image, tf.float32)
+      return image if edge is None else edge(image, args[1])
+
+    out = tf.map_fn(
+        one,
+        (images,) if view_seeds is None else (images, view_seeds),
+        fn_output_signature=tf.TensorSpec(source.info.image_shape, tf.float32),
+    )
+    return preprocess.normalize(out, source.mean, source.std)
+
+  batch = {
+      MAIN_VIEW: batch_of(source.augmentation, source.edge if train else corruption,
+                          seeds),
+      "label": tf.cast(labels, tf.int32),
+  }
+  if train:
+    for i, view in enumerate(source.views):
+      own = tf.stack([tf.bitwise.bitwise_xor(seeds[:, 0], salts.VIEW * (i + 1)),
+                      seeds[:, 1]], axis=1)
+      if view.same_crop:
+        # The preset draws from the image's seed; the view's edge ops from its own.
+        batch[f"view/{view.name}"] = _paired_view(source, view, images, decoded,
+                                                  seeds, own)
+      else:
+        batch[f"view/{view.name}"] = batch_of(view.augmentation, view.edge, own)
+  return batch
+
+
+def _paired_view(source, view, images, decoded, seeds, view_seeds):
+  """A view cropped and flipped as the main image (its seeds), with its own edge ops."""
 
   def one(args):
     image = args[0] if decoded else source.decode(args[0])
-    if train:
-      image = source.augmentation.train(image, args[1])
-    else:
-      image = source.augmentation.eval(image)
-    image = tf.cast(image, tf.float32)
-    return image if edge is None else edge(image, args[1])
+    image = tf.cast(view.augmentation.train(image, args[1]), tf.float32)
+    return image if view.edge is None else view.edge(image, args[2])
 
-  images = tf.map_fn(
-      one,
-      (images,) if seeds is None else (images, seeds),
-      fn_output_signature=tf.TensorSpec(source.info.image_shape, tf.float32),
-  )
-  return {
-      "image": preprocess.normalize(images, source.mean, source.std),
-      "label": tf.cast(labels, tf.int32),
-  }
+  out = tf.map_fn(one, (images, seeds, view_seeds),
+                  fn_output_signature=tf.TensorSpec(source.info.image_shape, tf.float32))
+  return preprocess.normalize(out, source.mean, source.std)
 
 
 def _options() -> tf.data.Options:
