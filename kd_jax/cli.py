@@ -5,7 +5,7 @@
   kd-jax evaluate      --workdir=DIR [--robustness]
   kd-jax export        --workdir=DIR
   kd-jax report        --workdir=DIR
-  kd-jax reproduce     --workdir=DIR [--pairs=P,...] [--methods=M,...] [--tiny]
+  kd-jax reproduce     --workdir=DIR [--pairs=P,...] [--methods=M,...] [--tiny] [--seeds=N]
                        [--data_dir=DIR] [--export]
   kd-jax profile       [--config=experiments/profile_cifar.py[:tiny]] [--workdir=DIR]
                        [--config.candidates=NAME_OR_DIR,...]
@@ -141,6 +141,8 @@ def _run_reproduce(argv: list[str]) -> None:
   flags.DEFINE_string("data_dir", None, "TFDS data directory holding cifar100",
                       flag_values=fv)
   flags.DEFINE_bool("export", False, "also export every student to TFLite", flag_values=fv)
+  flags.DEFINE_integer("seeds", 1, "student runs per pair and method (seeds 0..N-1); "
+                       "the table gives mean ± std", flag_values=fv)
   try:
     fv(argv)
   except flags.Error as e:
@@ -149,7 +151,7 @@ def _run_reproduce(argv: list[str]) -> None:
     raise UsageError("kd-jax reproduce needs --workdir=DIR")
   from kd_jax import reproduce
   reproduce.run(fv.pairs, fv.methods, fv.workdir, tiny=fv.tiny, data_dir=fv.data_dir,
-                export=fv.export)
+                export=fv.export, seeds=fv.seeds)
 
 
 if __name__ == "__main__":

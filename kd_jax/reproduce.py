@@ -10,12 +10,18 @@ method's student from the trained teacher (`DIR/<pair>/<method>`), then writes
 teacher, the vanilla student and the method beside the published numbers, and the
 differences. Rerunning the command resumes every unfinished run (each is a
 `kd-jax distill` run with its own config.json and checkpoints) and reads finished ones
-back from their summary.json. From a notebook: `run(pairs, methods, workdir)`.
+back from their summary.json. With `--seeds=N` every student run (vanilla and each
+method) is repeated with seeds 0..N-1 from the same teacher (`DIR/<pair>/<method>`,
+then `<method>@seed1`, ...) and the table gives mean ± std (sample std) over the seeds,
+for the last epoch and for the best-by-validation checkpoint — published tables differ
+in which they quote, and mdistiller's average several runs. From a notebook:
+`run(pairs, methods, workdir, seeds=N)`.
 """
 from __future__ import annotations
 
 import json
 import os
+import statistics
 from typing import Any, Optional, Sequence
 
 import jax
@@ -84,7 +90,7 @@ def _percent(accuracy: Optional[float]) -> Optional[float]:
 
 def run(pairs: Optional[Sequence[str]], methods: Optional[Sequence[str]], workdir: str,
         tiny: bool = False, *, data_dir: Optional[str] = None,
-        export: bool = False) -> list[dict[str, Any]]:
+        export: bool = False, seeds: int = 1) -> list[dict[str, Any]]:
   """Runs (or resumes) the chosen pairs × methods; returns the rows of the table.
 
   Args:
@@ -95,56 +101,68 @@ def run(pairs: Optional[Sequence[str]], methods: Optional[Sequence[str]], workdi
     tiny: the `:tiny` flavour of each config (kd_digits, 1 epoch, small models).
     data_dir: TFDS data directory holding cifar100 (`data.data_dir`).
     export: also export each student to TFLite (off: accuracy is what the table needs).
+    seeds: student runs per pair × method (seeds 0..seeds-1); the teacher is shared.
 
   Returns:
     One dict per pair × method: `pair`, `method`, `teacher`, `student` (model names),
-    `config`, `workdir`, and `measured`, `published`, `difference` (measured −
-    published), each a dict of top-1 (%) for `teacher`, `student` (vanilla), `method`.
+    `config`, `workdir`, `seeds`, and `measured`, `best_by_validation`, `published`,
+    `difference` (measured − published), each a dict of top-1 (%) for `teacher`,
+    `student` (vanilla), `method` (students: the mean over seeds), and `std`,
+    `best_by_validation_std` (sample std over seeds; None for one seed).
 
   Raises:
     ValueError: an unknown pair or method (one line, listing the known ones).
   """
   pairs = _select(pairs, list(cifar100_crd.PAIRS), "pair")
   methods = _select(methods, cifar100_crd.METHODS, "method")
-  runs = {(pair, method): run_config(pair, method, tiny, data_dir=data_dir, export=export)
-          for pair in pairs for method in dict.fromkeys([VANILLA, *methods])}
+  if seeds < 1:
+    raise ValueError(f"--seeds must be at least 1, got {seeds}")
+  runs = {(pair, method, seed): _seeded(
+      run_config(pair, method, tiny, data_dir=data_dir, export=export), seed)
+      for pair in pairs for method in dict.fromkeys([VANILLA, *methods])
+      for seed in range(seeds)}
 
   teacher_dirs: dict[str, str] = {}
   for config in runs.values():
     name = config.teacher.name
     if name not in teacher_dirs:
       teacher_dirs[name] = os.path.join(workdir, "teachers", name)
-      configs.save_run_config(_teacher_part(config), teacher_dirs[name])
+      teacher_config = _seeded(config, 0)
+      configs.save_run_config(_teacher_part(teacher_config), teacher_dirs[name])
       log(f"reproduce: teacher {name} in {teacher_dirs[name]}")
-      experiment.train_teacher(config, teacher_dirs[name])
+      experiment.train_teacher(teacher_config, teacher_dirs[name])
 
   summaries = {}
-  for (pair, method), config in runs.items():
+  for (pair, method, seed), config in runs.items():
     config.teacher.checkpoint = teacher_dirs[config.teacher.name]
-    run_dir = os.path.join(workdir, pair, method)
-    log(f"reproduce: {pair} {method} in {run_dir}")
-    summaries[pair, method] = _distill(config, run_dir)
+    run_dir = os.path.join(workdir, pair, method + (f"@seed{seed}" if seed else ""))
+    log(f"reproduce: {pair} {method} seed {seed} in {run_dir}")
+    summaries[pair, method, seed] = _distill(config, run_dir)
 
   rows = []
   for pair in pairs:
     for method in methods:
-      config, summary = runs[pair, method], summaries[pair, method]
-      measured = dict(teacher=_percent(summary["teacher_accuracy"]),
-                      student=_percent(summaries[pair, VANILLA]["distilled_accuracy"]),
-                      method=_percent(summary["distilled_accuracy"]))
-      published = {k: config.published[k] for k in QUANTITIES}
+      config = runs[pair, method, 0]
+      of = lambda m: [summaries[pair, m, seed] for seed in range(seeds)]
+      last = dict(teacher=[_percent(of(method)[0]["teacher_accuracy"])],
+                  student=[_percent(s["distilled_accuracy"]) for s in of(VANILLA)],
+                  method=[_percent(s["distilled_accuracy"]) for s in of(method)])
       # Best-by-validation: where the run held out a validation split, the test top-1
       # of each phase's best validation checkpoint (the published scripts instead
       # track the best test epoch).
-      best = dict(teacher=_best(summary, "teacher"),
-                  student=_best(summaries[pair, VANILLA], "distilled"),
-                  method=_best(summary, "distilled"))
+      best = dict(teacher=[_best(of(method)[0], "teacher")],
+                  student=[_best(s, "distilled") for s in of(VANILLA)],
+                  method=[_best(s, "distilled") for s in of(method)])
+      measured, std = _mean_std(last)
+      best_mean, best_std = _mean_std(best)
+      published = {k: config.published[k] for k in QUANTITIES}
       rows.append(dict(
           pair=pair, method=method, teacher=config.teacher.name,
           student=config.student.name,
           config=f"{CONFIG_FILE}:{variant(pair, method, tiny)}",
-          workdir=os.path.join(workdir, pair, method), measured=measured,
-          best_by_validation=best, published=published,
+          workdir=os.path.join(workdir, pair, method), seeds=seeds, measured=measured,
+          std=std, best_by_validation=best_mean, best_by_validation_std=best_std,
+          published=published,
           difference={k: None if measured[k] is None else measured[k] - published[k]
                       for k in QUANTITIES}))
   if jax.process_index() == 0:
@@ -156,22 +174,44 @@ def run(pairs: Optional[Sequence[str]], methods: Optional[Sequence[str]], workdi
   return rows
 
 
+def _seeded(config: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
+  """`config` with `seed`: a copy (unlocked) whose student runs draw from that seed."""
+  out = ml_collections.ConfigDict(config.to_dict())
+  out.seed = seed
+  return out
+
+
+def _mean_std(values: dict[str, list[Optional[float]]]
+              ) -> tuple[dict[str, Optional[float]], dict[str, Optional[float]]]:
+  """Per quantity: the mean of its values over seeds and their sample std (None for one
+  value, or where a value is missing)."""
+  mean, std = {}, {}
+  for key, xs in values.items():
+    known = None if any(x is None for x in xs) else xs
+    mean[key] = None if known is None else statistics.fmean(known)
+    std[key] = None if known is None or len(known) < 2 else statistics.stdev(known)
+  return mean, std
+
+
 def _best(summary: dict[str, Any], phase: str) -> Optional[float]:
   """The test top-1 (%) of `phase`'s best-by-validation checkpoint, if it has one."""
   best = summary.get("phases", {}).get(phase, {}).get("best")
   return None if best is None else _percent(best["test_accuracy"])
 
 
-def _cell(x: Optional[float], signed: bool = False) -> str:
+def _cell(x: Optional[float], signed: bool = False, std: Optional[float] = None) -> str:
   if x is None:
     return "—"
-  return f"{x:+.2f}" if signed else f"{x:.2f}"
+  text = f"{x:+.2f}" if signed else f"{x:.2f}"
+  return text if std is None else f"{text} ± {std:.2f}"
 
 
 def markdown(rows: Sequence[dict[str, Any]], tiny: bool = False) -> str:
   """The table of `run`'s rows: measured, published and Δ for teacher, student, method."""
+  seeds = max((r.get("seeds", 1) for r in rows), default=1)
+  over = f" (mean ± std over {seeds} seeds for the students)" if seeds > 1 else ""
   lines = ["# CIFAR-100: kd-jax against the published top-1 (%)", "",
-           "Measured: top-1 on the test split after the last epoch; best val.: that of "
+           f"Measured{over}: top-1 on the test split after the last epoch; best val.: that of "
            "the checkpoint with the best validation top-1 (— where the config holds out "
            "no validation split). Published: CRD paper "
            "(Tian et al., ICLR 2020, Tables 1-2) and, for dkd, the DKD paper (Zhao et al., "
@@ -186,7 +226,9 @@ def markdown(rows: Sequence[dict[str, Any]], tiny: bool = False) -> str:
   for r in rows:
     cells = [r["pair"], r["method"]]
     for k in QUANTITIES:
-      cells += [_cell(r["measured"][k]), _cell(r["best_by_validation"][k]),
+      cells += [_cell(r["measured"][k], std=r.get("std", {}).get(k)),
+                _cell(r["best_by_validation"][k],
+                      std=r.get("best_by_validation_std", {}).get(k)),
                 _cell(r["published"][k]), _cell(r["difference"][k], signed=True)]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"

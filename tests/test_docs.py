@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]
 _FLAGS = {"distill": {"config", "workdir", "coordinator_address", "num_processes",
                       "process_id"},
-          "reproduce": {"workdir", "pairs", "methods", "tiny", "data_dir", "export"}}
+          "reproduce": {"workdir", "pairs", "methods", "tiny", "data_dir", "export", "seeds"}}
 
 
 def _commands():

@@ -5,6 +5,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import flags
 from ml_collections import config_flags
 import pytest
@@ -229,3 +230,35 @@ def test_an_unknown_method_or_pair_is_a_one_line_error(tmp_path, capsys):
   assert exit_.value.code == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith("kd-jax: error: unknown method 'hinton'") and "\n" not in err
+
+
+def test_seeds_give_mean_and_std_of_last_and_best(tmp_path, monkeypatch):
+  # Each run's figures are a function of its seed and method, so the table's mean and
+  # sample std over seeds can be written down by hand.
+  accuracy = {("vanilla", 0): 0.70, ("vanilla", 1): 0.72, ("vanilla", 2): 0.74,
+              ("kd", 0): 0.75, ("kd", 1): 0.76, ("kd", 2): 0.80}
+  seen = []
+
+  def fake_distill(config, run_dir):
+    method = os.path.basename(run_dir).split("@")[0]
+    seen.append((method, config.seed, config.teacher.checkpoint))
+    last = accuracy[method, config.seed]
+    return {"teacher_accuracy": 0.79, "distilled_accuracy": last,
+            "phases": {"teacher": {"best": {"test_accuracy": 0.80}},
+                       "distilled": {"best": {"test_accuracy": last + 0.01}}}}
+
+  monkeypatch.setattr(reproduce, "_distill", fake_distill)
+  monkeypatch.setattr(reproduce.experiment, "train_teacher", lambda config, workdir: None)
+  [row] = reproduce.run(["resnet56-resnet20"], ["kd"], str(tmp_path), tiny=True, seeds=3)
+  assert sorted((m, s) for m, s, _ in seen) == sorted(accuracy)
+  assert len({t for _, _, t in seen}) == 1  # one teacher for every seed
+  np.testing.assert_allclose(row["measured"]["method"], 77.0)
+  np.testing.assert_allclose(row["std"]["method"], np.std([75, 76, 80], ddof=1))
+  np.testing.assert_allclose(row["measured"]["student"], 72.0)
+  np.testing.assert_allclose(row["std"]["student"], 2.0)
+  np.testing.assert_allclose(row["best_by_validation"]["method"], 78.0)
+  assert row["std"]["teacher"] is None and row["measured"]["teacher"] == 79.0
+  table = open(tmp_path / "reproduce.md").read()
+  assert "mean ± std over 3 seeds" in table and "| 77.00 ± 2.65 | 78.00 ± 2.65 |" in table
+  with pytest.raises(ValueError, match="--seeds must be at least 1"):
+    reproduce.run(["resnet56-resnet20"], ["kd"], str(tmp_path), seeds=0)
