@@ -81,7 +81,7 @@ class Method:
     if self.is_module:
       return tuple(f.name for f in dataclasses.fields(self.fn)
                    if f.init and f.name not in ("parent", "name", "num_train",
-                                                "bn_axis_name"))
+                                                "bn_axis_name", "steps_per_epoch"))
     params = list(inspect.signature(self.fn).parameters.values())
     skip = (3 if self.needs_labels else 2) + (2 if self.inputs == EMBEDDING_LOGITS else 0)
     return tuple(p.name for p in params[skip:] if p.name not in self.from_teacher)
@@ -145,6 +145,9 @@ register("nkd", losses.nkd, LOGITS, needs_labels=True)
 register("wkd", wkd, LOGITS, needs_labels=True,
          from_teacher={"classifier_kernel": _teacher_classifier})
 register("mlkd", losses.mlkd, LOGITS)
+register("ctkd", losses.CTKD, LOGITS)
+register("fsp", losses.fsp, MULTI)
+register("activation_boundary", losses.activation_boundary, MULTI)
 
 # The keys of a `distill.terms` entry other than its method's hyper-parameters, with
 # their defaults (teacher_tap None: the student's tap; name None: the method's name,
@@ -325,6 +328,7 @@ class Term(nn.Module):
   num_train: int = 0
   bn_axis_name: str | None = None
   temperature: Callable[[jax.Array], jax.Array] | None = None  # scheduled, by step
+  steps_per_epoch: int = 1
   student_view: str = MAIN_VIEW
   teacher_view: str = MAIN_VIEW
 
@@ -348,9 +352,13 @@ class Term(nn.Module):
     if self.method.inputs == EMBEDDING_LOGITS:
       s, t = (s, s_logits), (t, t_logits)
     if self.method.is_module:
+      fields = {f.name for f in dataclasses.fields(self.method.fn)}
+      extra = {"steps_per_epoch": self.steps_per_epoch} if "steps_per_epoch" in fields else {}
       module = self.method.fn(num_train=self.num_train, bn_axis_name=self.bn_axis_name,
-                              **self.hyper, name="method")
-      return module(s, t, labels=labels, index=index, train=train)
+                              **extra, **self.hyper, name="method")
+      takes_step = "step" in inspect.signature(module.__call__).parameters
+      return module(s, t, labels=labels, index=index, train=train,
+                    **({"step": step} if takes_step else {}))
     args = (s[0], t[0], s[1], t[1]) if self.method.inputs == EMBEDDING_LOGITS else (s, t)
     if self.method.needs_labels:
       args = (*args, labels)
@@ -501,7 +509,8 @@ def build(distill_config: Mapping[str, Any], *, total_steps: int,
                       None if method.inputs == LOGITS else student_tap,
                       None if method.inputs == LOGITS else teacher_tap, hyper,
                       adapter=adapter, num_train=num_train, temperature=temperature,
-                      student_view=student_view, teacher_view=teacher_view))
+                      student_view=student_view, teacher_view=teacher_view,
+                      steps_per_epoch=max(1, steps_per_epoch)))
   ce_views = tuple(distill["ce_views"])
   if not ce_views:
     raise ValueError("distill.ce_views names no view; use ('image',) and set "

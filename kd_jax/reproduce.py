@@ -163,8 +163,8 @@ def run(pairs: Optional[Sequence[str]], methods: Optional[Sequence[str]], workdi
           workdir=os.path.join(workdir, pair, method), seeds=seeds, measured=measured,
           std=std, best_by_validation=best_mean, best_by_validation_std=best_std,
           published=published,
-          difference={k: None if measured[k] is None else measured[k] - published[k]
-                      for k in QUANTITIES}))
+          difference={k: None if measured[k] is None or published[k] is None
+                      else measured[k] - published[k] for k in QUANTITIES}))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "reproduce.json"), "w") as f:
       json.dump(dict(tiny=tiny, runs=rows), f, indent=2)

@@ -188,3 +188,65 @@ def test_finite_at_the_teacher_and_the_teacher_is_a_constant(loss):
   grad = np.asarray(jax.grad(lambda z: loss(z, T4))(T4))
   assert np.isfinite(value) and np.all(np.isfinite(grad))
   assert not np.any(np.asarray(jax.grad(lambda t: loss(S4, t))(T4)))  # teacher: constant
+
+
+# --- CTKD, FSP, AB: values of the authors' code (RepDistiller, zhengli97/CTKD) -------
+
+CTKD_S = np.array([[1.0, 2.0, 0.5, -1.0], [0.0, -0.5, 1.5, 2.0]])
+CTKD_T = np.array([[3.0, 1.0, 0.0, -2.0], [-1.0, 0.5, 2.5, 1.0]])
+
+
+def test_ctkd_temperature_and_reversed_gradient():
+  from kd_jax import losses as L
+  module = L.CTKD(steps_per_epoch=10)
+  variables = module.init(jax.random.key(0), CTKD_S, CTKD_T, step=0)
+  assert float(variables["params"]["temperature_logit"]) == 1.0
+  temperature = 1 + 20 / (1 + np.exp(-1.0))  # 15.6212
+  value = module.apply(variables, CTKD_S, CTKD_T, step=0)
+  np.testing.assert_allclose(value, temperature**2 * _kl(CTKD_S, CTKD_T, temperature),
+                             rtol=1e-10)
+  np.testing.assert_allclose(value, 0.6630490241, rtol=1e-9)
+  # Epoch 5 (steps 40..49): strength (1 - cos(pi/2)) / 2 = 0.5; the temperature's
+  # gradient of 0.9 · L is reversed: -0.5 · 0.9 · dL/dT · dT/dp.
+  grad = jax.grad(lambda v: 0.9 * module.apply(v, CTKD_S, CTKD_T, step=45))(variables)
+  np.testing.assert_allclose(grad["params"]["temperature_logit"], 2.8003705018e-03,
+                             rtol=1e-8)
+  # From epoch 10 on, full strength; the student's gradient is plain KD's at T.
+  grad = jax.grad(lambda v: 0.9 * module.apply(v, CTKD_S, CTKD_T, step=500))(variables)
+  np.testing.assert_allclose(grad["params"]["temperature_logit"], 5.6007410036e-03,
+                             rtol=1e-8)
+  student_grad = jax.grad(lambda z: module.apply(variables, z, CTKD_T, step=0))(CTKD_S)
+  np.testing.assert_allclose(student_grad, jax.grad(
+      lambda z: losses.kd(z, CTKD_T, temperature))(CTKD_S), rtol=1e-10)
+
+
+def test_fsp():
+  a = np.arange(64).reshape(2, 4, 4, 2)
+  b = np.arange(96).reshape(2, 4, 4, 3)
+  c = np.arange(24).reshape(2, 2, 2, 3)
+  s = [((a % 7) - 3) / 4, np.cos(0.3 * b), np.sin(0.9 * c)]
+  t = [((a % 5) - 2) / 3, np.sin(0.5 * b), np.cos(1.1 * c)]
+
+  def matrix(bottom, top):  # the larger map average-pooled 2×2 to the smaller
+    if bottom.shape[1] > top.shape[1]:
+      bottom = bottom.reshape(2, 2, 2, 2, 2, -1).mean(axis=(2, 4))
+    h, w = top.shape[1:3]
+    return np.einsum("bhwj,bhwi->bji", top, bottom) / (h * w)
+
+  expected = sum(np.mean((matrix(s[k], s[k + 1]) - matrix(t[k], t[k + 1])) ** 2)
+                 for k in range(2))
+  np.testing.assert_allclose(losses.fsp(s, t), expected, rtol=1e-10)
+  np.testing.assert_allclose(losses.fsp(s, t), 0.025315535896377816 + 0.11219425537966793,
+                             rtol=1e-9)
+
+
+def test_activation_boundary():
+  x = np.arange(24).reshape(2, 2, 2, 3)
+  s, t = ((x % 7) - 3) / 2, ((x * 5 % 11) - 5) / 4
+  penalty = lambda s, t: np.sum(np.where(t > 0, np.maximum(1 - s, 0) ** 2,
+                                         np.maximum(s + 1, 0) ** 2))
+  assert penalty(s, t) == 39.25
+  np.testing.assert_allclose(losses.activation_boundary([s], [t]), 39.25 / 2 / 1000 * 3)
+  got = losses.activation_boundary([s, 2 * s, s - 0.5], [t, t, -t])
+  np.testing.assert_allclose(got, (0.25 * 39.25 + 0.5 * 83.0 + 59.75) / 2 / 1000 * 3)
+  np.testing.assert_allclose(got, 0.16659375)

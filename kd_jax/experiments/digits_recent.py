@@ -14,6 +14,14 @@ Variants `METHOD` or `METHOD:tiny`, METHOD one of:
                  decay of γ after epoch 150
   mlkd           0.1·CE + 0.9·MLKD on the one view (T = 2..6): the authors' CIFAR-100
                  weights, without their second, strongly augmented view
+                 (experiments/digits_views.py:mlkd has both)
+  ctkd           0.1·CE + 0.9·KD at a learned temperature with a gradient-reversal
+                 curriculum over 10 epochs (the authors' CIFAR-100 recipe)
+  fsp, ab        CE + FSP (stem → stage_1 → stage_2 → stage_3, weight 1) or
+                 CE + AB (preact_stage_1..3, margin 1, weight 1), with a resnet20
+                 teacher (channels equal to resnet8's; no connectors). RepDistiller uses
+                 either loss alone in a 30-epoch stage before CE training, which is not
+                 done here: the loss is a term like any other
 
 Each method is a term of `distill.terms` (kd_jax/objective.py); the losses are in
 kd_jax/losses/_recent.py. Reuse one teacher for all (about 1 minute each on 2 CPU cores):
@@ -36,7 +44,13 @@ METHODS = {
     "nkd": (1.0, [dict(method="nkd", weight=1.0, temperature=3.0, gamma=3.5)]),
     "wkd": (1.0, [dict(method="wkd", weight=1.0, temperature=8.0, gamma=600.0, kappa=1.0)]),
     "mlkd": (0.1, [dict(method="mlkd", weight=0.9)]),
+    "ctkd": (0.1, [dict(method="ctkd", weight=0.9)]),
+    "fsp": (1.0, [dict(method="fsp", weight=1.0,
+                       student_tap=("stem", "stage_1", "stage_2", "stage_3"))]),
+    "ab": (1.0, [dict(method="activation_boundary", weight=1.0,
+                      student_tap=("preact_stage_1", "preact_stage_2", "preact_stage_3"))]),
 }
+_EQUAL_CHANNELS_TEACHER = {"fsp": "resnet20", "ab": "resnet20"}
 
 
 def get_config(variant: str = "dist") -> ml_collections.ConfigDict:
@@ -46,4 +60,6 @@ def get_config(variant: str = "dist") -> ml_collections.ConfigDict:
                      f"one of {', '.join(METHODS)}, optionally followed by :tiny")
   c = configs.experiment_config("digits", flavour)
   c.distill.ce_weight, c.distill.terms = METHODS[method]
+  if method in _EQUAL_CHANNELS_TEACHER and not flavour:
+    c.teacher.name = _EQUAL_CHANNELS_TEACHER[method]
   return c

@@ -29,8 +29,13 @@ from kd_jax.losses._logit import kd_per_example
 from kd_jax.losses._logit import lskd
 from kd_jax.losses._logit import lskd_per_example
 from kd_jax.losses._logit import standardize_logits
+from kd_jax.losses._recent import CTKD
+from kd_jax.losses._recent import activation_boundary
 from kd_jax.losses._recent import batch_standardize
 from kd_jax.losses._recent import dist
+from kd_jax.losses._recent import fsp
+from kd_jax.losses._recent import fsp_matrix
+from kd_jax.losses._recent import gradient_reversal
 from kd_jax.losses._recent import mlkd
 from kd_jax.losses._recent import nkd
 from kd_jax.losses._recent import skd_direction
@@ -45,9 +50,11 @@ from kd_jax.losses._relation import rkd
 
 __all__ = [
     "CRD",
+    "CTKD",
     "ClassPrior",
     "ReviewKD",
     "VID",
+    "activation_boundary",
     "adaptive_average_pool",
     "attention_transfer",
     "batch_standardize",
@@ -59,6 +66,9 @@ __all__ = [
     "dkd",
     "dkd_per_example",
     "fitnet",
+    "fsp",
+    "fsp_matrix",
+    "gradient_reversal",
     "hierarchical_context_loss",
     "kd",
     "kd_per_example",

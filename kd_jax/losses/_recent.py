@@ -1,4 +1,5 @@
-"""Logit and feature losses of 2022–2026: DIST, SRD, SKD, NKD, WKD-L and MLKD.
+"""Losses of 2022–2026 (DIST, SRD, SKD, NKD, WKD-L, MLKD, CTKD) and the rest of the CRD
+canon (FSP, AB).
 
 Each is reduced as its authors' public code reduces it (or, where the method's
 signature follows torchdistill's re-implementation, as that does), so published
@@ -6,8 +7,9 @@ weights and temperatures carry over; every docstring says where the two differ. 
 the rest of `kd_jax.losses`, the teacher is a constant and features are NHWC or
 `[B, D]`.
 """
-from typing import Sequence
+from typing import Optional, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -297,5 +299,127 @@ def mlkd(student_logits: jax.typing.ArrayLike, teacher_logits: jax.typing.ArrayL
   return total
 
 
-__all__ = ["batch_standardize", "dist", "mlkd", "nkd", "skd_direction", "skd_instance",
-           "srd", "srd_standardized", "wkd_cost_matrix", "wkd_logit"]
+
+
+@jax.custom_vjp
+def gradient_reversal(x: jax.Array, strength: jax.Array) -> jax.Array:
+  """The identity forward; the backward pass multiplies the gradient by `-strength`."""
+  return x
+
+
+def _reversal_fwd(x, strength):
+  return x, strength
+
+
+def _reversal_bwd(strength, g):
+  return -strength * g, jnp.zeros_like(strength)
+
+
+gradient_reversal.defvjp(_reversal_fwd, _reversal_bwd)
+
+
+class CTKD(nn.Module):
+  """Curriculum temperature KD: Hinton KD at a learned, adversarially trained T.
+
+  One scalar parameter `p` (initialised to 1) gives `T = t_start + t_range ·
+  sigmoid(p)` (T in (1, 21) by default, 15.62 at the start); `p` trains with the
+  student's optimizer through a gradient-reversal layer, so it *raises* the KD loss,
+  with a strength that grows along a cosine from 0 to `max_reversal` over the first
+  `loops` epochs (epochs counted from 1, constant within an epoch):
+
+    lambda(e) = max_reversal · (1 - cos(min(e, loops) · pi / loops)) / 2,
+    L = T^2 / B sum_b KL(softmax(z_t / T) || softmax(z_s / T)).
+
+  The student's gradient is the ordinary KD gradient at T. The authors' CIFAR-100
+  recipe: 0.1·CE + 0.9·CTKD, loops 10.
+
+  Attributes:
+    num_train, bn_axis_name: unused (module-method protocol).
+    steps_per_epoch: set by the objective, to count epochs from the step.
+    t_start, t_range, max_reversal, loops: as above.
+
+  References:
+    Li, Li, Yang, Song, Zhang, Li and Yang, Curriculum Temperature for Knowledge
+    Distillation, AAAI 2023 (code: zhengli97/CTKD, global temperature).
+  """
+  num_train: int = 0
+  bn_axis_name: Optional[str] = None
+  steps_per_epoch: int = 1
+  t_start: float = 1.0
+  t_range: float = 20.0
+  max_reversal: float = 1.0
+  loops: float = 10.0
+
+  @nn.compact
+  def __call__(self, student_logits, teacher_logits, *, labels=None, index=None,
+               train: bool = True, step=None):
+    p = self.param("temperature_logit", nn.initializers.ones, ())
+    epoch = (jnp.asarray(0 if step is None else step) // max(1, self.steps_per_epoch)) + 1
+    progress = jnp.minimum(epoch, self.loops) / self.loops
+    strength = self.max_reversal * (1.0 - jnp.cos(jnp.pi * progress)) / 2.0
+    temperature = self.t_start + self.t_range * jax.nn.sigmoid(
+        gradient_reversal(p, strength.astype(p.dtype)))
+    return _logit.kd(student_logits, teacher_logits, temperature)
+
+
+def fsp_matrix(bottom: jax.Array, top: jax.Array) -> jax.Array:
+  """`[B, C_top, C_bottom]`: `1/(HW) sum_hw top[b, h, w, j] bottom[b, h, w, i]`, the
+  larger NHWC map first average-pooled to the smaller one's size."""
+  bottom, top = _common.match_spatial(_common.as_float(bottom), _common.as_float(top))
+  height, width = top.shape[1:3]
+  return jnp.einsum("bhwj,bhwi->bji", top, bottom) / (height * width)
+
+
+def fsp(student_features: Sequence[jax.typing.ArrayLike],
+        teacher_features: Sequence[jax.typing.ArrayLike]) -> jax.Array:
+  """FSP: the flow between consecutive feature maps, matched.
+
+  For consecutive pairs (f_k, f_k+1) of each network's maps, the FSP matrices
+  (`fsp_matrix`) are compared by their mean squared difference; the pairs' losses are
+  summed (RepDistiller's `FSP` with weight 1 per pair). RepDistiller uses this loss
+  alone in a 30-epoch stage before training with CE; here it is a term like any
+  other. Student and teacher maps must have equal channels.
+
+  References:
+    Yim, Joo, Bae and Kim, A Gift from Knowledge Distillation: Fast Optimization,
+    Network Minimization and Transfer Learning, CVPR 2017.
+  """
+  student = [_common.as_float(f) for f in student_features]
+  teacher = [jax.lax.stop_gradient(_common.as_float(f)) for f in teacher_features]
+  if len(student) != len(teacher) or len(student) < 2:
+    raise ValueError(f"fsp needs the same number (>= 2) of student and teacher maps, got "
+                     f"{len(student)} and {len(teacher)}")
+  total = jnp.zeros((), student[0].dtype)
+  for k in range(len(student) - 1):
+    g_s, g_t = fsp_matrix(student[k], student[k + 1]), fsp_matrix(teacher[k], teacher[k + 1])
+    if g_s.shape != g_t.shape:
+      raise ValueError(f"fsp pair {k}: student matrix {g_s.shape[1:]} but teacher "
+                       f"{g_t.shape[1:]}; pick taps of equal channels")
+    total = total + jnp.mean(jnp.square(g_s - g_t))
+  return total
+
+
+def activation_boundary(student_features: Sequence[jax.typing.ArrayLike],
+                        teacher_features: Sequence[jax.typing.ArrayLike],
+                        margin: float = 1.0) -> jax.Array:
+  """AB: the student's pre-activations on the teacher's side of each ReLU boundary.
+
+  Per element, `relu(m - s)^2` where the teacher's pre-activation t > 0 and
+  `relu(s + m)^2` where t <= 0; layer k of L is weighted `2^(k - L + 1)` (the deepest
+  1), and each layer's sum over all elements is divided by the batch size and scaled
+  by 3/1000, as RepDistiller's `ABLoss`. Pass pre-activation maps (`preact_stage_k`
+  taps) of equal shapes. RepDistiller uses it alone in a 30-epoch stage before
+  training with CE; here it is a term like any other.
+
+  References:
+    Heo, Lee, Yun and Choi, Knowledge Transfer via Distillation of Activation
+    Boundaries Formed by Hidden Neurons, AAAI 2019.
+  """
+  student = [_common.as_float(f) for f in student_features]
+  teacher = [jax.lax.stop_gradient(_common.as_float(f)) for f in teacher_features]
+  layers = len(student)
+  total = jnp.zeros((), student[0].dtype)
+  for k, (s, t) in enumerate(zip(student, teacher)):
+    penalty = jnp.where(t > 0, jax.nn.relu(margin - s) ** 2, jax.nn.relu(s + margin) ** 2)
+    total = total + 2.0 ** (k - layers + 1) * jnp.sum(penalty) / s.shape[0] / 1000 * 3
+  return total
