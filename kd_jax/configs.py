@@ -50,6 +50,16 @@ def experiment_config(name: str, variant: str = "") -> ml_collections.ConfigDict
   return load_config_file(path, variant)
 
 
+def choice_variant(variant: str, choices: Any, file: str) -> tuple[str, str]:
+  """'NAME' or 'NAME:tiny' -> (NAME, '' or 'tiny') for a config file whose variants
+  are `choices` (the first when `variant` is empty); one-line error naming them."""
+  name, _, flavour = (variant or next(iter(choices))).partition(":")
+  if name not in choices or flavour not in ("", "tiny"):
+    raise ValueError(f"unknown variant {variant!r} of {file}; use one of "
+                     f"{', '.join(choices)}, optionally followed by :tiny")
+  return name, flavour
+
+
 def load_config_file(path: str, variant: str = "") -> ml_collections.ConfigDict:
   """`get_config(variant)` of the config file at `path`."""
   import importlib.util

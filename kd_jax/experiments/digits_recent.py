@@ -53,11 +53,8 @@ METHODS = {
 _EQUAL_CHANNELS_TEACHER = {"fsp": "resnet20", "ab": "resnet20"}
 
 
-def get_config(variant: str = "dist") -> ml_collections.ConfigDict:
-  method, _, flavour = (variant or "dist").partition(":")
-  if method not in METHODS or flavour not in ("", "tiny"):
-    raise ValueError(f"unknown variant {variant!r} of experiments/digits_recent.py; use "
-                     f"one of {', '.join(METHODS)}, optionally followed by :tiny")
+def get_config(variant: str = "kd") -> ml_collections.ConfigDict:
+  method, flavour = configs.choice_variant(variant, METHODS, "experiments/digits_recent.py")
   c = configs.experiment_config("digits", flavour)
   c.distill.ce_weight, c.distill.terms = METHODS[method]
   if method in _EQUAL_CHANNELS_TEACHER and not flavour:

@@ -31,10 +31,7 @@ VARIANTS = ("clean_teacher", "mlkd", "function_matching")
 
 
 def get_config(variant: str = "clean_teacher") -> ml_collections.ConfigDict:
-  name, _, flavour = (variant or "clean_teacher").partition(":")
-  if name not in VARIANTS or flavour not in ("", "tiny"):
-    raise ValueError(f"unknown variant {variant!r} of experiments/digits_views.py; use "
-                     f"one of {', '.join(VARIANTS)}, optionally followed by :tiny")
+  name, flavour = configs.choice_variant(variant, VARIANTS, "experiments/digits_views.py")
   c = configs.experiment_config("digits", flavour)
   if name == "clean_teacher":
     c.data.edge_augment = _CORRUPT
