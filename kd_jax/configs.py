@@ -210,11 +210,10 @@ def _overlay(out: ml_collections.ConfigDict, given: Any, prefix: str,
       if not isinstance(value, (dict, ml_collections.ConfigDict)):
         raise ValueError(f"config key {dotted} is a block of keys "
                          f"({', '.join(schema[key].keys())}), got {value!r}")
+      if key not in out:  # a block an override block leaves out
+        out[key] = ml_collections.ConfigDict()
       if key in _OVERRIDABLE and prefix:  # keys of the top-level block, not filled
-        sub_schema = default_config()[key]
-        if key not in out:
-          out[key] = ml_collections.ConfigDict()
-        _overlay(out[key], value, dotted + ".", sub_schema, fill=False)
+        _overlay(out[key], value, dotted + ".", default_config()[key], fill=False)
       else:
         _overlay(out[key], value, dotted + ".", schema[key], fill)
     else:
@@ -339,6 +338,10 @@ def save_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
+    try:  # a run saved before keys were added: compare it completed with the defaults
+      old = json.loads(complete(ml_collections.ConfigDict(old)).to_json(sort_keys=True))
+    except (ValueError, TypeError, KeyError, AttributeError):
+      pass
     new = json.loads(text)
     if old != new:
       diff = sorted(_diff_keys(old, new))

@@ -28,6 +28,7 @@ Quantisation variants (``to_tflite(quantization=...)``):
 TensorFlow is imported on first use only, with its logging quietened and its GPUs
 hidden (so a GPU build of TF never grabs accelerator memory that JAX is using).
 """
+import copy
 import functools
 import json
 import os
@@ -53,7 +54,7 @@ DEFAULTS = dict(variants=("fp32", "int8"), num_calibration_images=256, latency_r
 
 def default_config() -> ml_collections.ConfigDict:
   """The `export` block of an experiment config, at its defaults."""
-  return ml_collections.ConfigDict(DEFAULTS)
+  return ml_collections.ConfigDict(copy.deepcopy(DEFAULTS))
 
 
 def check_config(export_config: Mapping[str, Any]) -> None:

@@ -26,6 +26,7 @@ and the CE and every logit term with a per-example form (kd, lskd, dkd) become
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import functools
 import inspect
@@ -188,7 +189,7 @@ def view_of(value: Any, name: str) -> Any:
 
 def default_config() -> ml_collections.ConfigDict:
   """The `distill` block of an experiment config, at its defaults (cross-entropy alone)."""
-  config = ml_collections.ConfigDict(DEFAULTS)
+  config = ml_collections.ConfigDict(copy.deepcopy(DEFAULTS))
   config.teacher_view = ml_collections.config_dict.placeholder(str)
   return config
 
@@ -424,7 +425,9 @@ class Objective:
           losses.cross_entropy_per_example(view_of(s_logits, view), labels,
                                            label_smoothing=self.label_smoothing)
           for view in self.ce_views])
-      weights, self_paced_parts = self.self_paced(step, ce_each)
+      # The weights follow the mean CE over the views (the thresholds are in nats of
+      # one CE); the loss keeps their sum.
+      weights, self_paced_parts = self.self_paced(step, ce_each / len(self.ce_views))
       ce = jnp.mean(weights * ce_each)
     total = self.ce_weight * ce
     parts = {"ce": ce, **self_paced_parts}

@@ -12,6 +12,7 @@ this module knows nothing of them.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import time
@@ -58,7 +59,7 @@ class PhaseResult:
 
 def default_validation_config() -> ml_collections.ConfigDict:
   """The `validation` block of an experiment config, at its defaults."""
-  return ml_collections.ConfigDict(VALIDATION_DEFAULTS)
+  return ml_collections.ConfigDict(copy.deepcopy(VALIDATION_DEFAULTS))
 
 
 def validation_settings(spec: Mapping[str, Any] | None) -> dict[str, Any]:

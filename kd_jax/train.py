@@ -9,6 +9,7 @@ step with an objective of plain cross-entropy.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 from typing import Any, Callable, Mapping
@@ -62,7 +63,7 @@ LR_SCHEDULES = ("step", "cosine", "constant")
 
 def default_recipe() -> ml_collections.ConfigDict:
   """The `train` block of an experiment config, with every key at its default."""
-  return ml_collections.ConfigDict(RECIPE_DEFAULTS)
+  return ml_collections.ConfigDict(copy.deepcopy(RECIPE_DEFAULTS))
 
 
 def recipe(train_config: Mapping[str, Any]) -> dict[str, Any]:

@@ -193,3 +193,28 @@ def test_a_phase_train_block_may_set_any_recipe_key():
   c = _load("digits_heads", "tiny")
   c.heads.train.batch_size = 16  # not among heads.train's defaults, but a recipe key
   assert configs.validate(c).heads.train.batch_size == 16
+
+
+def test_a_run_saved_before_new_keys_existed_still_resumes(tmp_path):
+  import json
+  c = configs.validate(_load("digits", "tiny"))
+  configs.save_run_config(c, str(tmp_path))
+  with open(tmp_path / "config.json") as f:
+    old = json.load(f)
+  del old["distill"]["ce_views"], old["heads"]  # as written before those keys existed
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump(old, f)
+  configs.save_run_config(c, str(tmp_path))  # the same run: accepted
+  c2 = _load("digits", "tiny")
+  c2.train.epochs = 4
+  with pytest.raises(ValueError, match="differs at train.epochs"):
+    configs.save_run_config(configs.validate(c2), str(tmp_path))
+
+
+def test_override_blocks_take_sub_blocks_and_defaults_are_not_shared():
+  c = _load("digits_domain", "tiny")
+  c.domain.distill.self_paced = ml_collections.ConfigDict(dict(kind="hard"))
+  assert configs.validate(c).domain.distill.self_paced.kind == "hard"
+  a, b = configs.default_config(), configs.default_config()
+  a.distill.terms.append(dict(method="kd"))
+  assert list(b.distill.terms) == [] and list(configs.default_config().distill.terms) == []

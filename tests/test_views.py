@@ -80,3 +80,19 @@ def test_view_configs_run_end_to_end(variant, tmp_path):
   c.train_vanilla = False
   summary = experiment.distill(c, str(tmp_path))
   assert 0.1 < summary["distilled_accuracy"] <= 1.0
+
+
+def test_self_paced_weights_follow_the_mean_ce_over_views():
+  spec = dict(ce_views=("image", "strong"), self_paced=dict(kind="hard", start_threshold=1.0,
+                                                            final_threshold=1.0))
+  obj = objective.build(spec, total_steps=10, steps_per_epoch=10)
+  labels = jnp.array([0, 0])
+  # Per view CE: example 0 ≈ 0.9 nats on both views (mean < 1: admitted), example 1
+  # ≈ 0.3 and 1.5 (sum 1.8 > 1 but mean 0.9 < 1: admitted too).
+  logits = {"image": jnp.log(jnp.array([[0.41, 0.59], [0.74, 0.26]])),
+            "strong": jnp.log(jnp.array([[0.41, 0.59], [0.22, 0.78]]))}
+  views = objective.Views(logits)
+  total, parts, _ = obj(0, {}, views, objective.Views(), None, None, labels)
+  each = -jnp.log(jnp.array([0.41, 0.74])) - jnp.log(jnp.array([0.41, 0.22]))
+  np.testing.assert_allclose(parts["self_paced/mean_weight"], 1.0)
+  np.testing.assert_allclose(total, jnp.mean(each), rtol=1e-6)

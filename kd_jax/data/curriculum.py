@@ -33,6 +33,7 @@ Training logs `curriculum_fraction` (the pool's share of the split) and
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 import dataclasses
 from typing import Any, Optional
@@ -53,7 +54,7 @@ DEFAULTS = dict(pacing="none", scoring="teacher_loss", start_fraction=0.3,
 
 def default_config() -> ml_collections.ConfigDict:
   """The `curriculum` block of an experiment config, at its defaults."""
-  return ml_collections.ConfigDict(DEFAULTS)
+  return ml_collections.ConfigDict(copy.deepcopy(DEFAULTS))
 
 
 def pacing_fraction(kind: str, step, *, start_fraction: float, full_step: int,

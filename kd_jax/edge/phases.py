@@ -17,6 +17,7 @@ Every exported model is measured in the LiteRT interpreter and added to
 """
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any, Mapping
 
@@ -57,7 +58,7 @@ DEFAULTS = dict(
 
 def default_config() -> ml_collections.ConfigDict:
   """The `edge` block of an experiment config, at its defaults."""
-  return ml_collections.ConfigDict(DEFAULTS)
+  return ml_collections.ConfigDict(copy.deepcopy(DEFAULTS))
 
 
 def check_config(edge: Mapping[str, Any]) -> None:

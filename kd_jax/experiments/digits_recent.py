@@ -29,6 +29,8 @@ kd_jax/losses/_recent.py. Reuse one teacher for all (about 1 minute each on 2 CP
   kd-jax distill --config=experiments/digits_recent.py:dist --workdir=runs/digits_dist \\
       --config.teacher.checkpoint=runs/digits_teacher --config.train_vanilla=False
 """
+import copy
+
 import ml_collections
 
 from kd_jax import configs
@@ -56,7 +58,7 @@ _EQUAL_CHANNELS_TEACHER = {"fsp": "resnet20", "ab": "resnet20"}
 def get_config(variant: str = "kd") -> ml_collections.ConfigDict:
   method, flavour = configs.choice_variant(variant, METHODS, "experiments/digits_recent.py")
   c = configs.experiment_config("digits", flavour)
-  c.distill.ce_weight, c.distill.terms = METHODS[method]
+  c.distill.ce_weight, c.distill.terms = copy.deepcopy(METHODS[method])
   if method in _EQUAL_CHANNELS_TEACHER and not flavour:
     c.teacher.name = _EQUAL_CHANNELS_TEACHER[method]
   return c

@@ -25,6 +25,7 @@ Reference: Li and Hoiem, "Learning without Forgetting", ECCV 2016 / TPAMI 2017.
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, Sequence
 
 import jax
@@ -119,7 +120,7 @@ DEFAULTS = dict(old_classes=(0, 1, 2, 3, 4), new_classes=(5, 6, 7, 8, 9), new_pe
 
 def default_config() -> ml_collections.ConfigDict:
   """The `continual` block of an experiment config, at its defaults."""
-  return ml_collections.ConfigDict(DEFAULTS)
+  return ml_collections.ConfigDict(copy.deepcopy(DEFAULTS))
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:

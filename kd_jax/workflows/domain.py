@@ -20,6 +20,7 @@ Breslin, "Knowledge Adaptation: Teaching to Adapt", arXiv:1702.02052 (2017).
 """
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import ml_collections
@@ -48,7 +49,7 @@ DEFAULTS = dict(
 
 def default_config() -> ml_collections.ConfigDict:
   """The `domain` block of an experiment config, at its defaults."""
-  return ml_collections.ConfigDict(DEFAULTS)
+  return ml_collections.ConfigDict(copy.deepcopy(DEFAULTS))
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:

@@ -25,6 +25,7 @@ The workflow (`run`, `workflow='heads'`), every phase resumable:
 """
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any, Mapping, NamedTuple, Sequence
 
@@ -261,7 +262,7 @@ DEFAULTS = dict(tap="stage_3", hidden=0, joint=("parity",), added=("large",),
 
 def default_config() -> ml_collections.ConfigDict:
   """The `heads` block of an experiment config, at its defaults."""
-  return ml_collections.ConfigDict(DEFAULTS)
+  return ml_collections.ConfigDict(copy.deepcopy(DEFAULTS))
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
