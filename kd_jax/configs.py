@@ -217,6 +217,9 @@ def _overlay(out: ml_collections.ConfigDict, given: Any, prefix: str,
       else:
         _overlay(out[key], value, dotted + ".", schema[key], fill)
     else:
+      if value is None and schema[key] is not None:
+        raise ValueError(f"config key {dotted} must be {getattr(kind, '__name__', kind)}, "
+                         "got None")
       if not _type_ok(value, kind):
         raise ValueError(f"config key {dotted} must be {getattr(kind, '__name__', kind)}, "
                          f"got {value!r}")
@@ -338,11 +341,9 @@ def save_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
-    try:  # a run saved before keys were added: compare it completed with the defaults
-      old = json.loads(complete(ml_collections.ConfigDict(old)).to_json(sort_keys=True))
-    except (ValueError, TypeError, KeyError, AttributeError):
-      pass
-    new = json.loads(text)
+    # Compared completed with the defaults, so that a run saved before keys were added
+    # (or a partial config, as a shared teacher's) is still the same run.
+    old, new = _comparable(old), _comparable(json.loads(text))
     if old != new:
       diff = sorted(_diff_keys(old, new))
       raise ValueError(f"--workdir={workdir} holds a run with a different config "
@@ -351,6 +352,14 @@ def save_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   if jax.process_index() == 0:
     with open(path, "w") as f:
       f.write(text)
+
+
+def _comparable(saved: dict[str, Any]) -> dict[str, Any]:
+  """A saved config laid over the defaults, as JSON values; as saved if it cannot be."""
+  try:
+    return json.loads(complete(ml_collections.ConfigDict(saved)).to_json(sort_keys=True))
+  except (ValueError, TypeError, KeyError, AttributeError):
+    return saved
 
 
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> set[str]:

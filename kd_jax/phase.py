@@ -205,7 +205,8 @@ def train_phase(config: ml_collections.ConfigDict, *, phase: str, model, train_c
   if start < total_steps:
     step_fn = train_lib.make_train_step(
         model, teacher, objective, optimizer, mesh,
-        teacher_bf16=config.teacher.bf16_forward)
+        teacher_bf16=config.teacher.bf16_forward,
+        split_gradients=recipe["optimizer"] == "dot")
     cached_logits = None
     if objective.needs_teacher and objective.cache_teacher_logits:
       cached_logits = teacher_cache.load_or_compute(

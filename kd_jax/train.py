@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -53,11 +53,14 @@ RECIPE_DEFAULTS = dict(
     optimizer="sgd", learning_rate=0.05, momentum=0.9, nesterov=False, weight_decay=5e-4,
     schedule="cosine", decay_epochs=(), decay_factor=0.1, warmup_epochs=0.0,
     batch_size=64, epochs=30.0, checkpoint_every_steps=100, accumulation_steps=1,
+    # optimizer="dot": the task (CE) gradient's momentum is momentum - dot_delta, the
+    # distillation gradient's momentum + dot_delta (`dot`).
+    dot_delta=0.075,
     # Rollback on non-finite steps (kd_jax/phase.py): after `max_nonfinite_steps`
     # skipped steps in a row, restart from the last good checkpoint with the learning
     # rate times `rollback_lr_factor`, at most `max_rollbacks` times.
     max_nonfinite_steps=5, rollback_lr_factor=0.5, max_rollbacks=3)
-OPTIMIZERS = ("sgd", "adamw")
+OPTIMIZERS = ("sgd", "adamw", "dot")
 LR_SCHEDULES = ("step", "cosine", "constant")
 
 
@@ -77,6 +80,12 @@ def check_recipe(train_config: Mapping[str, Any], where: str = "train") -> None:
   if r["optimizer"] not in OPTIMIZERS:
     raise ValueError(f"{where}.optimizer={r['optimizer']!r} is unknown; use one of "
                      f"{', '.join(OPTIMIZERS)}")
+  if r["optimizer"] == "dot" and r["accumulation_steps"] > 1:
+    raise ValueError(f"{where}.optimizer='dot' keeps two gradients per step and cannot "
+                     f"accumulate them; set {where}.accumulation_steps=1")
+  if r["optimizer"] == "dot" and not 0 <= r["dot_delta"] < min(r["momentum"], 1 - r["momentum"]):
+    raise ValueError(f"{where}.dot_delta must be in [0, min(momentum, 1 - momentum)), got "
+                     f"{r['dot_delta']}")
   if r["schedule"] not in LR_SCHEDULES:
     raise ValueError(f"{where}.schedule={r['schedule']!r} is unknown; use one of "
                      f"{', '.join(LR_SCHEDULES)}")
@@ -136,10 +145,55 @@ def make_optimizer(train_config: Mapping[str, Any],
         optax.sgd(schedule, momentum=r["momentum"] or None, nesterov=bool(r["nesterov"])))
   elif name == "adamw":
     opt = optax.adamw(schedule, weight_decay=wd)
+  elif name == "dot":
+    opt = optax.chain(dot(r["momentum"], r["dot_delta"], wd),
+                      optax.scale_by_learning_rate(schedule))
   else:
     raise ValueError(f"train.optimizer={name!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
   k = int(r["accumulation_steps"])
   return optax.MultiSteps(opt, every_k_schedule=k) if k > 1 else opt
+
+
+class DotState(NamedTuple):
+  task_momentum: Any
+  distill_momentum: Any
+
+
+def dot(momentum: float = 0.9, delta: float = 0.075,
+        weight_decay: float = 0.0) -> optax.GradientTransformation:
+  """DOT's two momenta: the task and the distillation gradients kept apart.
+
+  `update` takes `{'task': g_ce, 'distill': g_kd}` (each shaped like the parameters,
+  as `make_train_step(..., split_gradients=True)` gives them) and returns the
+  direction `b_ce + b_kd` for a learning-rate scale, where
+
+    b_ce <- (momentum - delta) b_ce + g_ce + weight_decay · w,
+    b_kd <- (momentum + delta) b_kd + g_kd,
+
+  both buffers starting at zero (so the first step's are the gradients), as the
+  authors' optimizer; with delta = 0 it is SGD with momentum and coupled weight decay.
+  A parameter only the distillation terms reach (an adapter) keeps the task buffer
+  at its weight decay alone, where the authors' per-tensor rule gives it plain momentum.
+
+  References:
+    Zhao, Song, Qiu et al., DOT: A Distillation-Oriented Trainer, ICCV 2023 (code:
+    megvii-research/mdistiller, `engine/dot.py`).
+  """
+
+  def init(params):
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    return DotState(zeros, jax.tree.map(jnp.zeros_like, params))
+
+  def update(grads, state, params=None):
+    task = grads["task"]
+    if weight_decay:
+      task = jax.tree.map(lambda g, w: g + weight_decay * w, task, params)
+    b_ce = jax.tree.map(lambda b, g: (momentum - delta) * b + g, state.task_momentum, task)
+    b_kd = jax.tree.map(lambda b, g: (momentum + delta) * b + g, state.distill_momentum,
+                        grads["distill"])
+    return jax.tree.map(jnp.add, b_ce, b_kd), DotState(b_ce, b_kd)
+
+  return optax.GradientTransformation(init, update)
 
 
 def init_state(model: nn.Module, optimizer: optax.GradientTransformation,
@@ -175,6 +229,7 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None,
                     objective: objective_lib.Objective,
                     optimizer: optax.GradientTransformation,
                     mesh: Mesh, *, teacher_bf16: bool = False,
+                    split_gradients: bool = False,
                     ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
   """Builds the jitted, data-parallel `train_step(state, teacher_variables, batch, rng)`.
 
@@ -187,6 +242,10 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None,
   and taps reach the objective as float32). A batch that carries `teacher_logits`
   (see `kd_jax.teacher_cache`) skips the teacher: those logits are used instead, and
   the objective may then use logits only.
+
+  With `split_gradients` (the `dot` optimizer) the optimizer receives
+  `{'task': g, 'distill': g}`: the gradients of `ce_weight · CE` and of the terms, from
+  two backward passes through one forward.
   """
   student_train = student.clone(bn_axis_name=parallel.DATA_AXIS)
   axis = parallel.DATA_AXIS
@@ -256,14 +315,28 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None,
       main_logits = (s_logits[objective_lib.MAIN_VIEW] if multi_view else s_logits)
       return loss, (parts, main_logits, new_bs, term_state)
 
-    (loss, (parts, logits, new_bs, term_state)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
-    grads = lax.pmean(grads, axis)
+    if split_gradients:
+      def split(params):
+        loss, aux = loss_fn(params)
+        task = objective.ce_weight * aux[0]["ce"]
+        return (task, loss - task), (loss, aux)
+
+      _, backward, (loss, (parts, logits, new_bs, term_state)) = jax.vjp(
+          split, state.params, has_aux=True)
+      one, zero = jnp.ones((), loss.dtype), jnp.zeros((), loss.dtype)
+      pair = lax.pmean({"task": backward((one, zero))[0],
+                        "distill": backward((zero, one))[0]}, axis)
+      grads = jax.tree.map(jnp.add, pair["task"], pair["distill"])
+    else:
+      (loss, (parts, logits, new_bs, term_state)), grads = jax.value_and_grad(
+          loss_fn, has_aux=True)(state.params)
+      grads = lax.pmean(grads, axis)
     grad_norm = optax.global_norm(grads)
     # A non-finite loss or gradient (on any device) skips the whole update.
     finite = lax.pmin((jnp.isfinite(loss) & jnp.isfinite(grad_norm)).astype(jnp.int32),
                       axis) == 1
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    updates, opt_state = optimizer.update(pair if split_gradients else grads,
+                                          state.opt_state, state.params)
     updates = jax.tree.map(lambda u: u * state.lr_scale.astype(u.dtype), updates)
     params = optax.apply_updates(state.params, updates)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)

@@ -69,7 +69,8 @@ def test_every_variant_is_valid_and_its_terms_fit_both_models(pair):
     assert config.train.learning_rate == (
         0.01 if spec.student in ("MobileNetV2", "ShuffleV1", "ShuffleV2") else 0.05)
     terms = config.distill.to_dict()["terms"]
-    assert {t["method"] for t in terms} == (set() if method == "vanilla" else {method})
+    method_of_terms = {"vanilla": set(), "dot": {"kd"}}.get(method, {method})  # dot: KD
+    assert {t["method"] for t in terms} == method_of_terms
     _check_terms(config, (32, 32, 3), 100)
     tiny = cifar100_crd.get_config(f"{pair}:{method}:tiny")
     configs.validate(tiny)
@@ -95,15 +96,17 @@ def test_the_recipes_match_the_papers():
                      "correlation_congruence": [0.02], "vid": [1.0] * 4, "rkd": [1.0],
                      "pkt": [30000.0], "nst": [50.0] * 4, "crd": [0.8], "dkd": [1.0],
                      # the authors' CIFAR-100 weights of the later methods
-                     "dist": [2.0], "ctkd": [0.9], "wkd": [1.0], "mlkd": [0.9]}
+                     "dist": [2.0], "ctkd": [0.9], "wkd": [1.0], "mlkd": [0.9],
+                     "dot": [0.9]}
   for pair in cifar100_crd.PAIRS:
     ce = {m: cifar100_crd.get_config(f"{pair}:{m}").distill.ce_weight
           for m in cifar100_crd.METHODS}
-    assert ce == {m: 0.1 if m in ("kd", "ctkd", "mlkd") else 1.0
+    assert ce == {m: 0.1 if m in ("kd", "ctkd", "mlkd", "dot") else 1.0
                   for m in cifar100_crd.METHODS}
   assert _terms("resnet32x4-resnet8x4:wkd")[0]["gamma"] == 600.0
   assert cifar100_crd.get_config("resnet32x4-resnet8x4:dist").published.method == 76.31
   assert cifar100_crd.get_config("resnet32x4-resnet8x4:ctkd").published.method is None
+  assert cifar100_crd.get_config("resnet32x4-resnet8x4:dot").train.optimizer == "dot"
   [fitnet] = _terms("resnet56-resnet20:fitnet")
   assert (fitnet["student_tap"], fitnet["teacher_tap"], fitnet["adapter"]) == (
       "stage_2", "stage_2", "conv1x1")
@@ -143,7 +146,8 @@ def test_published_numbers_are_recorded_for_every_variant():
                        "attention_transfer": 73.44, "similarity_preserving": 72.94,
                        "correlation_congruence": 72.97, "vid": 73.09, "rkd": 71.90,
                        "pkt": 73.64, "nst": 73.30, "crd": 75.51, "dkd": 76.32,
-                       "dist": 76.31, "ctkd": None, "wkd": 76.53, "mlkd": 77.08}
+                       "dist": 76.31, "ctkd": None, "wkd": 76.53, "mlkd": 77.08,
+                       "dot": 75.12}
   p = cifar100_crd.get_config("vgg13-MobileNetV2:attention_transfer").published
   assert (p.teacher, p.student, p.method) == (74.64, 64.60, 59.40)
   assert {m: imagenet_kd.get_config(m).published.method for m in ("kd", "dkd")} == {

@@ -197,3 +197,59 @@ def test_temperature_schedule_feeds_the_loss():
   with pytest.raises(ValueError, match="needs final_temperature"):
     objective_lib.build({"terms": [dict(method="kd", temperature_schedule="linear")]},
                         total_steps=1, steps_per_epoch=1)
+
+
+def test_dot_two_momenta_match_the_authors_optimizer():
+  # Two steps of the authors' DOT (mdistiller engine/dot.py, torch, float64) on a toy
+  # parameter: w = [1, -2], lr 0.1, momentum 0.9, delta 0.075, weight decay 5e-4.
+  opt = optax.chain(train.dot(0.9, 0.075, 5e-4), optax.scale_by_learning_rate(0.1))
+  w = jnp.array([1.0, -2.0])
+  state = opt.init(w)
+  for g_ce, g_kd, expected in (([0.1, 0.2], [-0.05, 0.4], [0.99495, -2.0599]),
+                               ([0.3, -0.1], [0.2, 0.0], [0.9414840025, -2.105214505])):
+    updates, state = opt.update({"task": jnp.array(g_ce), "distill": jnp.array(g_kd)},
+                                state, w)
+    w = optax.apply_updates(w, updates)
+    np.testing.assert_allclose(w, expected, rtol=1e-6)
+  # delta 0: SGD with momentum and coupled weight decay on the summed gradient.
+  sgd = train.make_optimizer(dict(optimizer="sgd", momentum=0.9, weight_decay=5e-4),
+                             optax.constant_schedule(0.1))
+  dot0 = optax.chain(train.dot(0.9, 0.0, 5e-4), optax.scale_by_learning_rate(0.1))
+  a, b = jnp.array([1.0, -2.0]), jnp.array([1.0, -2.0])
+  sa, sb = sgd.init(a), dot0.init(b)
+  for g_ce, g_kd in (([0.1, 0.2], [-0.05, 0.4]), ([0.3, -0.1], [0.2, 0.0])):
+    u, sa = sgd.update(jnp.array(g_ce) + jnp.array(g_kd), sa, a)
+    a = optax.apply_updates(a, u)
+    u, sb = dot0.update({"task": jnp.array(g_ce), "distill": jnp.array(g_kd)}, sb, b)
+    b = optax.apply_updates(b, u)
+  np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_dot_step_splits_the_task_and_distillation_gradients():
+  # With delta 0 the DOT step must equal the plain SGD step on the same batch.
+  mesh = parallel.data_mesh()
+  student = models.create("resnet8", 10)
+  teacher = models.create("resnet8", 10)
+  t_vars = teacher.init(jax.random.key(1), jnp.zeros((1, 8, 8, 1)), train=False)
+  obj = objective_lib.build(dict(ce_weight=0.1, terms=[dict(method="kd", weight=0.9)]),
+                            total_steps=10, steps_per_epoch=10)
+  rng = np.random.default_rng(0)
+  batch = parallel.to_global({"image": rng.normal(size=(8, 8, 8, 1)).astype(np.float32),
+                              "label": rng.integers(0, 10, 8).astype(np.int32)}, mesh)
+  results = []
+  for name in ("sgd", "dot"):
+    recipe = dict(optimizer=name, dot_delta=0.0, learning_rate=0.1, schedule="constant")
+    opt = train.make_optimizer(recipe, train.learning_rate_schedule(recipe, 10, 10))
+    state = parallel.replicate(train.init_state(
+        student, opt, (8, 8, 1), jax.random.key(0), obj, teacher, t_vars,
+        batch_size=8 // jax.device_count()), mesh)
+    step = train.make_train_step(student, teacher, obj, opt, mesh,
+                                 split_gradients=name == "dot")
+    for i in range(2):
+      state, metrics = step(state, parallel.replicate(t_vars, mesh), batch,
+                            train.step_rng(0, i))
+    results.append(jax.device_get(state.params))
+  for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="cannot accumulate"):
+    train.check_recipe(dict(optimizer="dot", accumulation_steps=2))

@@ -17,6 +17,8 @@ Variants `METHOD` or `METHOD:tiny`, METHOD one of:
                  (experiments/digits_views.py:mlkd has both)
   ctkd           0.1·CE + 0.9·KD at a learned temperature with a gradient-reversal
                  curriculum over 10 epochs (the authors' CIFAR-100 recipe)
+  dot            the default's KD objective with the dot optimizer: the task gradient's
+                 momentum 0.825, the distillation gradient's 0.975 (δ = 0.075)
   fsp, ab        CE + FSP (stem → stage_1 → stage_2 → stage_3, weight 1) or
                  CE + AB (preact_stage_1..3, margin 1, weight 1), with a resnet20
                  teacher (channels equal to resnet8's; no connectors). RepDistiller uses
@@ -47,6 +49,7 @@ METHODS = {
     "wkd": (1.0, [dict(method="wkd", weight=1.0, temperature=8.0, gamma=600.0, kappa=1.0)]),
     "mlkd": (0.1, [dict(method="mlkd", weight=0.9)]),
     "ctkd": (0.1, [dict(method="ctkd", weight=0.9)]),
+    "dot": (0.1, [dict(method="kd", weight=0.9, temperature=4.0)]),
     "fsp": (1.0, [dict(method="fsp", weight=1.0,
                        student_tap=("stem", "stage_1", "stage_2", "stage_3"))]),
     "ab": (1.0, [dict(method="activation_boundary", weight=1.0,
@@ -59,6 +62,8 @@ def get_config(variant: str = "kd") -> ml_collections.ConfigDict:
   method, flavour = configs.choice_variant(variant, METHODS, "experiments/digits_recent.py")
   c = configs.experiment_config("digits", flavour)
   c.distill.ce_weight, c.distill.terms = copy.deepcopy(METHODS[method])
+  if method == "dot":
+    c.train.update(optimizer="dot", dot_delta=0.075)
   if method in _EQUAL_CHANNELS_TEACHER and not flavour:
     c.teacher.name = _EQUAL_CHANNELS_TEACHER[method]
   return c
