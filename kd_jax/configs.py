@@ -196,8 +196,9 @@ def _unknown_key(dotted: str, known: Any) -> ValueError:
 
 
 def _overlay(out: ml_collections.ConfigDict, given: Any, prefix: str,
-             schema: ml_collections.ConfigDict, fill: bool) -> None:
-  """Sets `given`'s keys into `out`, each checked against `schema` (name and type)."""
+             schema: ml_collections.ConfigDict, root: ml_collections.ConfigDict) -> None:
+  """Sets `given`'s keys into `out`, each checked against `schema` (name and type);
+  `root` is the whole default config, whose top-level blocks override blocks follow."""
   for key in given.keys():
     dotted = prefix + str(key)
     value = given[key]
@@ -213,9 +214,9 @@ def _overlay(out: ml_collections.ConfigDict, given: Any, prefix: str,
       if key not in out:  # a block an override block leaves out
         out[key] = ml_collections.ConfigDict()
       if key in _OVERRIDABLE and prefix:  # keys of the top-level block, not filled
-        _overlay(out[key], value, dotted + ".", default_config()[key], fill=False)
+        _overlay(out[key], value, dotted + ".", root[key], root)
       else:
-        _overlay(out[key], value, dotted + ".", schema[key], fill)
+        _overlay(out[key], value, dotted + ".", schema[key], root)
     else:
       if value is None and schema[key] is not None:
         raise ValueError(f"config key {dotted} must be {getattr(kind, '__name__', kind)}, "
@@ -233,9 +234,9 @@ def complete(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   an unknown key or a value of the wrong type fails in one line naming the key and,
   for a misspelt key, the closest known one.
   """
-  out = default_config()
+  out, schema = default_config(), default_config()
   given = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
-  _overlay(out, given, "", default_config(), fill=True)
+  _overlay(out, given, "", schema, schema)
   out.lock()
   return out
 
@@ -261,7 +262,7 @@ def validate(config: ml_collections.ConfigDict, *, deep: bool = False
   train.check_recipe(config.train, "train")
   train.check_recipe(config.teacher.train, "teacher.train")
   for where, overrides in _override_blocks(config, "train"):
-    train.check_recipe({**config.train.to_dict(), **overrides}, where)
+    train.check_recipe(phase.student_recipe(config, overrides), where)
   for key in ("train.batch_size", "teacher.train.batch_size", "eval_batch_size"):
     value = _get(config, key)
     if value < 1:

@@ -451,7 +451,9 @@ def _preprocess_batch(source: _Source, images, labels, *, decoded: bool, train: 
   element per example.
   """
 
-  def batch_of(augmentation, edge, view_seeds):
+  def batch_of(augmentation, edge, crop_seeds, edge_seeds=None):
+    """The batch through one preset and edge ops: the preset draws from `crop_seeds`,
+    the edge ops from `edge_seeds` (default the same)."""
     def one(args):
       image = args[0] if decoded else source.decode(args[0])
       if train:
@@ -459,11 +461,13 @@ def _preprocess_batch(source: _Source, images, labels, *, decoded: bool, train: 
       else:
         image = augmentation.eval(image)
       image = tf.cast(image, tf.float32)
-      return image if edge is None else edge(image, args[1])
+      return image if edge is None else edge(image, args[-1])
 
+    elems = (images,) if crop_seeds is None else (images, crop_seeds)
+    if edge_seeds is not None:
+      elems = (*elems, edge_seeds)
     out = tf.map_fn(
-        one,
-        (images,) if view_seeds is None else (images, view_seeds),
+        one, elems,
         fn_output_signature=tf.TensorSpec(source.info.image_shape, tf.float32),
     )
     return preprocess.normalize(out, source.mean, source.std)
@@ -477,26 +481,11 @@ def _preprocess_batch(source: _Source, images, labels, *, decoded: bool, train: 
     for i, view in enumerate(source.views):
       own = tf.stack([tf.bitwise.bitwise_xor(seeds[:, 0], salts.VIEW * (i + 1)),
                       seeds[:, 1]], axis=1)
-      if view.same_crop:
-        # The preset draws from the image's seed; the view's edge ops from its own.
-        batch[f"view/{view.name}"] = _paired_view(source, view, images, decoded,
-                                                  seeds, own)
-      else:
-        batch[f"view/{view.name}"] = batch_of(view.augmentation, view.edge, own)
+      # A paired view (`same_crop`) crops and flips with the image's seeds and draws
+      # its edge ops from its own; any other view draws both from its own.
+      batch[f"view/{view.name}"] = batch_of(
+          view.augmentation, view.edge, seeds if view.same_crop else own, own)
   return batch
-
-
-def _paired_view(source, view, images, decoded, seeds, view_seeds):
-  """A view cropped and flipped as the main image (its seeds), with its own edge ops."""
-
-  def one(args):
-    image = args[0] if decoded else source.decode(args[0])
-    image = tf.cast(view.augmentation.train(image, args[1]), tf.float32)
-    return image if view.edge is None else view.edge(image, args[2])
-
-  out = tf.map_fn(one, (images, seeds, view_seeds),
-                  fn_output_signature=tf.TensorSpec(source.info.image_shape, tf.float32))
-  return preprocess.normalize(out, source.mean, source.std)
 
 
 def _options() -> tf.data.Options:
