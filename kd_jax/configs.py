@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 import re
 from typing import Any
@@ -251,6 +252,7 @@ def validate(config: ml_collections.ConfigDict, *, deep: bool = False
   against the two models.
   """
   config = complete(config)
+  _check_finite(config)
   from kd_jax import data, export, models, objective, parallel, phase, train, workflows
   from kd_jax.data import augment, curriculum
   from kd_jax.edge import phases as edge_phases
@@ -261,7 +263,7 @@ def validate(config: ml_collections.ConfigDict, *, deep: bool = False
                        f"{', '.join(models.available())}")
   train.check_recipe(config.train, "train")
   train.check_recipe(config.teacher.train, "teacher.train")
-  for where, overrides in _override_blocks(config, "train"):
+  for where, overrides in override_blocks(config, "train"):
     train.check_recipe(phase.student_recipe(config, overrides), where)
   for key in ("train.batch_size", "teacher.train.batch_size", "eval_batch_size"):
     value = _get(config, key)
@@ -299,13 +301,26 @@ def validate(config: ml_collections.ConfigDict, *, deep: bool = False
   return config
 
 
+def _check_finite(config: Any, prefix: str = "") -> None:
+  """No NaN or infinity anywhere in a config (a number that cannot mean anything)."""
+  items = config.items() if hasattr(config, "items") else enumerate(config)
+  for key, value in items:
+    where = f"{prefix}{key}"
+    if isinstance(value, float) and not math.isfinite(value):
+      raise ValueError(f"config key {where} is {value}; give a finite number")
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      _check_finite(value, where + ".")
+    elif isinstance(value, (list, tuple)):
+      _check_finite(value, where + ".")
+
+
 def _get(config: Any, dotted: str) -> Any:
   for part in dotted.split("."):
     config = config[part]
   return config
 
 
-def _override_blocks(config: Any, name: str, prefix: str = ""):
+def override_blocks(config: Any, name: str, prefix: str = ""):
   """(dotted path, dict) of every block called `name` below the top level."""
   for key in config.keys():
     value = config[key]
@@ -313,7 +328,7 @@ def _override_blocks(config: Any, name: str, prefix: str = ""):
       if key == name and prefix:
         yield prefix + key, value.to_dict()
       elif str(prefix + key) not in _FREE:
-        yield from _override_blocks(value, name, prefix + key + ".")
+        yield from override_blocks(value, name, prefix + key + ".")
 
 
 def _check_taps(config, obj) -> None:
@@ -351,8 +366,8 @@ def save_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:
                        f"(differs at {', '.join(diff[:4])}); use a new --workdir or the "
                        "same config to resume")
   if jax.process_index() == 0:
-    with open(path, "w") as f:
-      f.write(text)
+    from kd_jax import files
+    files.write_atomic(path, text)
 
 
 def _comparable(saved: dict[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any
@@ -15,27 +16,107 @@ from typing import Any
 import jax
 import ml_collections
 
+from kd_jax import checkpoint as ckpt_lib
 from kd_jax import configs
 from kd_jax import data as data_lib
 from kd_jax import evaluate as eval_lib
+from kd_jax import files
 from kd_jax import parallel
 from kd_jax import phase as phase_lib
 from kd_jax import report
 from kd_jax import robustness as robustness_lib
 from kd_jax import rundir
+from kd_jax import train as train_lib
 from kd_jax import workflows
 from kd_jax.metric_writer import log
 from kd_jax.workflows import distill as distill_workflow
 
 
-def distill(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """`kd-jax distill`: runs the config's `workflow`; writes `<workdir>/summary.json`."""
-  return workflows.run(configs.validate(config), workdir)
+def distill(config: ml_collections.ConfigDict, workdir: str,
+            lock: rundir.WorkdirLock | None = None) -> dict[str, Any]:
+  """`kd-jax distill`: runs the config's `workflow`; writes `<workdir>/summary.json`.
+
+  Everything is checked first (`check_run`); only then is the workdir locked and
+  `config.json` written, so a config that fails leaves the workdir as it was.
+  """
+  config = configs.validate(config, deep=True)
+  check_run(config, workdir)
+  with _locked(workdir, "distill", lock):
+    configs.save_run_config(config, workdir)
+    return workflows.run(config, workdir)
 
 
-def train_teacher(config: ml_collections.ConfigDict, workdir: str) -> phase_lib.PhaseResult:
+def train_teacher(config: ml_collections.ConfigDict, workdir: str,
+                  lock: rundir.WorkdirLock | None = None) -> phase_lib.PhaseResult:
   """`kd-jax train-teacher`: the teacher phase alone (reuse it with teacher.checkpoint)."""
-  return distill_workflow.train_teacher(configs.validate(config), workdir)
+  config = configs.validate(config, deep=True)
+  check_run(config, workdir, phases=("teacher",))
+  with _locked(workdir, "train-teacher", lock):
+    configs.save_run_config(config, workdir)
+    return distill_workflow.train_teacher(config, workdir)
+
+
+@contextlib.contextmanager
+def _locked(workdir: str, command: str, lock: rundir.WorkdirLock | None):
+  """Holds `lock` (or a new lock of `workdir`) inside; releases a lock it took."""
+  own = lock is None
+  lock = lock or rundir.WorkdirLock(workdir, command)
+  try:
+    lock.acquire()
+  except OSError as e:
+    raise OSError(f"cannot write into --workdir={workdir} ({e.strerror or e}); choose a "
+                  "writable folder") from None
+  try:
+    yield lock
+  finally:
+    if own:
+      lock.release()
+
+
+def check_run(config: ml_collections.ConfigDict, workdir: str,
+              phases: tuple[str, ...] = ("teacher", "student")) -> None:
+  """What `configs.validate` cannot see without the data and the workdir, checked
+  before anything is written or trained: each phase's dataset and splits resolve,
+  batch sizes fit the examples they batch, and an existing teacher matches
+  `teacher.name` and the dataset."""
+  split_keys = ("train_split", "validation_split")
+  infos = {}
+  for which in phases:
+    data_config = phase_lib.training_data(config, which)
+    try:
+      infos[which] = data_lib.get_info(data_config)
+    except (ValueError, KeyError, AssertionError) as e:
+      text = " ".join(str(e.args[0] if isinstance(e, KeyError) and e.args else e).split())
+      if text.startswith(("unknown dataset", "dataset ")):
+        raise ValueError(text) from None
+      given = [f"{which}.{key}={config[which][key]!r}" for key in split_keys
+               if config[which][key]] + [f"data.{key}={config.data[key]!r}"
+                                         for key in ("train_split", "eval_split",
+                                                     "validation_split")
+                                         if config.data[key]]
+      raise ValueError(f"the splits of dataset {config.data.name} do not resolve "
+                       f"({', '.join(given)}): {text[:300]}") from None
+  teacher_dir = rundir.teacher_source(config, workdir)
+  teacher_ready = ckpt_lib.has_variables(teacher_dir)
+  if config.teacher.checkpoint and not teacher_ready:
+    raise FileNotFoundError(
+        f"teacher checkpoint {teacher_dir!r} not found; train one with `kd-jax "
+        "train-teacher --workdir=DIR` (then --config.teacher.checkpoint=DIR) or unset "
+        "--config.teacher.checkpoint to train the teacher in this run")
+  if teacher_ready:
+    rundir.check_teacher_meta(config, teacher_dir, infos.get("student") or infos["teacher"])
+  recipes = []
+  if "teacher" in infos and not teacher_ready:
+    recipes.append(("teacher.train", config.teacher.train, infos["teacher"]))
+  if "student" in infos:
+    recipes.append(("train", config.train, infos["student"]))
+    recipes += [(where, phase_lib.student_recipe(config, overrides), infos["student"])
+                for where, overrides in configs.override_blocks(config, "train")]
+  for where, recipe, info in recipes:
+    batch = train_lib.recipe(recipe)["batch_size"]
+    if batch > info.num_train:
+      raise ValueError(f"{where}.batch_size={batch} exceeds the {info.num_train} training "
+                       f"examples of {info.train_split}; lower it")
 
 
 def evaluate_run(config, workdir: str, robustness: bool = False) -> dict[str, Any]:
@@ -66,28 +147,29 @@ def evaluate_run(config, workdir: str, robustness: bool = False) -> dict[str, An
     results["robustness"] = robustness_lib.evaluate_run(config, workdir, models, mesh,
                                                         info.num_classes)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "evaluation.json"), "w") as f:
-      json.dump(results, f, indent=2)
+    files.write_json(os.path.join(workdir, "evaluation.json"), results)
   return results
 
 
-def export_run(config, workdir: str) -> dict[str, Any]:
-  """`kd-jax export`: TFLite variants of a run's distilled student; updates summary.json."""
+def export_run(config, workdir: str,
+               lock: rundir.WorkdirLock | None = None) -> dict[str, Any]:
+  """`kd-jax export`: TFLite variants of a run's distilled student; updates summary.json.
+
+  Variants exported before and not exported again stay in summary.json.
+  """
   config = configs.validate(config)
   info = data_lib.get_info(config.data)
   model, variables = rundir.load_phase(config, workdir, rundir.DISTILLED, info)
   variables = parallel.to_host(variables)
-  results = rundir.export_student(config, workdir, model, variables, info)
-  path = os.path.join(workdir, "summary.json")
-  summary = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      summary = json.load(f)
-    summary["tflite"] = results
-    with open(path, "w") as f:
-      json.dump(summary, f, indent=2, default=rundir.json_default)
-  distilled = phase_lib.PhaseResult(variables, summary.get("distilled_metrics") or {"accuracy": None})
-  rundir.write_export_table(workdir, model, distilled, info, results)
+  with _locked(workdir, "export", lock):
+    results = rundir.export_student(config, workdir, model, variables, info)
+    summary = rundir.read_summary(workdir)
+    if summary:
+      summary["tflite"] = {**summary.get("tflite", {}), **results}
+      rundir.write_summary(workdir, summary)
+    distilled = phase_lib.PhaseResult(
+        variables, summary.get("distilled_metrics") or {"accuracy": None})
+    rundir.write_export_table(workdir, model, distilled, info, results)
   for variant, r in results.items():
     log(f"{variant}: {r['bytes']} bytes, accuracy {r.get('accuracy', float('nan')):.4f}, "
          f"{r['latency_ms']:.3f} ms -> {r['path']}")

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from kd_jax import files
 from kd_jax.models import layers as zoo_layers
 
 QUANTIZATIONS = ("fp32", "fp16", "dynamic", "int8")
@@ -412,8 +413,7 @@ def export_and_measure(fn, input_shape, path, quantization="fp32", *,
   flatbuffer = function_to_tflite(fn, input_shape, quantization, representative_images,
                                   batch_size)
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  with open(path, "wb") as f:
-    f.write(flatbuffer)
+  files.write_atomic(path, flatbuffer)
   reference = (jax_logits(reference_fn or fn, parity_images)
                if parity_images is not None else None)
   return dict(path=path, **measure(
@@ -468,8 +468,7 @@ def write_table(rows, out_dir):
     The Markdown text.
   """
   os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "export.json"), "w") as f:
-    json.dump(rows, f, indent=2)
+  files.write_json(os.path.join(out_dir, "export.json"), rows)
   header = [c for c, _ in _TABLE_COLUMNS]
   lines = ["| " + " | ".join(h.replace("_", " ") for h in header) + " |",
            "|" + "---|" * len(header)]
@@ -482,6 +481,5 @@ def write_table(rows, out_dir):
   threads = next((r["threads"] for r in rows.values() if "threads" in r), all_threads())
   text = ("\n".join(lines) + f"\n\nLatency: one image, median and p90 of timed "
           f"invokes in the LiteRT interpreter at 1 and {threads} threads.\n")
-  with open(os.path.join(out_dir, "export.md"), "w") as f:
-    f.write(text)
+  files.write_atomic(os.path.join(out_dir, "export.md"), text)
   return text

@@ -483,6 +483,12 @@ def build(distill_config: Mapping[str, Any], *, total_steps: int,
     if name in names:
       raise ValueError(f"{where}: a second term named {name!r}; give it name='...'")
     names.add(name)
+    if not spec["weight"] >= 0:
+      raise ValueError(f"{where}: weight must not be negative (a negative weight lets the "
+                       f"loss fall without bound), got {spec['weight']}")
+    for key in ("temperature", "final_temperature"):
+      if isinstance(spec.get(key), (int, float)) and not spec[key] > 0:
+        raise ValueError(f"{where}: {key} must be positive, got {spec[key]}")
     if spec["schedule"] not in SCHEDULES:
       raise ValueError(f"{where}: unknown schedule {spec['schedule']!r}; "
                        f"use one of {', '.join(SCHEDULES)}")

@@ -21,24 +21,28 @@ DATA_AXIS = "data"
 
 def maybe_initialize_distributed(coordinator_address: str | None = None,
                                  num_processes: int | None = None,
-                                 process_id: int | None = None) -> bool:
+                                 process_id: int | None = None,
+                                 peer_timeout_s: int = 100) -> bool:
   """Calls `jax.distributed.initialize` for multi-host runs; returns True if it did.
 
   Explicit arguments win; otherwise a cluster environment that JAX detects itself
   (SLURM, a TPU pod slice, Open MPI, Kubernetes with JAX_COORDINATOR_ADDRESS) is used.
-  A plain single-process run initialises nothing.
+  A plain single-process run initialises nothing. A process not heard from for
+  `peer_timeout_s` seconds is declared dead and the others stop with an error (JAX's
+  coordination service heartbeat), instead of waiting for it forever.
   """
   if coordinator_address or num_processes:
     # Collectives between CPU processes (tests, CPU clusters); accelerators ignore it.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id)
+                               num_processes=num_processes, process_id=process_id,
+                               heartbeat_timeout_seconds=peer_timeout_s)
     return True
   in_cluster = any(k in os.environ for k in (
       "JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE",
       "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"))
   if in_cluster and int(os.environ.get("SLURM_NTASKS", "2")) > 1:
-    jax.distributed.initialize()
+    jax.distributed.initialize(heartbeat_timeout_seconds=peer_timeout_s)
     return True
   return False
 

@@ -27,6 +27,7 @@ from kd_jax import data as data_lib
 from kd_jax import evaluate as eval_lib
 from kd_jax import objective as objective_lib
 from kd_jax import parallel
+from kd_jax import preemption
 from kd_jax import registry
 from kd_jax import teacher_cache
 from kd_jax import train as train_lib
@@ -226,55 +227,64 @@ def train_phase(config: ml_collections.ConfigDict, *, phase: str, model, train_c
     progress = _progress(phase, start, total_steps)
     batches = batches_from(start)
     t0, seen, step = time.perf_counter(), 0, start
-    while step < total_steps:
-      batch_arrays = next(batches)
-      state, metrics = step_fn(state, t_vars, batch_arrays, train_lib.step_rng(seed, step))
-      step += 1
-      seen += batch
-      save_now = step % save_every == 0 or step == total_steps
-      look = save_now or step % log_every == 0  # the host reads the state only here
-      # Non-finite steps are skipped inside the step; a run of `max_nonfinite` of them
-      # since the last look rolls back with a lower learning rate.
-      if look and int(state.nonfinite_peak) >= max_nonfinite:
-        if rollbacks == max_rollbacks:
-          raise FloatingPointError(
-              f"{phase}: {max_nonfinite} non-finite steps in a row after {rollbacks} "
-              "rollbacks; lower train.learning_rate or check the data")
-        rollbacks += 1
-        lr_scale = float(state.lr_scale) * rollback_factor
-        restored = checkpointer.restore(state, before=step)
-        good, state = restored if restored else (0, fresh_state())
-        state = state.replace(lr_scale=jnp.full_like(state.lr_scale, lr_scale),
-                              nonfinite=jnp.zeros_like(state.nonfinite),
-                              nonfinite_peak=jnp.zeros_like(state.nonfinite_peak))
-        writer.write(phase, good, {"rollback_from_step": step, "lr_scale": lr_scale},
-                     kind="rollback")
-        if best is not None:
-          best.drop_after(good)
-        log(f"{phase}: {max_nonfinite} non-finite steps in a row at step {step}; rolled "
-             f"back to step {good} with learning rate x{lr_scale:g}")
-        step = good
-        batches = batches_from(step)
-        progress.reset(total=total_steps)
-        progress.update(step)
-        continue
-      if look:
-        state = state.replace(nonfinite_peak=jnp.zeros_like(state.nonfinite_peak))
-      if step % log_every == 0 or step == total_steps:
-        metrics = jax.device_get(metrics)
-        rate = seen / (time.perf_counter() - t0)
-        if curriculum is not None:
-          metrics.update(curriculum_metrics(curriculum, step - 1, batch_arrays))
-        writer.write(phase, step, {**metrics, "images_per_second": rate,
-                                   "learning_rate": schedule((step - 1) // accumulate)
-                                   * float(state.lr_scale)})
-        progress.set_postfix(loss=f"{float(metrics['loss']):.3f}", img_s=f"{rate:.0f}")
-        t0, seen = time.perf_counter(), 0
-      progress.update(1)
-      if has_validation and (step % validate_every == 0 or step == total_steps):
-        validate(step, state)
-      if save_now:
-        checkpointer.save(step, state)
+    # A signal while training only sets a flag: the step in flight finishes, its state
+    # is saved, then `Preempted` ends the run (kd_jax.preemption).
+    with preemption.deferred():
+      while step < total_steps:
+        batch_arrays = next(batches)
+        state, metrics = step_fn(state, t_vars, batch_arrays, train_lib.step_rng(seed, step))
+        step += 1
+        seen += batch
+        save_now = step % save_every == 0 or step == total_steps
+        look = save_now or step % log_every == 0  # the host reads the state only here
+        # Non-finite steps are skipped inside the step; a run of `max_nonfinite` of them
+        # since the last look rolls back with a lower learning rate.
+        if look and int(state.nonfinite_peak) >= max_nonfinite:
+          if rollbacks == max_rollbacks:
+            raise FloatingPointError(
+                f"{phase}: {max_nonfinite} non-finite steps in a row after {rollbacks} "
+                "rollbacks; lower train.learning_rate or check the data")
+          rollbacks += 1
+          lr_scale = float(state.lr_scale) * rollback_factor
+          restored = checkpointer.restore(state, before=step)
+          good, state = restored if restored else (0, fresh_state())
+          state = state.replace(lr_scale=jnp.full_like(state.lr_scale, lr_scale),
+                                nonfinite=jnp.zeros_like(state.nonfinite),
+                                nonfinite_peak=jnp.zeros_like(state.nonfinite_peak))
+          writer.write(phase, good, {"rollback_from_step": step, "lr_scale": lr_scale},
+                       kind="rollback")
+          if best is not None:
+            best.drop_after(good)
+          log(f"{phase}: {max_nonfinite} non-finite steps in a row at step {step}; rolled "
+               f"back to step {good} with learning rate x{lr_scale:g}")
+          step = good
+          batches = batches_from(step)
+          progress.reset(total=total_steps)
+          progress.update(step)
+          continue
+        if look:
+          state = state.replace(nonfinite_peak=jnp.zeros_like(state.nonfinite_peak))
+        if step % log_every == 0 or step == total_steps:
+          metrics = jax.device_get(metrics)
+          rate = seen / (time.perf_counter() - t0)
+          if curriculum is not None:
+            metrics.update(curriculum_metrics(curriculum, step - 1, batch_arrays))
+          writer.write(phase, step, {**metrics, "images_per_second": rate,
+                                     "learning_rate": schedule((step - 1) // accumulate)
+                                     * float(state.lr_scale)})
+          progress.set_postfix(loss=f"{float(metrics['loss']):.3f}", img_s=f"{rate:.0f}")
+          t0, seen = time.perf_counter(), 0
+        progress.update(1)
+        if has_validation and (step % validate_every == 0 or step == total_steps):
+          validate(step, state)
+        stop = preemption.should_stop(step)
+        if save_now or stop:
+          checkpointer.save(step, state)
+        if stop:
+          checkpointer.close()
+          raise preemption.Preempted(
+              preemption.requested(),
+              f"{phase} at step {step}/{total_steps} in {checkpointer.directory}")
     progress.close()
   checkpointer.close()
 

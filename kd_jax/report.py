@@ -35,6 +35,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from kd_jax import checkpoint as ckpt_lib
+from kd_jax import files
 from kd_jax import data as data_lib
 from kd_jax import evaluate as eval_lib
 from kd_jax import rundir
@@ -75,8 +76,7 @@ def write_report(config: ml_collections.ConfigDict, workdir: str) -> str:
     lines += _model_output_sections(config, workdir, info, outputs, taps)
   lines += ["", "## Export (TFLite)", ""] + _export_lines(summary)
   text = "\n".join(lines) + "\n"
-  with open(os.path.join(workdir, "report.md"), "w") as f:
-    f.write(text)
+  files.write_atomic(os.path.join(workdir, "report.md"), text)
   print(text)
   return text
 

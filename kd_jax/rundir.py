@@ -15,6 +15,7 @@ import json
 import os
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -22,6 +23,7 @@ import numpy as np
 from kd_jax import checkpoint as ckpt_lib
 from kd_jax import data as data_lib
 from kd_jax import export as export_lib
+from kd_jax import files
 from kd_jax import models
 from kd_jax import phase as phase_lib
 from kd_jax.edge import cost
@@ -29,6 +31,97 @@ from kd_jax.metric_writer import log
 
 TEACHER, VANILLA, DISTILLED = phase_lib.TEACHER, "vanilla", "distilled"
 SUMMARY = "summary.json"
+LOCK = ".kd_jax.lock"
+
+
+class WorkdirLock:
+  """One writing process per workdir: `<workdir>/.kd_jax.lock` holds the holder's host,
+  pid and command while it runs (process 0 of a multi-process run holds it for all).
+
+  `acquire` fails at once with one line naming the holder; a lock left by a process
+  that is gone (same host, pid no longer running) is taken over with a warning. A lock
+  on another host cannot be checked: its line says how to remove it if that run died.
+  """
+
+  def __init__(self, workdir: str, command: str):
+    self.path = os.path.join(workdir, LOCK)
+    self.command = command
+    self.held = False
+
+  def acquire(self) -> None:
+    if self.held or jax.process_index() != 0:
+      return
+    import socket
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "command": self.command}
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    for _ in range(2):
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        holder = self._holder()
+        if holder is None and self._age_s() < 10:  # being written by its taker
+          holder = {"command": "?", "pid": "?", "host": "?"}
+        elif holder is None or self._dead(holder, me["host"]) or holder == me:
+          log(f"taking over the lock of a run that is gone ({self._describe(holder)})")
+          try:
+            os.remove(self.path)
+          except FileNotFoundError:
+            pass
+          continue
+        raise ValueError(f"{os.path.dirname(self.path)} is in use by "
+                         f"{self._describe(holder)}; wait for it to end, or use another "
+                         f"--workdir (if that process is dead, delete {self.path})")
+      with os.fdopen(fd, "w") as f:
+        json.dump(me, f)
+      self.held = True
+      return
+    raise ValueError(f"could not take the lock {self.path}; another kd-jax command took it "
+                     "at the same moment")
+
+  def release(self) -> None:
+    if not self.held:
+      return
+    try:
+      holder = self._holder()
+      if holder and holder.get("pid") == os.getpid():
+        os.remove(self.path)
+    except OSError:
+      pass
+    self.held = False
+
+  def _age_s(self) -> float:
+    import time
+    try:
+      return time.time() - os.path.getmtime(self.path)
+    except OSError:
+      return 0.0
+
+  def _holder(self) -> dict[str, Any] | None:
+    try:
+      with open(self.path) as f:
+        holder = json.load(f)
+      return holder if isinstance(holder, dict) else None
+    except (OSError, ValueError):
+      return None
+
+  @staticmethod
+  def _dead(holder: dict[str, Any], host: str) -> bool:
+    if holder.get("host") != host:
+      return False
+    try:
+      os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+      return True
+    except (PermissionError, KeyError, ValueError, TypeError):
+      return False
+    return False
+
+  @staticmethod
+  def _describe(holder: dict[str, Any] | None) -> str:
+    if not holder:
+      return "an unreadable lock"
+    return (f"`kd-jax {holder.get('command', '?')}` (pid {holder.get('pid', '?')} on "
+            f"{holder.get('host', '?')})")
 
 
 def model(config: ml_collections.ConfigDict, which: str, num_classes: int):
@@ -50,6 +143,23 @@ def teacher_source(config, workdir: str) -> str:
     return os.path.join(workdir, TEACHER)
   inner = os.path.join(source, TEACHER)
   return inner if os.path.isdir(inner) else source
+
+
+def check_teacher_meta(config, source: str, info) -> dict[str, Any]:
+  """The `model.json` of the teacher in `source`, checked against `teacher.name` and the
+  dataset's class count before any variables are read."""
+  meta = ckpt_lib.read_meta(source)
+  if meta.get("model") != config.teacher.name:
+    raise ValueError(f"the teacher checkpoint in {source!r} is a {meta.get('model')}, not "
+                     f"teacher.name={config.teacher.name!r}; set "
+                     f"--config.teacher.name={meta.get('model')} or point "
+                     "--config.teacher.checkpoint at another teacher")
+  classes = meta.get("num_classes")
+  if classes is not None and classes != info.num_classes:
+    raise ValueError(f"the teacher checkpoint in {source!r} predicts {classes} classes but "
+                     f"dataset {config.data.name} has {info.num_classes}; use a teacher "
+                     "of this dataset")
+  return meta
 
 
 def _load(config, which: str, directory: str, missing: str, info) -> tuple[Any, Any]:
@@ -142,8 +252,7 @@ def phase_summary(result: phase_lib.PhaseResult) -> dict[str, Any]:
 def write_summary(workdir: str, summary: dict[str, Any]) -> str:
   """Writes `<workdir>/summary.json`; returns its path."""
   path = os.path.join(workdir, SUMMARY)
-  with open(path, "w") as f:
-    json.dump(summary, f, indent=2, default=json_default)
+  files.write_json(path, summary, default=json_default)
   log(f"wrote {path}")
   return path
 

@@ -14,3 +14,23 @@ import jax  # noqa: E402
 
 jax.config.update("jax_platforms", "cpu")
 jax.config.update("jax_disable_most_optimizations", True)
+
+
+import json  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = "experiments/digits.py:tiny"
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+  """(workdir, summary) of one `kd-jax distill` of the tiny config, shared by the test
+  files of a worker; tests that change files work on a copy."""
+  from kd_jax import cli
+  workdir = str(tmp_path_factory.mktemp("tiny"))
+  cli.main(["kd-jax", "distill", f"--config={os.path.join(ROOT, TINY)}",
+            f"--workdir={workdir}"])
+  with open(os.path.join(workdir, "summary.json")) as f:
+    return workdir, json.load(f)

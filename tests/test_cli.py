@@ -18,14 +18,6 @@ def _kd_jax(*args):
   cli.main(["kd-jax", *args])
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("tiny"))
-  _kd_jax("distill", f"--config={os.path.join(ROOT, TINY)}", f"--workdir={workdir}")
-  with open(os.path.join(workdir, "summary.json")) as f:
-    return workdir, json.load(f)
-
-
 def test_distill_writes_summary_with_the_design_keys(finished_run):
   workdir, s = finished_run
   for key in ("teacher_accuracy", "student_accuracy", "distilled_accuracy", "tflite",

@@ -38,15 +38,22 @@ def teacher_phase(config, workdir: str, mesh, info, writer: MetricWriter) -> pha
         f"--workdir=DIR` (then --config.teacher.checkpoint=DIR) or unset "
         f"--config.teacher.checkpoint to train the teacher in this run")
   if ckpt_lib.has_variables(source):
-    variables, meta = ckpt_lib.load_variables(source, like)
-    if meta.get("model") != config.teacher.name:
-      raise ValueError(f"the teacher checkpoint in {source!r} is a {meta.get('model')}, "
-                       f"not teacher.name={config.teacher.name!r}; set "
-                       f"--config.teacher.name={meta.get('model')}")
-    log(f"teacher: loaded {meta['model']} from {source} "
-         f"(accuracy {meta.get('metrics', {}).get('accuracy', float('nan')):.4f})")
-    return phase_lib.PhaseResult(variables, meta.get("metrics", {}),
-                                 meta.get("selection", {}))
+    meta = rundir.check_teacher_meta(config, source, info)
+    try:
+      variables, meta = ckpt_lib.load_variables(source, like)
+    except ckpt_lib.Damaged as e:
+      checkpoints = os.path.join(source, "checkpoints")
+      if config.teacher.checkpoint or not os.path.isdir(checkpoints):
+        raise ValueError(f"the teacher variables in {source} are damaged ({e}) and there "
+                         "are no teacher checkpoints to restore them from; train the "
+                         "teacher again in a new --workdir") from None
+      log(f"teacher: the variables in {source} are damaged ({e}); restoring the teacher "
+          f"from {checkpoints}")
+    else:
+      log(f"teacher: loaded {meta['model']} from {source} "
+          f"(accuracy {meta.get('metrics', {}).get('accuracy', float('nan')):.4f})")
+      return phase_lib.PhaseResult(variables, meta.get("metrics", {}),
+                                   meta.get("selection", {}))
   return phase_lib.train_phase(config, phase=rundir.TEACHER, model=teacher,
                      train_config=config.teacher.train, distill_config={"ce_weight": 1.0},
                      workdir=workdir, mesh=mesh, info=info, writer=writer,
