@@ -179,6 +179,16 @@ class Checkpointer:
           "and falling back to the previous one")
       return None
 
+  def _move_aside(self, step: int) -> str:
+    """Moves a damaged step out of the manager's way, keeping its files."""
+    aside = os.path.join(os.path.dirname(self.directory), "damaged_checkpoints", str(step))
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(aside), exist_ok=True)
+      shutil.rmtree(aside, ignore_errors=True)
+      shutil.move(os.path.join(self.directory, str(step)), aside)
+    self._manager.reload()
+    return aside
+
   def save(self, step: int, state: Any) -> bool:
     """Saves `step`; a failed write (disk full, ...) leaves the earlier steps intact and
     raises one `OSError` naming what to do."""

@@ -281,6 +281,7 @@ def train_phase(config: ml_collections.ConfigDict, *, phase: str, model, train_c
         if save_now or stop:
           checkpointer.save(step, state)
         if stop:
+          progress.close()
           checkpointer.close()
           raise preemption.Preempted(
               preemption.requested(),

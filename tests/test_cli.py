@@ -236,3 +236,54 @@ def test_two_processes_of_two_devices_match_one_process_of_four(finished_run, tm
     assert np.sqrt(distance / size) <= 0.05
   with open(os.path.join(multi, "summary.json")) as f:
     assert set(json.load(f)["tflite"]) == {"fp32", "int8"}
+
+
+def test_sigterm_saves_the_step_and_the_rerun_matches_and_the_lock_turns_others_away(
+    finished_run, tmp_path, capfd):
+  import signal
+  import subprocess
+  import sys
+  import time
+  from kd_jax import rundir
+  workdir, s = finished_run
+  run = str(tmp_path / "preempted")
+  os.makedirs(run)
+  shutil.copytree(os.path.join(workdir, "teacher"), os.path.join(run, "teacher"))
+  env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "true", "JAX_PLATFORMS": "cpu"}
+  cmd = [sys.executable, "-m", "kd_jax.cli", "distill",
+         f"--config={os.path.join(ROOT, TINY)}", f"--workdir={run}"]
+  proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  lock = os.path.join(run, rundir.LOCK)
+  deadline = time.time() + 600
+  while not os.path.exists(lock) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  # A second command on the same workdir fails at once, naming the holder.
+  with pytest.raises(SystemExit) as e:
+    _kd_jax("distill", f"--config={os.path.join(ROOT, TINY)}", f"--workdir={run}")
+  err = capfd.readouterr().err.strip()
+  assert e.value.code == 2 and "\n" not in err, err
+  assert f"is in use by `kd-jax distill` (pid {proc.pid} on" in err
+  assert json.load(open(lock))["pid"] == proc.pid and proc.poll() is None
+  marker = os.path.join(run, "distilled", "checkpoints", "10")
+  while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)  # somewhere in steps 10..27 of the distilled phase
+  sent = time.time()
+  out, err = proc.communicate(timeout=60)
+  assert time.time() - sent < 60
+  assert proc.returncode == 143, err[-2000:]
+  said = [l for l in err.splitlines() if l.startswith("kd-jax: ")]
+  assert len(said) == 1, err[-2000:]
+  said = said[0]
+  saved = int(said.split("saved distilled at step ")[1].split("/")[0])
+  assert said.startswith("kd-jax: stopped by SIGTERM: saved distilled at step "), said
+  logged = [json.loads(l)["step"] for l in open(os.path.join(run, "metrics.jsonl"))
+            if '"distilled"' in l and '"train"' in l]
+  assert saved >= max(logged) and saved >= 10
+  assert os.path.isdir(os.path.join(run, "distilled", "checkpoints", str(saved)))
+  assert not os.path.exists(lock) and not os.path.exists(os.path.join(run, "summary.json"))
+  _kd_jax("distill", f"--config={os.path.join(ROOT, TINY)}", f"--workdir={run}")
+  with open(os.path.join(run, "summary.json")) as f:
+    again = json.load(f)
+  assert again["student_fingerprint"] == s["student_fingerprint"]

@@ -1,4 +1,5 @@
 """Reliability: gradient accumulation, the non-finite guard's rollback, damaged checkpoints."""
+import errno
 import glob
 import json
 import os
@@ -94,7 +95,7 @@ def test_nonfinite_steps_roll_back_to_the_last_checkpoint(tmp_path, monkeypatch)
   assert trains and all(r["skipped"] == 0 for r in trains)
 
 
-def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path):
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
   c = _tiny_teacher_config()
   first = experiment.train_teacher(c, str(tmp_path / "a"))
   ckpts = tmp_path / "a" / "teacher" / "checkpoints"
@@ -109,8 +110,11 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path):
   for path in data_files:
     with open(path, "r+b") as f:
       f.truncate(os.path.getsize(path) // 3)
-  with pytest.warns(UserWarning, match="checkpoint 40 .* unreadable.*using the previous"):
-    second = experiment.train_teacher(c, str(tmp_path / "a"))
+  second = experiment.train_teacher(c, str(tmp_path / "a"))
+  said = [l for l in capsys.readouterr().out.splitlines() if "checkpoint 40" in l]
+  assert len(said) == 1 and "is damaged" in said[0], said
+  assert "falling back to the previous one" in said[0]
+  assert os.path.isdir(tmp_path / "a" / "teacher" / "damaged_checkpoints" / "40")
   # Resumed from step 30 and replayed 30..40 exactly.
   chex.assert_trees_all_equal(second.variables, first.variables)
 
@@ -148,3 +152,57 @@ def test_mixed_precision_logits_stay_close_and_training_converges(tmp_path):
   result = experiment.train_teacher(c, str(tmp_path))
   assert all(l.dtype == np.float32 for l in jax.tree.leaves(result.variables))
   assert result.metrics["accuracy"] > 0.5  # fp32 reaches ~0.8 in this one epoch
+
+
+def test_a_checkpoint_of_another_structure_is_an_error_and_stays(tmp_path):
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "c"))
+  ckpt.save(3, {"w": jnp.ones((3,)), "b": jnp.zeros((2,))})
+  for like, says in (({"w": jnp.zeros((4,)), "b": jnp.zeros((2,))}, r"w: shape \(3,\) there, \(4,\) here"),
+                     ({"w": jnp.zeros((3,))}, "unexpected b"),
+                     ({"w": jnp.zeros((3,)), "b": jnp.zeros((2,)), "c": jnp.zeros(())}, "missing c")):
+    with pytest.raises(checkpoint.CheckpointMismatch, match=says):
+      ckpt.restore(like)
+  assert ckpt.latest_step() == 3 and os.path.isdir(tmp_path / "c" / "3")
+  assert not os.path.exists(tmp_path / "damaged_checkpoints")
+  ckpt.close()
+
+
+def test_a_read_error_is_retried_then_reported_without_moving_anything(tmp_path, monkeypatch):
+  monkeypatch.setattr(checkpoint, "RETRY_WAITS_S", (0.0, 0.0))
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "c"))
+  like = {"w": jnp.zeros((3,))}
+  ckpt.save(1, {"w": jnp.ones((3,))})
+  real, calls = ckpt._manager.restore, []
+
+  def flaky(*args, **kwargs):  # fails twice (an NFS hiccup), then reads
+    calls.append(1)
+    if len(calls) <= 2:
+      raise OSError(errno.EIO, "Input/output error")
+    return real(*args, **kwargs)
+  monkeypatch.setattr(ckpt._manager, "restore", flaky)
+  step, state = ckpt.restore(like)
+  assert step == 1 and len(calls) == 3 and float(state["w"][0]) == 1.0
+
+  def broken(*args, **kwargs):
+    raise OSError(errno.EIO, "Input/output error")
+  monkeypatch.setattr(ckpt._manager, "restore", broken)
+  with pytest.raises(OSError, match="could not read checkpoint 1 .*a read error.*left where it is"):
+    ckpt.restore(like)
+  assert ckpt.latest_step() == 1 and os.path.isdir(tmp_path / "c" / "1")
+  ckpt.close()
+
+
+def test_a_failed_checkpoint_write_keeps_the_earlier_ones(tmp_path, monkeypatch):
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "c"))
+  ckpt.save(1, {"w": jnp.ones((3,))})
+
+  def full(*args, **kwargs):
+    os.makedirs(tmp_path / "c" / "2.orbax-checkpoint-tmp-123", exist_ok=True)
+    raise OSError(errno.ENOSPC, "No space left on device")
+  monkeypatch.setattr(ckpt._manager, "save", full)
+  with pytest.raises(OSError, match="could not write checkpoint 2 .*No space left.*intact"):
+    ckpt.save(2, {"w": 2 * jnp.ones((3,))})
+  assert sorted(os.listdir(tmp_path / "c")) == ["1"]
+  step, state = ckpt.restore({"w": jnp.zeros((3,))})
+  assert step == 1 and float(state["w"][0]) == 1.0
+  ckpt.close()
