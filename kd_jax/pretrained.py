@@ -19,6 +19,11 @@ unexpected keys and shape mismatches, and the zoo model it fits, if one does.
 
 ``.pth`` / ``.pt`` files need PyTorch (``pip install -e ".[torch]"``), read with
 ``weights_only=True``; ``.safetensors`` files are read here with NumPy alone.
+
+`import_teacher` writes such weights into a workdir as a finished teacher phase
+(``<workdir>/teacher/variables`` and ``model.json``, with its accuracy on the config's
+eval split), which is what ``kd-jax import-teacher`` and a run whose
+``teacher.checkpoint`` is a ``.pth`` / ``.pt`` / ``.safetensors`` file do.
 """
 from __future__ import annotations
 
@@ -33,7 +38,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kd_jax import checkpoint as ckpt_lib
+from kd_jax import data as data_lib
+from kd_jax import evaluate as eval_lib
 from kd_jax import models
+from kd_jax import parallel
+from kd_jax import phase as phase_lib
+from kd_jax.metric_writer import log
 
 TORCH_SUFFIXES = (".pth", ".pt")
 SUFFIXES = TORCH_SUFFIXES + (".safetensors",)
@@ -391,3 +402,55 @@ def load_torch_checkpoint(path: str, model: str, num_classes: int) -> dict:
     ImportError: a ``.pth`` without PyTorch installed.
   """
   return variables_from_state_dict(read_state_dict(path), model, num_classes, source=path)
+
+
+# --- A teacher phase from a checkpoint ---------------------------------------------------
+
+def is_checkpoint_file(path: str | None) -> bool:
+  """Whether `path` names a PyTorch / safetensors file (by its suffix), not a workdir."""
+  return bool(path) and os.path.splitext(str(path))[1].lower() in SUFFIXES
+
+
+def import_teacher(checkpoint: str, model: str, num_classes: int, workdir: str,
+                   config) -> float:
+  """Writes `checkpoint` as the finished teacher phase of `workdir`; returns its accuracy.
+
+  The variables (`load_torch_checkpoint`) go to ``<workdir>/teacher/`` in the layout
+  a trained teacher has, with a ``model.json`` holding the model name, the dataset and
+  the metrics of the teacher on ``config.data``'s eval split; ``teacher.checkpoint=
+  <workdir>`` then reuses it like a ``kd-jax train-teacher`` workdir.
+
+  Args:
+    checkpoint: a ``.pth`` / ``.pt`` / ``.safetensors`` file (see `load_torch_checkpoint`).
+    model: the zoo name of its architecture.
+    num_classes: its class count; must be the dataset's.
+    workdir: where ``teacher/`` is written.
+    config: a validated experiment config (its ``data`` and ``eval_batch_size``).
+
+  Raises:
+    ValueError: the checkpoint does not fit `model` / `num_classes`, or the dataset has
+      another class count or image channels.
+  """
+  info = data_lib.get_info(config.data)
+  if int(num_classes) != info.num_classes:
+    raise ValueError(f"the dataset {config.data.name} has {info.num_classes} classes, the "
+                     f"checkpoint's {model} {num_classes}; import a checkpoint trained on "
+                     f"{config.data.name} or set --config.data.name to its dataset")
+  variables = load_torch_checkpoint(checkpoint, model, num_classes)
+  net = models.create(model, info.num_classes)
+  like = phase_lib.variables_like(net, info.image_shape)
+  if jax.tree.map(lambda s: s.shape, like) != jax.tree.map(np.shape, variables):
+    raise ValueError(f"{checkpoint} takes images with another number of channels than "
+                     f"{config.data.name}'s {tuple(info.image_shape)}; import a checkpoint "
+                     f"trained on images like the dataset's")
+  metrics = eval_lib.evaluate(net, variables, data_lib.eval_iterator(
+      config.data, batch_size=config.eval_batch_size), parallel.data_mesh(),
+                              num_classes=info.num_classes)
+  directory = os.path.join(workdir, phase_lib.TEACHER)
+  ckpt_lib.save_variables(directory, variables, {
+      "model": model, "phase": phase_lib.TEACHER, "num_classes": info.num_classes,
+      "dataset": config.data.name, "steps": 0, "metrics": metrics, "selection": {},
+      "imported_from": os.path.abspath(checkpoint)})
+  log(f"teacher: imported {model} from {checkpoint} into {directory}: accuracy "
+      f"{metrics['accuracy']:.4f} on the eval split of {config.data.name}")
+  return metrics["accuracy"]

@@ -9,6 +9,7 @@ saved RepDistiller-style (`{'model': state_dict, ...}`) and as .safetensors (wri
 and its eval-mode logits compared with the Flax model's on the same images.
 """
 import json
+import os
 import struct
 import sys
 
@@ -17,7 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kd_jax import models, pretrained
+from kd_jax import checkpoint as ckpt_lib
+from kd_jax import cli, configs, models, pretrained
+from kd_jax import data as data_lib
 
 torch = pytest.importorskip("torch", reason="the PyTorch references need the torch extra "
                             "(pip install -e \".[torch]\")")
@@ -483,3 +486,77 @@ def test_models_without_reference_and_other_files_fail_clearly(tmp_path):
   assert set(pretrained.importable()) == set(models.available())
   with pytest.raises(ValueError, match="unknown model 'resnet9'"):
     pretrained.family("resnet9")
+
+
+# --- A PyTorch teacher in a run -----------------------------------------------------------
+
+TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                    "kd_jax", "experiments", "digits.py") + ":tiny"
+
+
+def digits_split(config, split):
+  """All images (NCHW, as PyTorch takes them) and labels of a split of the tiny config."""
+  batches = list(data_lib.host_eval_iterator(config.data, batch_size=512, split=split))
+  keep = np.concatenate([b["mask"] for b in batches]) > 0
+  images = np.concatenate([b["image"] for b in batches])[keep].transpose(0, 3, 1, 2)
+  return torch.from_numpy(images), np.concatenate([b["label"] for b in batches])[keep]
+
+
+def test_import_teacher_then_a_run_skips_the_teacher_phase(tmp_path, capsys):
+  # The tiny config's teacher: resnet8 on 8x8 one-channel digits, trained in PyTorch
+  # for 40 Adam steps so that its accuracy is well above chance.
+  config = configs.validate(configs.experiment_config("digits", "tiny"))
+  images, labels = digits_split(config, "train")
+  torch.manual_seed(0)
+  net = CifarResNet(8, (16, 16, 32, 64), 10, in_channels=1)
+  optimizer = torch.optim.Adam(net.parameters(), lr=0.01)
+  for step in range(40):
+    batch = slice(64 * step % 1216, 64 * step % 1216 + 64)
+    optimizer.zero_grad()
+    F.cross_entropy(net(images[batch]), torch.from_numpy(labels[batch]).long()).backward()
+    optimizer.step()
+  save_pth(net.eval(), tmp_path / "resnet8.pth")
+  test_images, test_labels = digits_split(config, "eval")
+  with torch.no_grad():
+    torch_accuracy = float(np.mean(net(test_images).argmax(1).numpy() == test_labels))
+  assert torch_accuracy > 0.5
+
+  imported = str(tmp_path / "imported")
+  cli.main(["kd-jax", "import-teacher", f"--checkpoint={tmp_path / 'resnet8.pth'}",
+            "--model=resnet8", "--num_classes=10", f"--workdir={imported}",
+            f"--config={TINY}"])
+  printed = float(capsys.readouterr().out.split("teacher accuracy ")[1].split()[0])
+  # The same images through the same weights: the same predictions (359 test digits).
+  assert printed == pytest.approx(torch_accuracy, abs=1e-6)
+  with open(os.path.join(imported, "teacher", "model.json")) as f:
+    meta = json.load(f)
+  assert (meta["model"], meta["num_classes"], meta["dataset"]) == ("resnet8", 10, "kd_digits")
+  assert meta["metrics"]["accuracy"] == pytest.approx(printed, abs=1e-6)
+
+  run = str(tmp_path / "run")
+  cli.main(["kd-jax", "distill", f"--config={TINY}", f"--workdir={run}",
+            f"--config.teacher.checkpoint={tmp_path / 'resnet8.pth'}",
+            # the shortest distilled student: 1 epoch of 144 digits, no export
+            "--config.train_vanilla=False", "--config.train.epochs=1",
+            "--config.export.variants=()", "--config.student.train_split=train[:10%]"])
+  with open(os.path.join(run, "summary.json")) as f:
+    summary = json.load(f)
+  assert summary["teacher_accuracy"] == meta["metrics"]["accuracy"]
+  with open(os.path.join(run, "metrics.jsonl")) as f:
+    phases = {json.loads(line).get("phase") for line in f}
+  assert "teacher" not in phases and "distilled" in phases  # no teacher training
+  assert not os.path.exists(os.path.join(run, "teacher", "checkpoints"))
+  variables, _ = ckpt_lib.load_variables(
+      os.path.join(run, "teacher"),
+      jax.eval_shape(lambda: models.create("resnet8", 10).init(
+          jax.random.key(0), jnp.zeros((1, 8, 8, 1)))))
+  want = pretrained.load_torch_checkpoint(str(tmp_path / "resnet8.pth"), "resnet8", 10)
+  jax.tree.map(np.testing.assert_array_equal, variables, want)
+
+
+def test_import_teacher_refuses_another_dataset_class_count(tmp_path):
+  save_pth(CifarResNet(8, (16, 16, 32, 64), 100, in_channels=1), tmp_path / "t.pth")
+  with pytest.raises(ValueError, match="kd_digits has 10 classes, the checkpoint's resnet8 "
+                     "100"):
+    pretrained.import_teacher(str(tmp_path / "t.pth"), "resnet8", 100, str(tmp_path),
+                              configs.validate(configs.experiment_config("digits", "tiny")))
