@@ -28,7 +28,7 @@ nn, F = torch.nn, torch.nn.functional
 
 # The logits of a float32 network agree with PyTorch's up to the rounding of the two
 # summation orders (XLA vs. oneDNN kernels): measured at most 6.4e-7 of the largest
-# logit over the seven architectures here (up to 40 layers), so 1e-5 leaves a 15x
+# logit over the eight architectures here (up to 50 layers), so 1e-5 leaves a 15x
 # margin, while one wrong tensor (a transposed kernel, swapped BatchNorm statistics)
 # moves the logits by orders of magnitude more.
 RTOL = 1e-5
@@ -77,19 +77,42 @@ class CifarResNet(nn.Module):
     return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
-class TorchvisionResNet18(nn.Module):
-  def __init__(self, num_classes):
+class Bottleneck(nn.Module):
+  """torchvision's: the stride on the 3x3 conv, 4x expansion."""
+
+  def __init__(self, inplanes, planes, stride=1):
     super().__init__()
+    self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+    self.bn1 = nn.BatchNorm2d(planes)
+    self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+    self.bn2 = nn.BatchNorm2d(planes)
+    self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+    self.bn3 = nn.BatchNorm2d(planes * 4)
+    self.downsample = None
+    if stride != 1 or inplanes != planes * 4:
+      self.downsample = nn.Sequential(
+          nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4))
+
+  def forward(self, x):
+    out = F.relu(self.bn1(self.conv1(x)))
+    out = self.bn3(self.conv3(F.relu(self.bn2(self.conv2(out)))))
+    return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class TorchvisionResNet(nn.Module):
+  def __init__(self, block, layers, num_classes):
+    super().__init__()
+    expansion = 4 if block is Bottleneck else 1
     self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
     self.bn1 = nn.BatchNorm2d(64)
     inplanes = 64
-    for i, planes in enumerate((64, 128, 256, 512)):
-      stride = 1 if i == 0 else 2
-      setattr(self, f"layer{i + 1}", nn.Sequential(
-          BasicBlock(inplanes, planes, stride),
-          BasicBlock(planes, planes)))
-      inplanes = planes
-    self.fc = nn.Linear(512, num_classes)
+    for i, (planes, n) in enumerate(zip((64, 128, 256, 512), layers)):
+      blocks = []
+      for j in range(n):
+        blocks.append(block(inplanes, planes, 2 if i > 0 and j == 0 else 1))
+        inplanes = planes * expansion
+      setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+    self.fc = nn.Linear(inplanes, num_classes)
 
   def forward(self, x):
     x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
@@ -313,14 +336,28 @@ class ShuffleV2(nn.Module):
     return self.linear(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
+_CIFAR_FILTERS = (16, 16, 32, 64)
+_X4_FILTERS = (32, 64, 128, 256)
+_VGG = {8: ((64,), (128,), (256,), (512,), (512,)),
+        11: ((64,), (128,), (256, 256), (512, 512), (512, 512)),
+        13: ((64, 64), (128, 128), (256, 256), (512, 512), (512, 512)),
+        16: ((64, 64), (128, 128), (256,) * 3, (512,) * 3, (512,) * 3),
+        19: ((64, 64), (128, 128), (256,) * 4, (512,) * 4, (512,) * 4)}
+# Every zoo model with a PyTorch reference: name -> builder(num_classes).
 REFERENCES = {
-    "resnet8x4": lambda k: CifarResNet(8, (32, 64, 128, 256), k),
-    "wrn_40_2": lambda k: WideResNet(40, 2, k),
-    "vgg13": lambda k: VGG(((64, 64), (128, 128), (256, 256), (512, 512), (512, 512)), k),
+    **{f"resnet{d}": (lambda k, d=d: CifarResNet(d, _CIFAR_FILTERS, k))
+       for d in (8, 14, 20, 32, 44, 56, 110)},
+    "resnet8x4": lambda k: CifarResNet(8, _X4_FILTERS, k),
+    "resnet32x4": lambda k: CifarResNet(32, _X4_FILTERS, k),
+    **{f"wrn_{d}_{w}": (lambda k, d=d, w=w: WideResNet(d, w, k))
+       for d in (16, 40) for w in (1, 2)},
+    **{f"vgg{d}": (lambda k, cfg=cfg: VGG(cfg, k)) for d, cfg in _VGG.items()},
     "MobileNetV2": MobileNetV2,
     "ShuffleV1": ShuffleV1,
     "ShuffleV2": ShuffleV2,
-    "resnet18": TorchvisionResNet18,
+    "resnet18": lambda k: TorchvisionResNet(BasicBlock, (2, 2, 2, 2), k),
+    "resnet34": lambda k: TorchvisionResNet(BasicBlock, (3, 4, 6, 3), k),
+    "resnet50": lambda k: TorchvisionResNet(Bottleneck, (3, 4, 6, 3), k),
 }
 
 
@@ -382,7 +419,7 @@ def relative_error(a, b):
 
 @pytest.mark.parametrize("name,num_classes", [
     ("resnet8x4", 100), ("wrn_40_2", 100), ("vgg13", 100), ("MobileNetV2", 100),
-    ("ShuffleV1", 100), ("ShuffleV2", 10), ("resnet18", 10)])
+    ("ShuffleV1", 100), ("ShuffleV2", 10), ("resnet18", 10), ("resnet50", 10)])
 def test_imported_logits_equal_the_pytorch_models(name, num_classes, tmp_path):
   net = reference(name, num_classes)
   images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -406,6 +443,22 @@ def test_imported_logits_equal_the_pytorch_models(name, num_classes, tmp_path):
       jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
   assert jax.tree.structure(variables) == jax.tree.structure(like)
   assert jax.tree.map(np.shape, variables) == jax.tree.map(lambda s: s.shape, like)
+
+
+def test_every_zoo_model_maps_its_reference_state_dict_exactly():
+  # Names and shapes of every tensor, both ways: the state dict of each reference
+  # definition fills the zoo model's variables, each leaf with the shape Flax expects
+  # (the parity test above checks values on one model of each family).
+  assert sorted(REFERENCES) == sorted(pretrained.importable())
+  for name in pretrained.importable():
+    net = REFERENCES[name](100)
+    variables = pretrained.variables_from_state_dict(numpy_state(net), name, 100)
+    like = jax.eval_shape(lambda: models.create(name, 100).init(
+        jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+    assert jax.tree.map(np.shape, variables) == jax.tree.map(lambda s: s.shape, like), name
+    count = sum(v.numel() for k, v in net.state_dict().items()
+                if not k.endswith("num_batches_tracked"))
+    assert sum(x.size for x in jax.tree.leaves(variables)) == count, name
 
 
 def test_prefixes_and_wrappers_are_removed(tmp_path):
