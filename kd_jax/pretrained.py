@@ -63,8 +63,7 @@ _SHUFFLE_V2_DOWN = {"left_depthwise": 1, "left_pointwise": 2, "right_reduce": 3,
 # Per family: (Flax leaf module path regex, PyTorch module name: a format string over
 # the groups, or a function of them). The names are those of RepDistiller's CIFAR
 # definitions and torchvision's ResNets.
-_Rule = tuple[str, "str | Callable[..., str]"]
-_RULES: dict[str, list[_Rule]] = {
+_RULES: dict[str, list[tuple[str, str | Callable[..., str]]]] = {
     "resnet": [
         (r"stem/conv", "conv1"), (r"stem/bn", "bn1"),
         (r"stage(\d+)_block(\d+)/conv_bn(\d)/(conv|bn)", "layer{0}.{1}.{3}{2}"),
@@ -108,6 +107,12 @@ _CLASSIFIER = {"resnet": "fc", "wrn": "fc", "vgg": "classifier",
                "mobilenetv2": "classifier.0", "shufflev1": "linear", "shufflev2": "linear"}
 
 
+# Zoo name prefix -> family, for the models with a PyTorch reference.
+_FAMILIES = (("resnet", "resnet"), ("wrn_", "wrn"), ("vgg", "vgg"),
+             ("MobileNetV2", "mobilenetv2"), ("ShuffleV1", "shufflev1"),
+             ("ShuffleV2", "shufflev2"))
+
+
 def family(model: str) -> str:
   """The architecture family of a zoo model name (a key of `_RULES`).
 
@@ -115,9 +120,7 @@ def family(model: str) -> str:
     ValueError: for a model without a PyTorch reference (or an unknown name).
   """
   models.create(model, 1)  # an unknown name fails here with the closest known name
-  for prefix, name in (("resnet", "resnet"), ("wrn_", "wrn"), ("vgg", "vgg"),
-                       ("MobileNetV2", "mobilenetv2"), ("ShuffleV1", "shufflev1"),
-                       ("ShuffleV2", "shufflev2")):
+  for prefix, name in _FAMILIES:
     if model.startswith(prefix):
       return name
   raise ValueError(f"model {model!r} has no PyTorch reference to load weights from; "
@@ -126,7 +129,7 @@ def family(model: str) -> str:
 
 def importable() -> list[str]:
   """The zoo models `load_torch_checkpoint` maps (those with a PyTorch reference)."""
-  prefixes = ("resnet", "wrn_", "vgg", "MobileNetV2", "ShuffleV1", "ShuffleV2")
+  prefixes = tuple(prefix for prefix, _ in _FAMILIES)
   return [name for name in models.available() if name.startswith(prefixes)]
 
 
@@ -195,7 +198,12 @@ def _read_torch(path: str) -> Any:
   except ImportError:
     raise ImportError(f"reading {path} needs PyTorch: pip install -e \".[torch]\" (or "
                       "save the state dict as .safetensors, read without it)") from None
-  return torch.load(path, map_location="cpu", weights_only=True)
+  try:
+    return torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # pickle, zip and torch errors alike
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    raise ValueError(f"{path} cannot be read with torch.load(weights_only=True) "
+                     f"({first}); save model.state_dict() rather than the model") from None
 
 
 def _to_numpy(value: Any) -> np.ndarray | None:

@@ -536,6 +536,13 @@ def test_models_without_reference_and_other_files_fail_clearly(tmp_path):
     pretrained.read_state_dict(str(tmp_path / "t.npz"))
   with pytest.raises(FileNotFoundError, match="no checkpoint file"):
     pretrained.read_state_dict(str(tmp_path / "none.pth"))
+  torch.save(CifarResNet(8, _CIFAR_FILTERS, 10), tmp_path / "whole_model.pth")
+  with pytest.raises(ValueError, match=r"cannot be read with torch.load\(weights_only=True\)"
+                     r" \(.*\); save model.state_dict\(\) rather than the model$"):
+    pretrained.read_state_dict(str(tmp_path / "whole_model.pth"))
+  torch.save({"epoch": 3, "optimizer": {"lr": 0.1}}, tmp_path / "no_weights.pth")
+  with pytest.raises(ValueError, match="holds no state dict: a dict with keys"):
+    pretrained.read_state_dict(str(tmp_path / "no_weights.pth"))
   assert set(pretrained.importable()) == set(models.available())
   with pytest.raises(ValueError, match="unknown model 'resnet9'"):
     pretrained.family("resnet9")
