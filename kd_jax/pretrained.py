@@ -192,11 +192,16 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
   return tensors
 
 
+class TorchMissingError(ImportError, ValueError):
+  """PyTorch is needed (a ``.pth``) but not installed: an ImportError, and bad input
+  (ValueError) to the ``kd-jax`` command, which prints it as one line."""
+
+
 def _read_torch(path: str) -> Any:
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError:
-    raise ImportError(f"reading {path} needs PyTorch: pip install -e \".[torch]\" (or "
+    raise TorchMissingError(f"reading {path} needs PyTorch: pip install -e \".[torch]\" (or "
                       "save the state dict as .safetensors, read without it)") from None
   try:
     return torch.load(path, map_location="cpu", weights_only=True)
@@ -407,7 +412,7 @@ def load_torch_checkpoint(path: str, model: str, num_classes: int) -> dict:
     ValueError: the file holds another architecture or class count (the message names
       the first missing / unexpected keys, shape mismatches and the model it fits), or
       is not a checkpoint.
-    ImportError: a ``.pth`` without PyTorch installed.
+    TorchMissingError: a ``.pth`` without PyTorch installed (an ImportError).
   """
   return variables_from_state_dict(read_state_dict(path), model, num_classes, source=path)
 

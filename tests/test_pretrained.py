@@ -523,11 +523,19 @@ def test_safetensors_reader_dtypes_and_damage(tmp_path):
     pretrained.read_safetensors(str(path))
 
 
-def test_pth_without_torch_says_how_to_install(tmp_path, monkeypatch):
+def test_pth_without_torch_says_how_to_install(tmp_path, monkeypatch, capsys):
   (tmp_path / "t.pth").write_bytes(b"")
   monkeypatch.setitem(sys.modules, "torch", None)
   with pytest.raises(ImportError, match=r'pip install -e "\.\[torch\]"'):
     pretrained.load_torch_checkpoint(str(tmp_path / "t.pth"), "resnet8", 10)
+  # The kd-jax command prints it as one line, exit status 2.
+  with pytest.raises(SystemExit) as exit_:
+    cli.main(["kd-jax", "import-teacher", f"--checkpoint={tmp_path / 't.pth'}",
+              "--model=resnet8", "--num_classes=10", f"--workdir={tmp_path}",
+              f"--config={TINY}"])
+  assert exit_.value.code == 2
+  assert capsys.readouterr().err.strip().startswith(
+      f"kd-jax: error: reading {tmp_path / 't.pth'} needs PyTorch: pip install -e")
 
 
 def test_models_without_reference_and_other_files_fail_clearly(tmp_path):
