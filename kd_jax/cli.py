@@ -9,6 +9,9 @@
                        [--data_dir=DIR] [--export]
   kd-jax profile       [--config=experiments/profile_cifar.py[:tiny]] [--workdir=DIR]
                        [--config.candidates=NAME_OR_DIR,...]
+  kd-jax import-teacher --checkpoint=FILE.pth --model=NAME --num_classes=N --workdir=DIR
+                       [--config=...]   a PyTorch teacher as DIR/teacher (reuse it with
+                       --config.teacher.checkpoint=DIR, or pass the file itself there)
 
 With no --config, the embedded default (experiments/digits.py, offline digits) runs.
 Bad input ends in one line naming what to change, with exit status 2.
@@ -20,7 +23,7 @@ import sys
 from typing import NoReturn
 
 COMMANDS = ("distill", "train-teacher", "evaluate", "export", "report", "reproduce",
-            "profile")
+            "profile", "import-teacher")
 _USAGE = ("usage: kd-jax {" + ",".join(COMMANDS) + "} [--config=FILE[:variant]] "
           "[--workdir=DIR] [--config.KEY=VALUE ...] [--verbose]")
 # Commands on a finished run start from its config.json; these are the keys each lets
@@ -108,6 +111,8 @@ def main(argv: list[str] | None = None) -> None:
   try:
     if command == "reproduce":
       _run_reproduce([argv[0]] + argv[2:])
+    elif command == "import-teacher":
+      _run_import_teacher([argv[0]] + argv[2:])
     else:
       _run(command, [argv[0]] + argv[2:])
   except preemption.Preempted as e:
@@ -347,6 +352,40 @@ def _run_reproduce(argv: list[str]) -> None:
   from kd_jax import reproduce
   reproduce.run(fv.pairs, fv.methods, fv.workdir, tiny=fv.tiny, data_dir=fv.data_dir,
                 export=fv.export, seeds=fv.seeds)
+
+
+# --- kd-jax import-teacher: a PyTorch checkpoint as a teacher (kd_jax/pretrained.py) --
+
+def _run_import_teacher(argv: list[str]) -> None:
+  from absl import flags
+  from ml_collections import config_flags
+
+  from kd_jax import configs
+
+  fv = flags.FlagValues()
+  flags.DEFINE_string("checkpoint", None, ".pth / .pt / .safetensors file", flag_values=fv)
+  flags.DEFINE_string("model", None, "zoo name of its architecture", flag_values=fv)
+  flags.DEFINE_integer("num_classes", None, "its class count", flag_values=fv)
+  flags.DEFINE_string("workdir", None, "where teacher/ is written", flag_values=fv)
+  argv = [f"--config={configs.resolve_config_path(a[len('--config='):])}"
+          if a.startswith("--config=") else a for a in argv]
+  try:
+    config_flag = config_flags.DEFINE_config_file(
+        "config", default=configs.DEFAULT_CONFIG, help_string="experiment config file "
+        "(its data block gives the eval split)", flag_values=fv, sys_argv=argv)
+    fv(argv)
+    config = config_flag.value
+    config.keys()
+  except (flags.Error, AttributeError, KeyError, OSError, TypeError, ValueError) as e:
+    raise UsageError(configs.explain_flag_error(e, argv)) from None
+  missing = [f"--{name}" for name in ("checkpoint", "model", "num_classes", "workdir")
+             if fv[name].value is None]
+  if missing:
+    raise UsageError(f"kd-jax import-teacher needs {' '.join(missing)}")
+  from kd_jax import pretrained
+  accuracy = pretrained.import_teacher(fv.checkpoint, fv.model, fv.num_classes, fv.workdir,
+                                       configs.validate(config, deep=True))
+  print(f"teacher accuracy {accuracy:.6f}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from kd_jax import export as export_lib
 from kd_jax import files
 from kd_jax import models
 from kd_jax import phase as phase_lib
+from kd_jax import pretrained
 from kd_jax.edge import cost
 from kd_jax.metric_writer import log
 
@@ -136,10 +137,11 @@ def teacher_source(config, workdir: str) -> str:
   """The folder holding a run's teacher variables.
 
   `teacher.checkpoint` (a `kd-jax train-teacher` workdir or its `teacher/` folder),
-  else `<workdir>/teacher`.
+  else `<workdir>/teacher`, where a run also imports a `teacher.checkpoint` that is a
+  PyTorch / safetensors file (`kd_jax.pretrained.import_teacher`).
   """
   source = config.teacher.checkpoint
-  if not source:
+  if not source or pretrained.is_checkpoint_file(source):
     return os.path.join(workdir, TEACHER)
   inner = os.path.join(source, TEACHER)
   return inner if os.path.isdir(inner) else source

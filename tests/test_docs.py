@@ -19,7 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]
 _FLAGS = {"distill": {"config", "workdir", "coordinator_address", "num_processes",
                       "process_id"},
-          "reproduce": {"workdir", "pairs", "methods", "tiny", "data_dir", "export", "seeds"}}
+          "reproduce": {"workdir", "pairs", "methods", "tiny", "data_dir", "export", "seeds"},
+          "import-teacher": {"checkpoint", "model", "num_classes", "workdir", "config"}}
 
 
 def _commands():

@@ -43,7 +43,10 @@ Needs CIFAR-100 prepared for TFDS (`tfds build cifar100` on a machine with netwo
 then --config.data.data_dir=DIR). Expected runtime on one GPU (an estimate, not a
 measurement): about an hour per student run (187,680 steps), more with the deep
 resnet110 / wrn_40_2 teachers; the teacher trains in the run unless
---config.teacher.checkpoint=DIR names one (`kd-jax reproduce` trains each once).
+--config.teacher.checkpoint=DIR names one (`kd-jax reproduce` trains each once), or
+--config.teacher.checkpoint=PATH.pth names a published teacher (RepDistiller's /
+mdistiller's <teacher>_vanilla/ckpt_epoch_240.pth), imported without training
+(docs/training.md).
 
 `PAIR:METHOD:tiny` runs the same objective in under a minute on a CPU: the offline
 kd_digits dataset, 1 epoch, batch 32, and the smallest model of each family.

@@ -11,7 +11,9 @@ point --config.data.data_dir at it). Run on one GPU or TPU host:
   kd-jax distill --config=experiments/cifar100_kd.py --workdir=runs/cifar100_kd
 Unlike the benchmark's variants, it also trains the vanilla student, so one run
 compares teacher, vanilla and distilled student: about 3 GPU-hours (an estimate). Reuse
-a trained teacher with --config.teacher.checkpoint=DIR; skip the vanilla run with
+a trained teacher with --config.teacher.checkpoint=DIR, or start from the published one
+with --config.teacher.checkpoint=PATH.pth (RepDistiller's / mdistiller's
+resnet32x4_vanilla/ckpt_epoch_240.pth; docs/training.md); skip the vanilla run with
 --config.train_vanilla=False. `experiments/cifar100_kd.py:tiny` is the seconds-long
 smoke version on the offline digits.
 """

@@ -19,6 +19,7 @@ import ml_collections
 from kd_jax import data as data_lib
 from kd_jax import parallel
 from kd_jax import phase as phase_lib
+from kd_jax import pretrained
 from kd_jax import rundir
 from kd_jax import checkpoint as ckpt_lib
 from kd_jax import teacher_pass
@@ -32,6 +33,10 @@ def teacher_phase(config, workdir: str, mesh, info, writer: MetricWriter) -> pha
   teacher = rundir.model(config, "teacher", info.num_classes)
   like = phase_lib.variables_like(teacher, info.image_shape)
   source = rundir.teacher_source(config, workdir)
+  if (pretrained.is_checkpoint_file(config.teacher.checkpoint)
+      and not ckpt_lib.has_variables(source)):
+    pretrained.import_teacher(config.teacher.checkpoint, config.teacher.name,
+                              info.num_classes, workdir, config)
   if config.teacher.checkpoint and not ckpt_lib.has_variables(source):
     raise FileNotFoundError(
         f"teacher checkpoint {source!r} not found; train one with `kd-jax train-teacher "
