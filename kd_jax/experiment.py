@@ -23,6 +23,7 @@ from kd_jax import evaluate as eval_lib
 from kd_jax import files
 from kd_jax import parallel
 from kd_jax import phase as phase_lib
+from kd_jax import pretrained
 from kd_jax import report
 from kd_jax import robustness as robustness_lib
 from kd_jax import rundir
@@ -98,12 +99,18 @@ def check_run(config: ml_collections.ConfigDict, workdir: str,
                        f"({', '.join(given)}): {text[:300]}") from None
   teacher_dir = rundir.teacher_source(config, workdir)
   teacher_ready = ckpt_lib.has_variables(teacher_dir)
-  if config.teacher.checkpoint and not teacher_ready:
+  imported = pretrained.is_checkpoint_file(config.teacher.checkpoint)
+  if imported and not teacher_ready:
+    if not os.path.isfile(config.teacher.checkpoint):
+      raise FileNotFoundError(f"teacher checkpoint {config.teacher.checkpoint!r} not found; "
+                              "check --config.teacher.checkpoint")
+    teacher_ready = True  # imported before the students train (kd_jax.pretrained)
+  elif config.teacher.checkpoint and not teacher_ready:
     raise FileNotFoundError(
         f"teacher checkpoint {teacher_dir!r} not found; train one with `kd-jax "
         "train-teacher --workdir=DIR` (then --config.teacher.checkpoint=DIR) or unset "
         "--config.teacher.checkpoint to train the teacher in this run")
-  if teacher_ready:
+  if teacher_ready and not imported:
     rundir.check_teacher_meta(config, teacher_dir, infos.get("student") or infos["teacher"])
   recipes = []
   if "teacher" in infos and not teacher_ready:
