@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import resource
@@ -199,13 +200,8 @@ def main(argv=None):
     print(json.dumps(run_host(args._data_dir, index, count, args.batch, args._format)))
     return 0
 
-  file_format = args.format
-  if file_format is None:
-    try:
-      import array_record  # noqa: F401
-      file_format = "array_record"
-    except ImportError:
-      file_format = "tfrecord"
+  file_format = args.format or (
+      "array_record" if importlib.util.find_spec("array_record") else "tfrecord")
   rows = []
   with tempfile.TemporaryDirectory() as data_dir:
     t0 = time.perf_counter()
