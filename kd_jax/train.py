@@ -358,10 +358,36 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None,
     metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
     return new_state, metrics
 
-  step = jax.shard_map(per_shard_step, mesh=mesh,
-                       in_specs=(P(), P(), P(axis), P()), out_specs=(P(), P()),
-                       check_vma=False)
+  def step(state, teacher_variables, batch, rng):
+    specs = state_specs(state, objective, mesh)
+    return jax.shard_map(per_shard_step, mesh=mesh,
+                         in_specs=(specs, P(), P(axis), P()), out_specs=(specs, P()),
+                         check_vma=False)(state, teacher_variables, batch, rng)
+
   return jax.jit(step, donate_argnums=(0,))
+
+
+def state_specs(state: TrainState, objective: objective_lib.Objective,
+                mesh: Mesh) -> Any:
+  """The step's partition of the state: replicated, except per-example tables.
+
+  A term whose `memory_shards` equals the mesh's device count (CRD) keeps its memory
+  banks (`memory/<term>/method/{student,teacher}`) sharded by rows over the data
+  axis: each device holds N / D rows (see `kd_jax.losses.CRD`).
+  """
+  devices = mesh.devices.size
+  sharded = {term.name_ for term in objective.terms
+             if devices > 1 and term.hyper.get("memory_shards", 1) == devices}
+
+  def spec(path, leaf):
+    del leaf
+    keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    if (keys[:2] == ["term_state", "memory"] and len(keys) == 5
+        and keys[2] in sharded and keys[4] in ("student", "teacher")):
+      return P(parallel.DATA_AXIS)
+    return P()
+
+  return jax.tree_util.tree_map_with_path(spec, state)
 
 
 def monitors(objective: objective_lib.Objective, step: jax.Array,

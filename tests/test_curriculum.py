@@ -5,6 +5,7 @@ import json
 import math
 import os
 import shutil
+from unittest import mock
 
 import flax.linen as nn
 import jax
@@ -12,11 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.data_sources import array_record as array_record_source
 from jax.sharding import Mesh
 
 from kd_jax import cli, configs, data, losses, models, objective as objective_lib
 from kd_jax import parallel, teacher_pass
 from kd_jax.data import curriculum as curriculum_lib
+from kd_jax.data import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = 64
@@ -163,6 +166,33 @@ def test_curriculum_batches_hold_the_drawn_training_examples():
   for image, label, index in zip(batch["image"], batch["label"], batch["index"]):
     np.testing.assert_array_equal(np.round(image).astype(np.uint8), split[index]["image"])
     assert label == split[index]["label"]
+
+
+def test_curriculum_holds_scores_and_reads_only_the_drawn_records(tmp_path,
+                                                                  monkeypatch):
+  # ArrayRecord, not cached: no tensor of the split's images is ever built, and every
+  # read is exactly one step's draw of this host; the batches equal those of the
+  # same split held in memory (the default TFRecord kd_digits, cached).
+  config = data.default_data_config()
+  config.update(data_dir=str(tmp_path), cache=False)
+  tfds.builder("kd_digits", data_dir=str(tmp_path)).download_and_prepare(
+      file_format="array_record")
+  in_memory = curriculum_batches(16, process_index=1, process_count=2)
+
+  def no_split_in_memory(source):
+    raise AssertionError("the training split was materialised")
+
+  monkeypatch.setattr(pipeline, "_in_memory_split", no_split_in_memory)
+  source_class = array_record_source.ArrayRecordDataSource
+  with mock.patch.object(source_class, "__getitems__", autospec=True,
+                         side_effect=source_class.__getitems__) as reads:
+    batches = curriculum_batches(4, config, process_index=1, process_count=2)
+  draws = [b["index"].tolist() for b in in_memory]  # 16 steps cover any read-ahead.
+  assert reads.call_count >= 4
+  assert all(list(call.args[1]) in draws for call in reads.call_args_list)
+  for got, want in zip(batches, in_memory):
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
 
 
 def test_scores_of_another_split_are_refused():

@@ -1,6 +1,7 @@
 """Tests of kd_jax.data: the offline kd_digits builder, preprocessing ops, pipelines."""
 
 import collections
+import contextlib
 import copy
 import socket
 from unittest import mock
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.data_sources import array_record as array_record_source
 
 from kd_jax import data
 from kd_jax.data import kd_digits
@@ -183,10 +185,89 @@ def test_resume_yields_the_uninterrupted_batches(digits_config, start_step):
   assert_batches_equal(resumed, uninterrupted[start_step:])
 
 
+@pytest.fixture(scope="session")
+def array_record_config(tmp_path_factory):
+  """kd_digits prepared as ArrayRecord: a source read by index from disk."""
+  config = data.default_data_config()
+  config.data_dir = str(tmp_path_factory.mktemp("tfds_array_record"))
+  tfds.builder("kd_digits", data_dir=config.data_dir).download_and_prepare(
+      file_format="array_record")
+  return config
+
+
 @pytest.mark.parametrize("cache", [False, "false", True])
-def test_batches_do_not_depend_on_caching(digits_config, cache):
-  assert_batches_equal(train_batches(with_fields(digits_config, cache=cache), 2),
-                       train_batches(digits_config, 2))
+def test_random_access_sources_give_one_stream(digits_config, array_record_config,
+                                               cache):
+  # The split in memory (TFRecord, cached) and ArrayRecord read by index, with or
+  # without its cache: the same batches, across an epoch boundary.
+  steps = STEPS_PER_EPOCH + 1
+  assert_batches_equal(
+      train_batches(with_fields(array_record_config, cache=cache), 2,
+                    start_step=steps - 2),
+      train_batches(digits_config, steps)[-2:])
+
+
+def test_array_record_eval_is_read_through_the_data_source(digits_config,
+                                                           array_record_config):
+  # TFDS cannot `as_dataset` ArrayRecord: the eval split is read by index in file
+  # order, and equals the TFRecord copy's.
+  def eval_batches(config):
+    return list(data.eval_iterator(config, batch_size=BATCH, process_index=0,
+                                   process_count=1))
+  assert_batches_equal(eval_batches(with_fields(array_record_config, cache=False)),
+                       eval_batches(digits_config))
+
+
+@contextlib.contextmanager
+def recorded_reads():
+  """The index lists read from ArrayRecord data sources while inside."""
+  reads = []
+  original = array_record_source.ArrayRecordDataSource.__getitems__
+
+  def getitems(self, keys):
+    reads.append(list(keys))
+    return original(self, keys)
+
+  with mock.patch.object(array_record_source.ArrayRecordDataSource, "__getitems__",
+                         getitems):
+    yield reads
+
+
+@pytest.mark.parametrize("process_count", [2, 4])
+def test_hosts_read_only_their_share_of_the_single_host_stream(array_record_config,
+                                                               process_count):
+  config = with_fields(array_record_config, cache=False)
+  start, steps = STEPS_PER_EPOCH - 2, 4  # Resumed, and across an epoch boundary.
+  single = train_batches(config, 40, start_step=start)  # Covers any read-ahead.
+  per_host = BATCH // process_count
+  for i in range(process_count):
+    with recorded_reads() as reads:
+      host = train_batches(config, steps, start_step=start, process_index=i,
+                           process_count=process_count)
+    own = [b["index"][i * per_host:(i + 1) * per_host].tolist() for b in single]
+    # Every read is this host's slice of one step: no other host's record is read.
+    assert reads and all(keys in own for keys in reads)
+    for k in range(steps):
+      for key in ("image", "label", "index"):
+        np.testing.assert_array_equal(
+            host[k][key], single[k][key][i * per_host:(i + 1) * per_host])
+
+
+def test_per_host_ranges_where_there_is_no_random_access(digits_config):
+  # TFRecord, not held in memory: host i reads examples [i n, (i + 1) n) of the split
+  # only; each epoch all hosts together visit distinct examples; resume is exact.
+  config = with_fields(digits_config, cache=False)
+  n = 1438 // 2
+  hosts = [train_batches(config, STEPS_PER_EPOCH + 2, process_index=i,
+                         process_count=2) for i in range(2)]
+  for i, host in enumerate(hosts):
+    seen = np.concatenate([b["index"] for b in host[:STEPS_PER_EPOCH]])
+    assert seen.min() >= i * n and seen.max() < (i + 1) * n
+  epoch = np.concatenate([b["index"] for h in hosts for b in h[:STEPS_PER_EPOCH]])
+  assert len(set(epoch)) == len(epoch) == STEPS_PER_EPOCH * BATCH
+  resumed = train_batches(config, 3, start_step=STEPS_PER_EPOCH - 1, process_index=1,
+                          process_count=2)
+  assert_batches_equal(resumed, hosts[1][-3:])
 
 
 def test_bad_cache_option(digits_config):

@@ -483,6 +483,54 @@ def test_sharded_update_equals_single_device(name):
                            jax.tree.leaves(variables[collection])[0])
 
 
+def test_crd_banks_sharded_over_devices_halve_memory_with_the_same_loss():
+  # memory_shards=2 and an odd N (one padding row): the banks whole on 1 device vs
+  # sharded in halves over 2 devices. Same draws, so the same loss, gradients and
+  # updated banks; the sums differ only in order, so rtol 1e-5 (float32 is ~6e-8).
+  case = make_case("crd")
+  module = case.module.clone(num_train=21, memory_shards=2)
+  variables = jax.jit(lambda: module.init(jax.random.key(1), case.student, case.teacher,
+                                          index=case.index, train=False))()
+  sharded = module.clone(bn_axis_name="data")
+
+  def per_shard(variables, student, teacher, index):  # As the train step does.
+    def loss_fn(params):
+      return sharded.apply({**variables, "params": params}, student, teacher,
+                           index=index, train=True, mutable=["memory"])
+    (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        variables["params"])
+    return jax.lax.pmean(loss, "data"), jax.lax.pmean(grads, "data"), state
+
+  def step(devices):
+    mesh = Mesh(np.asarray(jax.devices()[:devices]), ("data",))
+    banks = {"student": P("data"), "teacher": P("data"), "z_student": P(),
+             "z_teacher": P(), "key": P(), "draws": P()}
+    specs = {"params": P(), "memory": banks}
+    return jax.jit(jax.shard_map(per_shard, mesh=mesh,
+                                 in_specs=(specs, P("data"), P("data"), P("data")),
+                                 out_specs=(P(), P(), {"memory": banks}),
+                                 check_vma=False))
+
+  loss1, grads1, state1 = step(1)(variables, case.student, case.teacher, case.index)
+  loss2, grads2, state2 = step(2)(variables, case.student, case.teacher, case.index)
+  bank1, bank2 = state1["memory"]["student"], state2["memory"]["student"]
+  assert bank1.shape == bank2.shape == (22, 6)
+  assert {s.data.shape for s in bank1.addressable_shards} == {(22, 6)}
+  assert {s.data.shape for s in bank2.addressable_shards} == {(11, 6)}  # halved
+  np.testing.assert_allclose(float(loss2), float(loss1), rtol=1e-5)
+  chex.assert_trees_all_close(grads2, grads1, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(state2, state1, rtol=1e-5, atol=1e-6)
+  # ... and equal to one device running the module unsharded on the whole batch.
+  whole, _ = jax.jit(lambda v: module.apply(v, case.student, case.teacher,
+                                            index=case.index, train=True,
+                                            mutable=["memory"]))(variables)
+  np.testing.assert_allclose(float(loss1), float(whole), rtol=1e-5)
+  assert not np.allclose(bank1[case.index], variables["memory"]["student"][case.index])
+  with pytest.raises(ValueError, match="divide nce_k"):
+    jax.eval_shape(lambda: module.clone(memory_shards=5).init(
+        jax.random.key(1), case.student, case.teacher, index=case.index))
+
+
 # ---------------------------------------------------------------------------
 # Integration: module methods inside the data-parallel train step.
 # ---------------------------------------------------------------------------
@@ -495,7 +543,8 @@ def test_module_terms_train_in_the_sharded_step():
   teacher = models.create("resnet14", num_classes)
   x = jnp.zeros((2, *input_shape))
   t_vars = teacher.init(jax.random.key(7), x[:1], train=False)
-  terms = [dict(method="crd", weight=0.8, feat_dim=16, nce_k=32),
+  # CRD's banks sharded over the 4 devices (memory_shards=4): 16 of 64 rows each.
+  terms = [dict(method="crd", weight=0.8, feat_dim=16, nce_k=32, memory_shards=4),
            dict(method="vid", weight=1.0, student_tap="stage_2", teacher_tap="stage_2"),
            dict(method="review_kd", weight=1.0,
                 student_tap="stage_1,stage_2,stage_3,embedding",
@@ -527,6 +576,8 @@ def test_module_terms_train_in_the_sharded_step():
     assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["crd/embedding"])
     for term in ("vid/stage_2", "review_kd", "class_prior"):
       assert np.isfinite(metrics[term])
+  bank = state.term_state["memory"]["crd/embedding"]["method"]["teacher"]
+  assert {shard.data.shape for shard in bank.addressable_shards} == {(16, 16)}
   state = parallel.to_host(state)
   memory = state.term_state["memory"]["crd/embedding"]["method"]
   seen = np.unique(np.concatenate(seen))

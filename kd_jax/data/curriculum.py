@@ -25,7 +25,9 @@ decides how many of the easiest ones each step may draw from.
 3. Sampling (in tf.data, see `kd_jax.data.pipeline`): global batch t is B distinct
    examples of that pool, drawn with seeds (seed, t); host i of P takes draws
    [i · B/P, (i + 1) · B/P). So hosts hold disjoint examples, every draw is a function
-   of (seed, step) alone, and a resumed run continues the same curriculum.
+   of (seed, step) alone, and a resumed run continues the same curriculum. The sampler
+   holds the scores and the ranking only (8 bytes per example); the pipeline reads the
+   drawn images by index.
 
 Training logs `curriculum_fraction` (the pool's share of the split) and
 `curriculum_difficulty` (the mean score of the step's global batch).

@@ -1,9 +1,10 @@
 """Deterministic, exactly resumable, host-sharded input pipelines over TFDS datasets.
 
 The training stream is defined position by position, so that it is reproducible and
-cheap to resume:
+cheap to resume, and each host reads only the examples it trains on:
 
-- epoch `e` visits the training split in the order of a shuffle seeded by (seed, e);
+- epoch `e` visits the training split in the order of a permutation of the example
+  indices seeded by (seed, e) (`stateless_shuffle`, the same on every host);
 - the example at position `p` of epoch `e` is augmented with stateless random ops
   seeded by (seed, e, p);
 - global batch `s` of epoch `e` is positions [s * B, (s + 1) * B) of that order (the
@@ -11,25 +12,33 @@ cheap to resume:
   [s * B + i * B/P, s * B + (i + 1) * B/P) of it, so the hosts' slices of a step,
   concatenated in host order, are exactly the single-host global batch.
 
+Host `i` reads the records at its positions only, by index, from a random-access
+source: the split held in memory (`data.cache`, small datasets: read once), or an
+ArrayRecord-prepared dataset's data source (`tfds build --file_format=array_record`),
+which reads just those records. A TFRecord split not held in memory has no random
+access; there host `i` reads only examples [i * n, (i + 1) * n) of the split (file
+order, n = N // P, a TFDS split slice: the other files are never opened), shuffles
+them each epoch with a buffer seeded by (seed, e), and takes B/P of them per step.
+The guarantees then differ (docs/scaling.md):
+
+- random access: the global stream does not depend on the host count, and resume is
+  exact (step `k` starts at epoch `k // steps_per_epoch`, step `k % steps_per_epoch`,
+  nothing before it read);
+- per-host ranges: each epoch the hosts together visit distinct examples and resume
+  is exact for a fixed host count, but the stream depends on the host count.
+
 Each training example carries `index`, its position in the training split in file
 order (before shuffling): the row of per-example state such as CRD's memory bank.
-
-Resuming at step `k` starts at epoch `k // steps_per_epoch` and skips the first
-`(k % steps_per_epoch) * B` positions of its shuffled order before anything is decoded
-or augmented. Every host reads the whole split and drops the other hosts' positions
-before decoding, which is what makes multi-host data equal single-host data.
-
-The shuffled stream is cut into chunks of `B/P` consecutive positions (chunk `c` is
-host `c % P`'s slice of step `c // P`), and each kept chunk is decoded and augmented
-as one tf.data element (`tf.map_fn` over its examples): per-element tf.data overhead,
-not augmentation, dominates for small images.
+Each host batch is decoded and augmented as one tf.data element (`tf.map_fn` over its
+examples): per-element tf.data overhead, not augmentation, dominates for small images.
 
 With a curriculum (`kd_jax.data.curriculum`) the stream is defined by the step
 instead: global batch `s` is `B` distinct examples drawn, with seeds (seed, s), from the
 easiest examples that the pacing function admits at step `s`, host `i` takes entries
 [i * B/P, (i + 1) * B/P) of that draw, and the example at entry `p` is augmented with
-seeds (seed, s, p); the training split is held in memory for the draws. Batches then
-also carry each example's `difficulty`.
+seeds (seed, s, p). Only the indices and scores are held per example; the images are
+read by index like the epoch stream's (a TFRecord split not cached is then held in
+memory encoded). Batches then also carry each example's `difficulty`.
 
 Edge-condition ops (`data.edge_augment`, see `augment`) run after the preset's
 augmentation, seeded by the same per-example seed; with none configured, the stream is
@@ -71,6 +80,7 @@ DataConfig = ml_collections.ConfigDict
 _PREPARE_ON_DEMAND = (kd_digits.KdDigits.name,)
 _CACHE_LIMIT_BYTES = 1 << 30
 _UNCACHED_SHUFFLE_BUFFER = 16_384
+_READ_BLOCK = 256  # Records per data-source read when a split is read in file order.
 _CORRUPTION_SEED = 0  # Eval corruptions: example p is corrupted with seeds (0, 0, p).
 
 # Defaults of the config fields left at None; mean/std: per channel, [0, 1] pixels.
@@ -128,7 +138,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     flip: random horizontal flips; None -> False for kd_digits (mirrored digits are
       other symbols), True otherwise.
     mean, std: per-channel tuples in [0, 1] pixel units; None -> dataset statistics.
-    shuffle_buffer: None -> the whole split when cached, else 16384.
+    shuffle_buffer: the per-epoch shuffle of a host's range where the split has no random
+      access (TFRecord, not cached); None -> 16384 (at most the range).
     cache: keep decoded training images in memory: True, False, or 'auto' -> cache
       when the decoded split is under 1 GiB (strings 'true'/'false' also accepted).
     edge_augment: edge-condition ops applied to training images after `augment`, a
@@ -249,6 +260,12 @@ def _supervised_keys(builder: tfds.core.DatasetBuilder) -> tuple[str, str]:
 def _read_split(builder: tfds.core.DatasetBuilder, split: str):
   """(undecoded `(image, label)` pairs of a split in file order, number of examples)."""
   image_key, label_key = _supervised_keys(builder)
+  if _is_array_record(builder):
+    records = _data_source(builder, split)
+    lookup = _record_lookup(records, image_key, label_key)
+    ds = tf.data.Dataset.range(len(records)).batch(_READ_BLOCK).map(
+        lookup).unbatch()
+    return ds, len(records)
   try:
     ds = builder.as_dataset(
         split=split,
@@ -268,6 +285,37 @@ def _read_split(builder: tfds.core.DatasetBuilder, split: str):
   if num_examples < 0:
     num_examples = builder.info.splits[split].num_examples
   return ds.map(lambda ex: (ex[image_key], ex[label_key])), num_examples
+
+
+def _is_array_record(builder: tfds.core.DatasetBuilder) -> bool:
+  """Whether `builder` is prepared as ArrayRecord (random access by index)."""
+  return builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD
+
+
+def _data_source(builder: tfds.core.DatasetBuilder, split: str):
+  """The random-access source of an ArrayRecord split, images left encoded."""
+  image_key, _ = _supervised_keys(builder)
+  return builder.as_data_source(
+      split=split, decoders={image_key: tfds.decode.SkipDecoding()})
+
+
+def _record_lookup(records, image_key: str, label_key: str):
+  """`lookup(indices) -> (encoded images, labels)`: the records at `indices` (int64
+  [n]) of a data source, read inside tf.data (only those records are read)."""
+
+  def read(indices):
+    examples = records.__getitems__(indices.tolist())
+    return (np.array([ex[image_key] for ex in examples], dtype=object),
+            np.array([ex[label_key] for ex in examples], dtype=np.int64))
+
+  def lookup(indices):
+    images, labels = tf.numpy_function(read, [indices], (tf.string, tf.int64),
+                                       stateful=False)
+    images.set_shape(indices.shape)
+    labels.set_shape(indices.shape)
+    return images, labels
+
+  return lookup
 
 
 def _parse_cache(value: Union[None, bool, str]) -> Optional[bool]:
@@ -330,8 +378,7 @@ def _source(data_config: DataConfig) -> _Source:
   cache = _parse_cache(data_config.cache)
   if cache is None:
     cache = fixed_shape and num_train * math.prod(native_shape) < _CACHE_LIMIT_BYTES
-  shuffle_buffer = option("shuffle_buffer") or (
-      num_train if cache else min(num_train, _UNCACHED_SHUFFLE_BUFFER))
+  shuffle_buffer = option("shuffle_buffer") or _UNCACHED_SHUFFLE_BUFFER
 
   mean, std = (tuple(option(key)) for key in ("mean", "std"))
   mean, std = (v * channels if len(v) == 1 else v for v in (mean, std))
@@ -431,11 +478,16 @@ def example_seeds(seed: int, epoch, positions) -> tf.Tensor:
   return tf.stack([tf.fill(tf.shape(positions), folded), positions], axis=1)
 
 
+def _epoch_order_key(seed: int, epoch) -> tf.Tensor:
+  """The key (int64 [2]) of epoch `epoch`'s global permutation of the training split."""
+  return tf.random.experimental.stateless_fold_in(
+      tf.constant([seed, salts.SHUFFLE], tf.int64), tf.cast(epoch, tf.int64))
+
+
 def _epoch_shuffle_seed(seed: int, epoch) -> tf.Tensor:
   """The seed of epoch `epoch`'s shuffle (int64 scalar)."""
-  key = tf.random.experimental.stateless_fold_in(
-      tf.constant([seed, salts.SHUFFLE], tf.int64), tf.cast(epoch, tf.int64))
-  return tf.random.stateless_uniform([], key, minval=None, maxval=None, dtype=tf.int64)
+  return tf.random.stateless_uniform([], _epoch_order_key(seed, epoch), minval=None,
+                                     maxval=None, dtype=tf.int64)
 
 
 def _preprocess_batch(source: _Source, images, labels, *, decoded: bool, train: bool,
@@ -515,16 +567,49 @@ def _split_examples(source: _Source, split: str) -> tuple[tf.data.Dataset, int]:
   raise ValueError(f"split must be 'train', 'validation' or 'eval', got {split!r}")
 
 
-def _indexed_examples(source: _Source) -> tf.data.Dataset:
-  """The training split in file order as (image, label, index), decoded if cacheable."""
-  examples, _ = _split_examples(source, "train")
-  examples = examples.enumerate().map(
-      lambda index, example: (*example, tf.cast(index, tf.int32)))
+def _in_memory_split(source: _Source) -> tuple[tf.Tensor, tf.Tensor]:
+  """(images, labels) of the whole training split as two tensors, in file order:
+  decoded uint8 [N, H, W, C] when `cache_decoded`, else the encoded images [N]."""
+  examples, num_train = _split_examples(source, "train")
   if source.cache_decoded:
-    examples = examples.map(
-        lambda image, label, index: (source.decode(image), label, index),
-        num_parallel_calls=tf.data.AUTOTUNE)
-  return examples
+    examples = examples.map(lambda image, label: (source.decode(image), label),
+                            num_parallel_calls=tf.data.AUTOTUNE)
+  return next(iter(examples.batch(num_train).with_options(_options())))
+
+
+def _train_lookup(source: _Source, *, in_memory_fallback: bool = False):
+  """`(lookup, decoded)`: `lookup(indices) -> (images, labels)` reads the training
+  examples at `indices` (file order), `decoded` says whether its images are decoded.
+
+  The source: the split held in memory when `data.cache` is on; else the ArrayRecord
+  data source, which reads only the records asked for; else, with
+  `in_memory_fallback`, the (encoded) split held in memory. None: no random access (a
+  TFRecord split not held in memory).
+  """
+  if source.cache or (in_memory_fallback and not _is_array_record(source.builder)):
+    images, labels = _in_memory_split(source)
+    return ((lambda indices: (tf.gather(images, indices), tf.gather(labels, indices))),
+            source.cache_decoded)
+  if _is_array_record(source.builder):
+    records = _data_source(source.builder, source.info.train_split)
+    return _record_lookup(records, *_supervised_keys(source.builder)), False
+  return None
+
+
+def _host_range(source: _Source, start: int, count: int) -> tf.data.Dataset:
+  """Training examples [start, start + count) in file order as (image, label, index),
+  read through a TFDS split slice, so only the files holding them are opened."""
+  builder, info = source.builder, source.info
+  try:
+    (whole,) = tfds.core.ReadInstruction.from_spec(info.train_split).to_absolute(
+        builder.info.splits)
+    first = (whole.from_ or 0) + start
+    examples, _ = _read_split(builder, tfds.core.ReadInstruction(
+        whole.splitname, from_=first, to=first + count, unit="abs"))
+  except (ValueError, TypeError, KeyError):  # A split spec TFDS cannot slice further.
+    examples = _split_examples(source, "train")[0].skip(start).take(count)
+  return examples.enumerate().map(
+      lambda i, example: (*example, tf.cast(i + start, tf.int32)))
 
 
 def train_dataset(
@@ -551,35 +636,48 @@ def train_dataset(
     return _curriculum_dataset(source, curriculum, global_batch_size, seed, start_step,
                                process_index, process_count)
   start_epoch, skipped_steps = divmod(start_step, steps_per_epoch)
-  # The stream is cut into chunks of `per_host` consecutive positions; chunk c is
-  # host (c % P)'s slice of global step c // P.
-  chunks_per_epoch = steps_per_epoch * process_count
+  # This host's positions within each global batch.
+  offsets = process_index * per_host + tf.range(per_host, dtype=tf.int64)
+  random_access = _train_lookup(source)
 
-  examples = _indexed_examples(source)
-  if source.cache:
-    examples = examples.cache()
+  if random_access is not None:
+    lookup, decoded = random_access
+    num_train = source.info.num_train
 
-  def epoch(epoch_index):
-    ordered = examples.shuffle(
-        source.shuffle_buffer,
-        seed=_epoch_shuffle_seed(seed, epoch_index),
-        reshuffle_each_iteration=False)
-    skip = tf.where(epoch_index == start_epoch, skipped_steps * process_count, 0)
-    # `filter` (not `take`) reads each epoch to its end, which completes the cache.
-    return ordered.batch(per_host, drop_remainder=True).enumerate().skip(
-        tf.cast(skip, tf.int64)
-    ).filter(
-        lambda chunk, _: (chunk < chunks_per_epoch)
-        & (chunk % process_count == process_index)
-    ).map(lambda chunk, batch: (epoch_index, chunk, batch))
+    def epoch(epoch_index):
+      order = tf.random.experimental.stateless_shuffle(
+          tf.range(num_train, dtype=tf.int64), _epoch_order_key(seed, epoch_index))
+      first = tf.where(epoch_index == start_epoch, skipped_steps, 0)
+      return tf.data.Dataset.range(tf.cast(first, tf.int64), steps_per_epoch).map(
+          lambda step: (epoch_index, step * global_batch_size + offsets,
+                        tf.gather(order, step * global_batch_size + offsets)))
 
-  def process(epoch_index, chunk, batch):
-    images, labels, index = batch
-    positions = chunk * per_host + tf.range(per_host, dtype=tf.int64)
-    return {**_preprocess_batch(
-        source, images, labels,
-        decoded=source.cache_decoded, train=True,
-        seeds=example_seeds(seed, epoch_index, positions)), "index": index}
+    def process(epoch_index, positions, indices):
+      images, labels = lookup(indices)
+      return {**_preprocess_batch(
+          source, images, labels, decoded=decoded, train=True,
+          seeds=example_seeds(seed, epoch_index, positions)),
+              "index": tf.cast(indices, tf.int32)}
+  else:
+    # Per-host ranges: host i shuffles and reads only examples [i n, (i + 1) n).
+    host_examples = source.info.num_train // process_count
+    examples = _host_range(source, process_index * host_examples, host_examples)
+
+    def epoch(epoch_index):
+      ordered = examples.shuffle(
+          min(source.shuffle_buffer, host_examples),
+          seed=_epoch_shuffle_seed(seed, epoch_index), reshuffle_each_iteration=False)
+      skip = tf.where(epoch_index == start_epoch, skipped_steps, 0)
+      return ordered.batch(per_host, drop_remainder=True).take(
+          steps_per_epoch).enumerate().skip(tf.cast(skip, tf.int64)).map(
+              lambda step, batch: (epoch_index, step * global_batch_size + offsets,
+                                   batch))
+
+    def process(epoch_index, positions, batch):
+      images, labels, index = batch
+      return {**_preprocess_batch(
+          source, images, labels, decoded=False, train=True,
+          seeds=example_seeds(seed, epoch_index, positions)), "index": index}
 
   return (
       tf.data.Dataset.range(start_epoch, tf.int64.max)
@@ -593,7 +691,8 @@ def train_dataset(
 def _curriculum_dataset(source: _Source, curriculum, global_batch_size: int, seed: int,
                         start_step: int, process_index: int,
                         process_count: int) -> tf.data.Dataset:
-  """The curriculum stream (module docstring): step s's draw from the paced pool."""
+  """The curriculum stream (module docstring): step s's draw from the paced pool,
+  read by index (`_train_lookup`): only the scores are held per example."""
   num_train = source.info.num_train
   if len(curriculum.difficulty) != num_train:
     raise ValueError(
@@ -604,22 +703,20 @@ def _curriculum_dataset(source: _Source, curriculum, global_batch_size: int, see
   host_indices = curriculum.sampler(seed=seed, global_batch_size=global_batch_size,
                                     process_index=process_index,
                                     process_count=process_count)
+  lookup, decoded = _train_lookup(source, in_memory_fallback=True)
   difficulty = tf.constant(curriculum.difficulty, tf.float32)
   positions = process_index * per_host + tf.range(per_host, dtype=tf.int64)
 
-  def draw(step, split):
-    images, labels, _ = split
+  def draw(step):
     chosen = host_indices(step)
+    images, labels = lookup(chosen)
     batch = _preprocess_batch(
-        source, tf.gather(images, chosen), tf.gather(labels, chosen),
-        decoded=source.cache_decoded, train=True,
+        source, images, labels, decoded=decoded, train=True,
         seeds=example_seeds(seed, step, positions))
     return {**batch, "index": chosen, "difficulty": tf.gather(difficulty, chosen)}
 
-  # The whole split is one cached element, repeated alongside the step counter.
-  split = _indexed_examples(source).batch(num_train).cache().repeat()
   return (
-      tf.data.Dataset.zip(tf.data.Dataset.range(start_step, tf.int64.max), split)
+      tf.data.Dataset.range(start_step, tf.int64.max)
       .map(draw, num_parallel_calls=tf.data.AUTOTUNE)
       .prefetch(tf.data.AUTOTUNE)
       .with_options(_options())

@@ -174,9 +174,11 @@ def contrast_loss(scores: jax.Array, num_data: int) -> jax.Array:
 
 def _momentum_update(memory: jax.Array, index: jax.Array, value: jax.Array,
                      momentum: float) -> jax.Array:
-  """Rows `index` of `memory` <- normalise(momentum · row + (1 - momentum) · value)."""
+  """Rows `index` of `memory` <- normalise(momentum · row + (1 - momentum) · value);
+  indices past the last row are dropped (rows another device holds)."""
   rows = memory[index] * momentum + value * (1.0 - momentum)
-  return memory.at[index].set(_common.l2_normalize(rows).astype(memory.dtype))
+  return memory.at[index].set(_common.l2_normalize(rows).astype(memory.dtype),
+                              mode="drop")
 
 
 class CRD(nn.Module):
@@ -203,6 +205,17 @@ class CRD(nn.Module):
   embeddings and indices are all-gathered before the memory update: the sharded
   step computes exactly what one device computes on the global batch.
 
+  Sharded banks (`memory_shards = S > 1`): the banks get `ceil(N / S) · S` rows (the
+  padding is never drawn) in `S` blocks, and each anchor's negatives are `K / S`
+  uniform draws from each block's real rows (uniform over the split when `S` divides
+  `N`). The train step may then hold the banks sharded over the data axis when `S` is
+  its device count (`train.make_train_step`): each device keeps its block of `N / S`
+  rows, scores every anchor of the global batch (all-gathered, `[S B, F]`) against
+  its own block's negatives, and an `all_to_all` hands each device its anchors'
+  scores; the positives are summed over devices (`psum_scatter`) and each device
+  updates its own rows. The loss equals the replicated banks' (same draws), up to
+  float summation order.
+
   Difference from RepDistiller's CIFAR script: its data loader draws the negatives
   from the examples of other classes (`mode='exact'`); here they are uniform over
   the training split, as `ContrastMemory` draws them when given no `contrast_idx`.
@@ -214,6 +227,7 @@ class CRD(nn.Module):
     nce_k: negatives per positive.
     nce_t: temperature `T`.
     nce_m: momentum of the memory update.
+    memory_shards: `S`, the blocks of the banks (see above); 1 -> one uniform draw.
 
   Call args: student `[B, ...]` and teacher `[B, ...]` embeddings (flattened);
   index: int `[B]`, each example's position in the training split (`batch['index']`);
@@ -229,6 +243,12 @@ class CRD(nn.Module):
   nce_k: int = 16384
   nce_t: float = 0.07
   nce_m: float = 0.5
+  memory_shards: int = 1
+
+  @property
+  def memory_rows(self) -> int:
+    """Rows of each bank: `num_train` padded to a multiple of `memory_shards`."""
+    return -(-self.num_train // self.memory_shards) * self.memory_shards
 
   @nn.compact
   def __call__(self, student, teacher, *, labels=None, index=None, train=False):
@@ -239,14 +259,18 @@ class CRD(nn.Module):
     if self.num_train <= 0:
       raise ValueError(f"crd needs num_train > 0 (its memory has one row per training "
                        f"example), got {self.num_train}; pass num_train to objective.build")
+    if self.memory_shards < 1 or self.nce_k % self.memory_shards:
+      raise ValueError(f"crd memory_shards={self.memory_shards} must be at least 1 and "
+                       f"divide nce_k={self.nce_k}; change one of them")
     student, teacher = _common.as_student_and_teacher(student, teacher)
     batch = student.shape[0]
     v_s = self._embed(student.reshape(batch, -1), "embed_student")
     v_t = self._embed(teacher.reshape(batch, -1), "embed_teacher")
 
     stdv = 1.0 / math.sqrt(self.feat_dim / 3.0)
-    bank = lambda: jax.random.uniform(self.make_rng("params"), (
-        self.num_train, self.feat_dim), jnp.float32, -stdv, stdv)
+    bank = lambda: jnp.pad(jax.random.uniform(self.make_rng("params"), (
+        self.num_train, self.feat_dim), jnp.float32, -stdv, stdv),
+                           ((0, self.memory_rows - self.num_train), (0, 0)))
     memory_s = self.variable("memory", "student", bank)
     memory_t = self.variable("memory", "teacher", bank)
     z_s = self.variable("memory", "z_student", lambda: jnp.array(-1.0, jnp.float32))
@@ -256,10 +280,18 @@ class CRD(nn.Module):
     draws = self.variable("memory", "draws", lambda: jnp.zeros((), jnp.int32))
 
     index = jnp.asarray(index, jnp.int32)
-    contrast = jnp.concatenate([index[:, None], self._negatives(
-        key.value, draws.value, batch)], axis=1)                     # [B, K + 1]
-    scores_s = self._scores(memory_t.value, contrast, v_s)           # student anchor
-    scores_t = self._scores(memory_s.value, contrast, v_t)           # teacher anchor
+    negatives = self._negatives(key.value, draws.value, batch)     # [S B, S, K / S]
+    if self._sharded(memory_s.value):
+      all_index = _all_gather(index, self.bn_axis_name)
+      scores_s = self._sharded_scores(memory_t.value, all_index, negatives, v_s)
+      scores_t = self._sharded_scores(memory_s.value, all_index, negatives, v_t)
+    else:
+      rank = 0 if self.bn_axis_name is None else jax.lax.axis_index(self.bn_axis_name)
+      mine = jax.lax.dynamic_slice_in_dim(negatives, rank * batch, batch)
+      contrast = jnp.concatenate([index[:, None], mine.reshape(batch, -1)],
+                                 axis=1)                              # [B, K + 1]
+      scores_s = self._scores(memory_t.value, contrast, v_s)         # student anchor
+      scores_t = self._scores(memory_s.value, contrast, v_t)         # teacher anchor
     norm_s, norm_t = self._normaliser(z_s.value, scores_s), self._normaliser(
         z_t.value, scores_t)
     loss = (contrast_loss(scores_s / norm_s, self.num_train)
@@ -267,6 +299,10 @@ class CRD(nn.Module):
     if train and not self.is_initializing():
       z_s.value, z_t.value = norm_s, norm_t
       all_index = _all_gather(index, self.bn_axis_name)
+      if self._sharded(memory_s.value):  # This device's rows; the others' dropped.
+        rows = memory_s.value.shape[0]
+        local = all_index - jax.lax.axis_index(self.bn_axis_name) * rows
+        all_index = jnp.where((local >= 0) & (local < rows), local, rows)
       for memory, v in ((memory_s, v_s), (memory_t, v_t)):
         memory.value = _momentum_update(
             memory.value, all_index,
@@ -281,14 +317,49 @@ class CRD(nn.Module):
     return _common.l2_normalize(x)
 
   def _negatives(self, key: jax.Array, draws: jax.Array, batch: int) -> jax.Array:
-    """`[batch, nce_k]` uniform indices: this device's rows of the global batch's draw."""
+    """`[devices · batch, S, K / S]`: the global batch's negatives, block by block."""
     rng = jax.random.fold_in(jax.random.wrap_key_data(key), draws)
-    devices, rank = 1, 0
-    if self.bn_axis_name is not None:
-      devices = jax.lax.axis_size(self.bn_axis_name)
-      rank = jax.lax.axis_index(self.bn_axis_name)
-    drawn = jax.random.randint(rng, (batch * devices, self.nce_k), 0, self.num_train)
-    return jax.lax.dynamic_slice_in_dim(drawn, rank * batch, batch)
+    devices = 1 if self.bn_axis_name is None else jax.lax.axis_size(self.bn_axis_name)
+    shards = self.memory_shards
+    if shards == 1:
+      drawn = jax.random.randint(rng, (batch * devices, self.nce_k), 0, self.num_train)
+      return drawn[:, None, :]
+    block = self.memory_rows // shards
+    first = np.arange(shards) * block
+    real = np.minimum(block, self.num_train - first)  # The last block may be padded.
+    drawn = jax.random.randint(rng, (batch * devices, shards, self.nce_k // shards), 0,
+                               real[None, :, None])
+    return drawn + first[None, :, None]
+
+  def _sharded(self, memory: jax.Array) -> bool:
+    """Whether this call holds one device's block of the banks (static)."""
+    if memory.shape[0] == self.memory_rows:
+      return False
+    devices = None if self.bn_axis_name is None else jax.lax.axis_size(
+        self.bn_axis_name)
+    if devices != self.memory_shards or memory.shape[0] * devices != self.memory_rows:
+      raise ValueError(f"crd: a bank of {memory.shape[0]} rows is neither the whole "
+                       f"{self.memory_rows} nor 1/{self.memory_shards} of it on "
+                       f"{devices} devices; set memory_shards to the device count")
+    return True
+
+  def _sharded_scores(self, memory: jax.Array, all_index: jax.Array,
+                      negatives: jax.Array, v: jax.Array) -> jax.Array:
+    """`_scores` with the bank sharded over `bn_axis_name`: `[B, K + 1]` for this
+    device's anchors, each device scoring the global batch against its own block."""
+    axis, rows = self.bn_axis_name, memory.shape[0]
+    rank = jax.lax.axis_index(axis)
+    memory = jax.lax.stop_gradient(memory)
+    v_all = _all_gather(v, axis)                                       # [S B, F]
+    own = jax.lax.dynamic_index_in_dim(negatives, rank, axis=1, keepdims=False)
+    dots = jnp.einsum("bkd,bd->bk", memory[own - rank * rows], v_all)  # [S B, K / S]
+    dots = jax.lax.all_to_all(dots, axis, 0, 1, tiled=True)            # [B, K]
+    local = all_index - rank * rows
+    held = (local >= 0) & (local < rows)
+    positive = jnp.where(held, jnp.einsum(
+        "bd,bd->b", memory[jnp.clip(local, 0, rows - 1)], v_all), 0.0)
+    positive = jax.lax.psum_scatter(positive, axis, scatter_dimension=0, tiled=True)
+    return jnp.exp(jnp.concatenate([positive[:, None], dots], axis=1) / self.nce_t)
 
   def _scores(self, memory: jax.Array, contrast: jax.Array, v: jax.Array) -> jax.Array:
     """`exp(M[contrast_bk] . v_b / T)`, `[B, K + 1]`; the memory is a constant."""
