@@ -79,6 +79,8 @@ def _check_metadata(saved: Any, like: Any, what: str) -> None:
   tree metadata) and `like` differ."""
   tree = getattr(saved, "item_metadata", saved)
   tree = getattr(tree, "tree", tree)
+  if tree is None:  # orbax could not read the arrays' metadata (logged it and went on)
+    raise Damaged("its array metadata cannot be read")
   flat_saved = dict(_flat(tree))
   flat_like = dict(_flat(like))
   missing = [k for k in flat_like if k not in flat_saved]

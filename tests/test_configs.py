@@ -157,7 +157,7 @@ def test_validate_completes_checks_and_locks():
                                        "'epochs'?"),
     (("train", "epochs", 0), "train.epochs must be a finite number > 0, got 0"),
     (("train", "checkpoint_every_steps", -5), "train.checkpoint_every_steps must be at least 1"),
-    (("train", "learning_rate", float("nan")), "train.learning_rate must be a finite number"),
+    (("train", "learning_rate", float("nan")), "config key train.learning_rate is nan; give a finite number"),
     (("distill", "ce_weight", -1.0), "distill.ce_weight must not be negative"),
     (("export", "variants", ("fp32", "int4")), "export.variants names unknown quantizations"),
     (("edge", "prune", {"criterion": "l3"}), "edge.prune.criterion='l3' is unknown"),

@@ -301,3 +301,46 @@ def test_a_stale_lock_is_taken_over(tmp_path):
   assert json.loads((workdir / rundir.LOCK).read_text())["pid"] == os.getpid()
   lock.release()
   assert not (workdir / rundir.LOCK).exists()
+
+
+def test_finished_run_commands_start_from_its_config(run_copy, capfd):
+  """`evaluate` with an allowed override uses the run's config.json; `export` of one
+  variant keeps the other variants in summary.json."""
+  before = json.load(open(os.path.join(run_copy, "summary.json")))
+  cli.main(["kd-jax", "evaluate", f"--workdir={run_copy}", "--config.eval_batch_size=64"])
+  evaluation = json.load(open(os.path.join(run_copy, "evaluation.json")))
+  assert evaluation["distilled"]["accuracy"] == pytest.approx(
+      before["distilled_metrics"]["accuracy"], abs=1e-6)
+  cli.main(["kd-jax", "export", f"--workdir={run_copy}", "--config.export.variants=('fp32',)"])
+  after = json.load(open(os.path.join(run_copy, "summary.json")))
+  assert set(after["tflite"]) == set(before["tflite"]) == {"fp32", "int8"}
+  assert after["tflite"]["int8"] == before["tflite"]["int8"]
+  assert not _locks(run_copy)
+  capfd.readouterr()
+
+
+def test_damaged_teacher_variables_are_restored_from_the_teacher_checkpoints(
+    finished_run, tmp_path, capsys):
+  import chex
+  from kd_jax import configs, data, parallel
+  from kd_jax.metric_writer import MetricWriter
+  from kd_jax.workflows import distill as distill_workflow
+  workdir = str(tmp_path / "run")
+  shutil.copytree(finished_run[0], workdir)
+  config = configs.validate(configs.load_run_config(workdir))
+  info = data.get_info(config.data)
+  mesh = parallel.data_mesh()
+  writer = MetricWriter(workdir)
+  intact = distill_workflow.teacher_phase(config, workdir, mesh, info, writer)
+  for root, _, names in os.walk(os.path.join(workdir, "teacher", "variables")):
+    for name in names:
+      path = os.path.join(root, name)
+      if os.path.getsize(path) > 64 and os.path.basename(root) == "d":
+        with open(path, "r+b") as f:
+          f.truncate(os.path.getsize(path) // 3)
+  capsys.readouterr()
+  restored = distill_workflow.teacher_phase(config, workdir, mesh, info, writer)
+  said = capsys.readouterr().out
+  assert "teacher: the variables in" in said and "restoring the teacher from" in said, said
+  chex.assert_trees_all_equal(restored.variables, intact.variables)
+  writer.close()
