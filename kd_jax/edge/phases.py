@@ -44,7 +44,9 @@ _CONFIG_KEYS = {QAT: "qat", PRUNED: "prune", EXITS: "exits"}  # phase -> config.
 # The `edge` block of an experiment config: each phase off by default; a phase's
 # `train` block overrides keys of the student's recipe (`train`).
 DEFAULTS = dict(
-    qat=dict(enabled=False, bits=8, train=dict(epochs=15.0, learning_rate=0.01)),
+    # Activation ranges: EMA of the batch min/max with `range_momentum` (quantize.py).
+    qat=dict(enabled=False, bits=8, range_momentum=0.99,
+             train=dict(epochs=15.0, learning_rate=0.01)),
     prune=dict(enabled=False, flops_ratio=0.5, criterion="bn_scale",
                train=dict(epochs=30.0, learning_rate=0.02)),
     # Exit heads (GAP, optionally a `hidden`-wide 1x1 conv-BN-ReLU, dense) on `taps`,
@@ -65,6 +67,9 @@ def check_config(edge: Mapping[str, Any]) -> None:
   """One-line errors for an `edge` block the phases cannot run."""
   if edge["qat"]["bits"] != 8:
     raise ValueError(f"edge.qat.bits={edge['qat']['bits']} is not supported; use 8")
+  if not 0 <= edge["qat"]["range_momentum"] < 1:
+    raise ValueError("edge.qat.range_momentum must be in [0, 1), got "
+                     f"{edge['qat']['range_momentum']}")
   if not 0 < edge["prune"]["flops_ratio"] <= 1:
     raise ValueError("edge.prune.flops_ratio must be in (0, 1], got "
                      f"{edge['prune']['flops_ratio']}")
@@ -118,22 +123,29 @@ def run(config, workdir: str, *, mesh, info, writer, teacher, teacher_variables,
 
   if QAT in phases:
     qcfg = edge.qat
-    bits = qcfg.bits
+    bits, momentum = qcfg.bits, qcfg.range_momentum
+    qat_model = quantize.quant_aware(student, bits, momentum)
     result = phase_lib.train_phase(
-        config, phase=QAT, model=quantize.quant_aware(student, bits),
+        config, phase=QAT, model=qat_model,
         train_config=phase_lib.student_recipe(config, qcfg.train),
-        distill_config=config.distill, init_variables=distilled.variables,
+        distill_config=config.distill,
+        init_variables=quantize.with_ranges(qat_model, distilled.variables, shape),
         model_meta={"quantization": f"int{bits} fake-quant (QAT)"}, **phase_args)
     summary[QAT] = {"accuracy": result.metrics["accuracy"], "metrics": result.metrics}
     if write:
       weights = quantize.materialize(result.variables, bits)
       float_student = student.clone(dtype=jnp.float32)
-      qat_model = quantize.quant_aware(float_student, bits)
+      qat_float = quantize.quant_aware(float_student, bits, momentum)
+      # The int8 model is quantised over the ranges learned in training (found in the
+      # calibrated graph by value on a few images), not over calibrated ones.
+      probe = rep[:4]
+      ranges = quantize.export_ranges(qat_float, result.variables, probe)
       row = dict(export_lib.export_and_measure(
           export_lib.logits_function(float_student, weights), shape,
           os.path.join(export_dir, "qat_int8.tflite"), "int8", representative_images=rep,
           parity_images=parity, eval_batches_fn=host_eval_fn, latency_runs=runs,
-          reference_fn=lambda x: qat_model.apply(result.variables, x, train=False)[0]),
+          reference_fn=lambda x: qat_float.apply(result.variables, x, train=False)[0],
+          activation_ranges=(probe, ranges)),
           jax_accuracy=result.metrics["accuracy"], macs=student_macs,
           params=cost.count_params(weights))
       rows["qat int8"] = row
