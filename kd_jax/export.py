@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from kd_jax import machine as machine_lib
 from kd_jax.models import layers as zoo_layers
 
 QUANTIZATIONS = ("fp32", "fp16", "dynamic", "int8")
@@ -439,8 +440,9 @@ def measure(tflite_model, input_shape, *, eval_batches_fn=None, parity_images=No
   Returns:
     dict(bytes, ops, accuracy, num_examples, max_abs_logit_diff, latency_ms,
     latency_p90_ms (1 thread), latency_all_threads_ms, latency_all_threads_p90_ms,
-    threads); accuracy/num_examples and max_abs_logit_diff are None without their
-    inputs.
+    threads, machine); accuracy/num_examples and max_abs_logit_diff are None without
+    their inputs. `machine` is `kd_jax.machine.cpu(threads=1)`: the CPU model and ISA
+    level the latencies were measured on (`threads` is the all-threads count).
   """
   model = TFLiteModel(tflite_model, num_threads=1)
   evaluation = (evaluate_tflite(model, eval_batches_fn()) if eval_batches_fn is not None
@@ -456,7 +458,8 @@ def measure(tflite_model, input_shape, *, eval_batches_fn=None, parity_images=No
               max_abs_logit_diff=diff,
               latency_ms=one["median_ms"], latency_p90_ms=one["p90_ms"],
               latency_all_threads_ms=many["median_ms"],
-              latency_all_threads_p90_ms=many["p90_ms"], threads=all_threads())
+              latency_all_threads_p90_ms=many["p90_ms"], threads=all_threads(),
+              machine=machine_lib.cpu(threads=1))
 
 
 def jax_logits(fn, images):
@@ -529,7 +532,23 @@ _TABLE_COLUMNS = (
     ("model", "{}"), ("bytes", "{:,}"), ("accuracy", "{:.4f}"), ("jax_accuracy", "{:.4f}"),
     ("max_abs_logit_diff", "{:.1e}"), ("latency_ms", "{:.3f}"), ("latency_p90_ms", "{:.3f}"),
     ("latency_all_threads_ms", "{:.3f}"), ("latency_all_threads_p90_ms", "{:.3f}"),
-    ("macs", "{:,}"), ("params", "{:,}"))
+    ("macs", "{:,.0f}"), ("params", "{:,}"))
+
+
+def machines_line(rows) -> str:
+  """'measured on <CPU> (<ISA>)' for the rows' `machine` (each machine with its rows'
+  labels when they differ)."""
+  by_machine = {}
+  for label, row in rows.items():
+    if row.get("machine"):
+      by_machine.setdefault(f"{row['machine']['cpu']} ({row['machine']['isa']})",
+                            []).append(label)
+  if not by_machine:
+    return "machine not recorded"
+  if len(by_machine) == 1:
+    return f"measured on {next(iter(by_machine))}"
+  return "measured on " + "; ".join(f"{m} ({', '.join(labels)})"
+                                    for m, labels in by_machine.items())
 
 
 def write_table(rows, out_dir):
@@ -557,7 +576,14 @@ def write_table(rows, out_dir):
     lines.append("| " + " | ".join(cells) + " |")
   threads = next((r["threads"] for r in rows.values() if "threads" in r), all_threads())
   text = ("\n".join(lines) + f"\n\nLatency: one image, median and p90 of timed "
-          f"invokes in the LiteRT interpreter at 1 and {threads} threads.\n")
+          f"invokes in the LiteRT interpreter at 1 and {threads} threads, "
+          f"{machines_line(rows)}.\n")
+  for label, row in rows.items():
+    if "full_latency_ms" in row:  # an exit cascade (`kd_jax.edge.early_exit`)
+      text += (f"\n{label} at threshold {row['threshold']:g}: mean {row['latency_ms']:.3f} "
+               f"ms and {row['macs']:,.0f} MACs per image, against the full model's "
+               f"{row['full_latency_ms']:.3f} ms and {row['full_macs']:,} MACs "
+               f"({row['images']} evaluation images, timed alternately at 1 thread).\n")
   with open(os.path.join(out_dir, "export.md"), "w") as f:
     f.write(text)
   return text

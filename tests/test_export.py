@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kd_jax import export
+from kd_jax import export, machine
 from kd_jax.models import create
 
 IMAGE_SHAPE = (8, 8, 1)
@@ -138,6 +138,14 @@ def test_write_table(exported, tmp_path):
   fp32 = next(line for line in table if line.startswith("| student fp32 "))
   assert f"| {rows['student fp32']['bytes']:,} |" in fp32
   assert f"| {rows['student fp32']['latency_ms']:.3f} |" in fp32
+  # Every row says which CPU its latencies were measured on, and the table says it too.
+  here = machine.cpu(threads=1)
+  assert all(r["machine"] == here for r in rows.values())
+  assert f"measured on {here['cpu']} ({here['isa']})." in text
+  rows["student fp16"] = dict(rows["student fp16"], machine=dict(here, cpu="Other CPU"))
+  assert (f"measured on {here['cpu']} ({here['isa']}) (student fp32, student dynamic, "
+          f"student int8); Other CPU ({here['isa']}) (student fp16)."
+          in export.write_table(rows, str(tmp_path)))
 
 
 def test_evaluate_counts_only_unmasked_rows(exported, student):

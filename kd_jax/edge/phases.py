@@ -7,8 +7,9 @@ Each phase starts from the distilled student and keeps the teacher as its guide:
   pruned   the student pruned to `flops_ratio` of its MACs (`prune.prune`), then
            distilled again to recover, exported to fp32 and int8 TFLite;
   exits    exit heads on the frozen student (`early_exit.train_exit_heads`), the
-           accuracy / average-MACs table per confidence threshold, one TFLite
-           model per exit.
+           accuracy / average-MACs table per confidence threshold, the cascade
+           exported as chained TFLite segments (each stage computed once) and
+           measured at the deployed threshold against the full model.
 
 QAT and pruned train in their own workdir folders (`qat/`, `pruned/`) with the same
 checkpointing and exact resume as the other phases; exits save their heads in `exits/`.
@@ -52,10 +53,12 @@ DEFAULTS = dict(
     # Exit heads (GAP, optionally a `hidden`-wide 1x1 conv-BN-ReLU, dense) on `taps`,
     # trained `steps` steps on ce_weight · CE + kd_weight · KD at `temperature`; the
     # cascade is tabulated at each confidence threshold.
+    # `threshold` is the deployed one: the exported cascade is measured at it.
     exits=dict(enabled=False, taps=("stage_1", "stage_2"), hidden=64, steps=600,
                batch_size=32, learning_rate=0.01, temperature=4.0, ce_weight=0.1,
                kd_weight=0.9,
-               thresholds=(0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.01)))
+               thresholds=(0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.01),
+               threshold=0.9))
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -80,6 +83,9 @@ def check_config(edge: Mapping[str, Any]) -> None:
   for key in ("steps", "batch_size"):
     if exits[key] < 1:
       raise ValueError(f"edge.exits.{key} must be at least 1, got {exits[key]}")
+  if not 0 <= exits["threshold"] < float("inf"):
+    raise ValueError("edge.exits.threshold must be a finite number >= 0, got "
+                     f"{exits['threshold']}")
   if exits["enabled"] and not exits["taps"]:
     raise ValueError("edge.exits.taps names no tap; give e.g. ('stage_1', 'stage_2')")
 
@@ -193,7 +199,8 @@ def run(config, workdir: str, *, mesh, info, writer, teacher, teacher_variables,
 
 def _exits(config, workdir, *, mesh, info, teacher, teacher_variables, student, distilled,
            parity, runs, eval_fn, host_eval_fn, write):
-  """Trains (or reloads) the exit heads, tabulates thresholds, exports one model per exit."""
+  """Trains (or reloads) the exit heads, tabulates thresholds, exports and measures the
+  cascade's segments at the deployed threshold."""
   xcfg = config.edge.exits
   heads = early_exit.ExitHeads(info.num_classes, taps=tuple(xcfg.taps),
                                hidden=xcfg.hidden or None)
@@ -232,14 +239,26 @@ def _exits(config, workdir, *, mesh, info, teacher, teacher_variables, student, 
         validation_outputs, validation_labels, macs, tuple(xcfg.thresholds))
   rows = {}
   if write:
-    exported = early_exit.export_exits(
-        student.clone(dtype=jnp.float32), distilled.variables, heads, head_vars, shape,
-        os.path.join(workdir, "export"), parity_images=parity, eval_batches_fn=host_eval_fn,
-        latency_runs=runs)
-    for name in heads.taps:
-      rows[f"exit {name} fp32"] = dict(exported[name], jax_accuracy=accuracy[name],
-                                       macs=macs[name]["macs"])
-    summary["tflite"] = exported
+    float_student = student.clone(dtype=jnp.float32)
+    threshold = float(xcfg.threshold)
+    exported = early_exit.export_cascade(
+        float_student, distilled.variables, heads, head_vars, shape,
+        os.path.join(workdir, "export"), parity_images=parity)
+    images, image_labels = _host_images(host_eval_fn())
+    full_model = export_lib.function_to_tflite(early_exit.exit_function(
+        float_student, distilled.variables, heads, head_vars, early_exit.FINAL), shape)
+    measured = early_exit.measure_cascade(
+        exported["paths"], full_model, exported["segments"], images, image_labels,
+        threshold, full_macs=macs[early_exit.FINAL]["macs"])
+    (at_threshold,) = early_exit.threshold_table(outputs, labels, macs, [threshold])
+    rows["exit cascade fp32"] = dict(
+        measured, paths=exported["paths"], bytes=exported["bytes"],
+        ops=sorted({op for s in exported["segments"].values() for op in s["ops"]}),
+        max_abs_logit_diff=exported["max_abs_logit_diff"],
+        jax_accuracy=at_threshold["accuracy"], jax_macs=at_threshold["avg_macs"],
+        threads=1)
+    summary["tflite"] = {"segments": exported["segments"],
+                         "cascade": rows["exit cascade fp32"]}
     with open(os.path.join(directory, "thresholds.md"), "w") as f:
       if "validation_thresholds" in summary:
         f.write("Validation split (choose the threshold here):\n\n"
@@ -249,13 +268,23 @@ def _exits(config, workdir, *, mesh, info, teacher, teacher_variables, student, 
   return summary, rows
 
 
+def _host_images(batches) -> tuple[np.ndarray, np.ndarray]:
+  """The unpadded images and labels of host evaluation batches, concatenated."""
+  images, labels = [], []
+  for batch in batches:
+    keep = np.asarray(batch.get("mask", np.ones(len(batch["label"]))), bool)
+    images.append(np.asarray(batch["image"])[keep])
+    labels.append(np.asarray(batch["label"])[keep])
+  return np.concatenate(images), np.concatenate(labels)
+
+
 def threshold_markdown(table, taps) -> str:
   """The exit cascade's accuracy / MACs table (`early_exit.threshold_table` rows)."""
   exits = [*taps, early_exit.FINAL]
-  lines = ["| threshold | accuracy | avg MACs | × full | avg MACs, separate models | "
-           + " / ".join(exits) + " share |", "|---|---|---|---|---|---|"]
+  lines = ["| threshold | accuracy | avg MACs | × full | "
+           + " / ".join(exits) + " share |", "|---|---|---|---|---|"]
   for r in table:
     shares = " / ".join(f"{r['exit_share'][e]:.3f}" for e in exits)
     lines.append(f"| {r['threshold']:g} | {r['accuracy']:.4f} | {r['avg_macs']:,.0f} | "
-                 f"{r['macs_ratio']:.3f} | {r['avg_macs_separate_models']:,.0f} | {shares} |")
+                 f"{r['macs_ratio']:.3f} | {shares} |")
   return "\n".join(lines) + "\n"
