@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from kd_jax import energy as energy_lib
 from kd_jax import machine as machine_lib
 from kd_jax.models import layers as zoo_layers
 
@@ -440,9 +441,11 @@ def measure(tflite_model, input_shape, *, eval_batches_fn=None, parity_images=No
   Returns:
     dict(bytes, ops, accuracy, num_examples, max_abs_logit_diff, latency_ms,
     latency_p90_ms (1 thread), latency_all_threads_ms, latency_all_threads_p90_ms,
-    threads, machine); accuracy/num_examples and max_abs_logit_diff are None without
-    their inputs. `machine` is `kd_jax.machine.cpu(threads=1)`: the CPU model and ISA
-    level the latencies were measured on (`threads` is the all-threads count).
+    threads, machine, energy); accuracy/num_examples and max_abs_logit_diff are None
+    without their inputs. `machine` is `kd_jax.machine.cpu(threads=1)`: the CPU model
+    and ISA level the latencies were measured on (`threads` is the all-threads count).
+    `energy` is `kd_jax.energy.per_inference`: ``dict(uj, kind, basis, detail)`` per
+    single-image invoke at 1 thread, `kind` 'measured' (RAPL) or 'estimated'.
   """
   model = TFLiteModel(tflite_model, num_threads=1)
   evaluation = (evaluate_tflite(model, eval_batches_fn()) if eval_batches_fn is not None
@@ -450,6 +453,9 @@ def measure(tflite_model, input_shape, *, eval_batches_fn=None, parity_images=No
   one = latency_ms(model, input_shape, runs=latency_runs)
   many = latency_ms(TFLiteModel(tflite_model, num_threads=all_threads()), input_shape,
                     runs=latency_runs)
+  image = np.zeros((1 if model.polymorphic else model.input_shape[0],
+                    *input_shape[-3:]), np.float32)
+  energy = energy_lib.per_inference(tflite_model, lambda: model.invoke(image))
   diff = None
   if parity_images is not None and reference_logits is not None:
     diff = float(np.max(np.abs(model(parity_images) - np.asarray(reference_logits))))
@@ -459,7 +465,7 @@ def measure(tflite_model, input_shape, *, eval_batches_fn=None, parity_images=No
               latency_ms=one["median_ms"], latency_p90_ms=one["p90_ms"],
               latency_all_threads_ms=many["median_ms"],
               latency_all_threads_p90_ms=many["p90_ms"], threads=all_threads(),
-              machine=machine_lib.cpu(threads=1))
+              machine=machine_lib.cpu(threads=1), energy=energy)
 
 
 def jax_logits(fn, images):
@@ -532,7 +538,12 @@ _TABLE_COLUMNS = (
     ("model", "{}"), ("bytes", "{:,}"), ("accuracy", "{:.4f}"), ("jax_accuracy", "{:.4f}"),
     ("max_abs_logit_diff", "{:.1e}"), ("latency_ms", "{:.3f}"), ("latency_p90_ms", "{:.3f}"),
     ("latency_all_threads_ms", "{:.3f}"), ("latency_all_threads_p90_ms", "{:.3f}"),
-    ("macs", "{:,.0f}"), ("params", "{:,}"))
+    ("macs", "{:,.0f}"), ("params", "{:,}"), ("energy", None))
+
+
+def _energy_cell(energy) -> str:
+  """'<µJ> µJ measured' / '... estimated': every energy figure says which it is."""
+  return f"{energy['uj']:.3g} µJ {energy['kind']}"
 
 
 def machines_line(rows) -> str:
@@ -572,12 +583,17 @@ def write_table(rows, out_dir):
     cells = [label]
     for column, fmt in _TABLE_COLUMNS[1:]:
       value = row.get(column)
-      cells.append("–" if value is None else fmt.format(value))
+      cells.append("–" if value is None else
+                   _energy_cell(value) if column == "energy" else fmt.format(value))
     lines.append("| " + " | ".join(cells) + " |")
   threads = next((r["threads"] for r in rows.values() if "threads" in r), all_threads())
   text = ("\n".join(lines) + f"\n\nLatency: one image, median and p90 of timed "
           f"invokes in the LiteRT interpreter at 1 and {threads} threads, "
           f"{machines_line(rows)}.\n")
+  bases = sorted({f"{r['energy']['kind']}: {r['energy']['basis']}" for r in rows.values()
+                  if r.get("energy")})
+  if bases:
+    text += f"\nEnergy per image at 1 thread ({'; '.join(bases)}; see kd_jax/energy.py).\n"
   for label, row in rows.items():
     if "full_latency_ms" in row:  # an exit cascade (`kd_jax.edge.early_exit`)
       text += (f"\n{label} at threshold {row['threshold']:g}: mean {row['latency_ms']:.3f} "

@@ -98,10 +98,24 @@ def test_exit_cascade_table(edge_run):
   assert cascade["latency_ms"] > 0 and cascade["full_latency_ms"] > 0
 
 
+def test_energy_per_inference_is_labelled_in_the_summary(edge_run):
+  _, s = edge_run
+  variants = {**{f"student {v}": r for v, r in s["tflite"].items()},
+              "qat int8": s["edge"]["qat"]["tflite_int8"],
+              "exit cascade fp32": s["edge"]["exits"]["tflite"]["cascade"]}
+  for label, row in variants.items():
+    assert row["energy"]["kind"] in ("measured", "estimated") and row["energy"]["uj"] > 0
+  if variants["student int8"]["energy"]["kind"] == "estimated":
+    # A quarter of the weight bytes and int8 MACs: under half the fp32 estimate.
+    assert (variants["student int8"]["energy"]["uj"]
+            < 0.5 * variants["student fp32"]["energy"]["uj"])
+
+
 def test_export_table_lists_every_model(edge_run):
   workdir, s = edge_run
   with open(os.path.join(workdir, "export", "export.json")) as f:
     rows = json.load(f)
+  table = open(os.path.join(workdir, "export", "export.md")).read()
   assert list(rows) == ["student fp32", "student int8", "qat int8", "pruned fp32",
                         "pruned int8", "exit cascade fp32"]
   builtins = set(export._BUILTIN_OP_NAMES.values()) - {"CUSTOM"}
@@ -110,7 +124,8 @@ def test_export_table_lists_every_model(edge_run):
     paths = row.get("paths", [row.get("path")])
     assert sum(os.path.getsize(p) for p in paths) == row["bytes"], label
     assert row["machine"] == machine.cpu(threads=1), label  # where latency was measured
-  table = open(os.path.join(workdir, "export", "export.md")).read()
+    assert row["energy"]["kind"] in ("measured", "estimated"), label  # always labelled
+    assert f"| {row['energy']['uj']:.3g} µJ {row['energy']['kind']} |" in table, label
   assert f"| pruned fp32 | {rows['pruned fp32']['bytes']:,} |" in table
   assert f"measured on {machine.cpu()['cpu']} ({machine.cpu()['isa']})." in table
   cascade = rows["exit cascade fp32"]

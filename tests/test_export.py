@@ -138,6 +138,13 @@ def test_write_table(exported, tmp_path):
   fp32 = next(line for line in table if line.startswith("| student fp32 "))
   assert f"| {rows['student fp32']['bytes']:,} |" in fp32
   assert f"| {rows['student fp32']['latency_ms']:.3f} |" in fp32
+  # Energy per inference, labelled: RAPL where readable, else the estimate (fp32
+  # weights cost 4x the int8 bytes, so the estimate orders the variants).
+  for r in rows.values():
+    assert r["energy"]["kind"] in ("measured", "estimated") and r["energy"]["uj"] > 0
+    assert f"| {r['energy']['uj']:.3g} µJ {r['energy']['kind']} |" in text
+  if rows["student int8"]["energy"]["kind"] == "estimated":
+    assert rows["student int8"]["energy"]["uj"] < 0.5 * rows["student fp32"]["energy"]["uj"]
   # Every row says which CPU its latencies were measured on, and the table says it too.
   here = machine.cpu(threads=1)
   assert all(r["machine"] == here for r in rows.values())

@@ -42,6 +42,7 @@ import optax
 from jax.sharding import Mesh
 
 from kd_jax import data as data_lib
+from kd_jax import energy
 from kd_jax import export as export_lib
 from kd_jax import losses
 from kd_jax import machine
@@ -554,7 +555,9 @@ def measure_cascade(paths: Sequence[str], full_model, macs: Mapping[str, Mapping
   Returns:
     dict(threshold, accuracy, latency_ms (mean per image), latency_p90_ms, macs (mean
     per image), full_latency_ms, full_latency_p90_ms, full_macs, exit_share, images,
-    machine (`kd_jax.machine.cpu(threads=1)`)).
+    machine (`kd_jax.machine.cpu(threads=1)`), energy (per image, as
+    `kd_jax.energy.per_inference`: RAPL around a pass over the images where readable,
+    else the mean of the estimates of the segments each image ran)).
   """
   cascade = Cascade(paths, threshold)
   full = export_lib.TFLiteModel(full_model)
@@ -578,6 +581,16 @@ def measure_cascade(paths: Sequence[str], full_model, macs: Mapping[str, Mapping
     stops.append(stop)
     correct += int(np.argmax(logits) == label)
   stops = np.asarray(stops)
+  measured = energy.measure_uj(lambda: [cascade(image) for image in images])
+  if measured:
+    spent = dict(measured, uj=measured["uj"] / len(images))
+  else:
+    estimates = []
+    for path in paths:
+      with open(path, "rb") as f:
+        estimates.append(energy.estimate_uj(energy.graph_costs(f.read())))
+    spent = dict(estimates[0], uj=float(np.mean(np.cumsum([e["uj"] for e in estimates])[stops])),
+                 detail="mean over the images of the segments each ran")
   return dict(threshold=float(threshold), accuracy=correct / len(images),
               latency_ms=float(np.mean(times)),
               latency_p90_ms=float(np.percentile(times, 90)),
@@ -586,4 +599,4 @@ def measure_cascade(paths: Sequence[str], full_model, macs: Mapping[str, Mapping
               full_latency_p90_ms=float(np.percentile(full_times, 90)),
               full_macs=int(full_macs), images=len(images),
               exit_share={name: float(np.mean(stops == k)) for k, name in enumerate(macs)},
-              machine=machine.cpu(threads=1))
+              machine=machine.cpu(threads=1), energy=spent)
