@@ -249,8 +249,10 @@ def override_ranges(calibrated, probe_images, ranges, rtol=1e-3):
   import flatbuffers  # pylint: disable=g-import-not-at-top
   model = tflite_schema.ModelT.InitFromPackedBuf(bytearray(calibrated), 0)
   (subgraph,) = model.subgraphs
-  interpreter = Interpreter(model_content=bytes(calibrated),
-                            experimental_preserve_all_tensors=True)
+  with warnings.catch_warnings():  # keeping every tensor is the point here
+    warnings.filterwarnings("ignore", "Warning: Enabling `experimental_preserve_all")
+    interpreter = Interpreter(model_content=bytes(calibrated),
+                              experimental_preserve_all_tensors=True)
   (inputs,) = interpreter.get_input_details()
   if tuple(inputs["shape"][1:]) != tuple(np.shape(probe_images)[1:]):
     raise ValueError(f"probe_images have shape {np.shape(probe_images)}; the model takes "

@@ -2,6 +2,7 @@
 import json
 import os
 
+import flax
 import jax
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from ai_edge_litert import schema_py_generated as tflite_schema
 
 from kd_jax import checkpoint as ckpt_lib
 from kd_jax import cli, export, machine, models
-from kd_jax.edge import cost, phases
+from kd_jax.edge import cost, phases, quantize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "kd_jax", "experiments", "digits_edge.py") + ":tiny"
@@ -53,6 +54,23 @@ def test_qat_int8_export_tracks_the_qat_model(edge_run):
                    .builtinCode == tflite_schema.BuiltinOperator.DEQUANTIZE]
   logit_step = float(graph.tensors[dequantize.inputs[0]].quantization.scale[0])
   assert row["max_abs_logit_diff"] <= 3 * logit_step, row["max_abs_logit_diff"] / logit_step
+
+
+def test_qat_checkpoint_holds_the_learned_ranges(edge_run):
+  workdir, _ = edge_run
+  qat = quantize.quant_aware(models.create("resnet8", 10))
+  like = jax.eval_shape(lambda: qat.init(jax.random.key(0), np.zeros((1, 8, 8, 1))))
+  variables, _ = ckpt_lib.load_variables(os.path.join(workdir, "qat"), like)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    steps = max(r["step"] for r in map(json.loads, f) if r["phase"] == "qat")
+  # The ranges are saved beside BatchNorm's statistics, each updated once per training
+  # step of the phase (the saved state is its best step, at most the last).
+  seen = {k: int(v) for k, v in flax.traverse_util.flatten_dict(
+      variables["batch_stats"], sep="/").items() if k.endswith("_seen")}
+  assert len(seen) == 15 and len(set(seen.values())) == 1
+  assert 0 < seen["input_seen"] <= steps
+  lo, hi = np.asarray(variables["batch_stats"]["input_range"])
+  assert lo < 0 < hi  # normalised digits
 
 
 def test_pruned_model_is_what_the_ratio_says(edge_run):

@@ -157,9 +157,11 @@ def _interceptor(root: nn.Module, train: bool, bits: int, momentum: float,
     if context.method_name != "__call__" or not args:
       return next_fun(*args, **kwargs)
     x = args[0]
-    calls.append(module.scope.path)
+    calls.append(module)
     if len(calls) == 1:
-      args = (observe(module, x, "input"), *args[1:])
+      # As a float32 array, whatever the caller passed, so that the model's own cast
+      # to float32 keeps this very tensor (and the stem sees a rounded input).
+      args = (observe(module, jnp.asarray(x, jnp.float32), "input"), *args[1:])
     elif (isinstance(module, (nn.Conv, nn.Dense))
           and not any(x is y for y in produced)):
       args = (observe(module, x, "input"), *args[1:])
