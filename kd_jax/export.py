@@ -248,7 +248,7 @@ def override_ranges(calibrated, probe_images, ranges, rtol=1e-3):
   """
   import flatbuffers  # pylint: disable=g-import-not-at-top
   model = tflite_schema.ModelT.InitFromPackedBuf(bytearray(calibrated), 0)
-  (subgraph,) = model.subgraphs
+  subgraph = model.subgraphs[0]  # the main graph; others (loop bodies) stay calibrated
   with warnings.catch_warnings():  # keeping every tensor is the point here
     warnings.filterwarnings("ignore", "Warning: Enabling `experimental_preserve_all")
     interpreter = Interpreter(model_content=bytes(calibrated),
