@@ -205,3 +205,20 @@ def test_int8_export_uses_the_learned_ranges(resnet8, trained):
   # calibrated ranges instead of the learned ones give 3.6 steps on the same model.
   assert np.abs(tflite_logits - qat_logits).max() <= 3 * logit_step
   assert np.mean(tflite_logits.argmax(-1) == qat_logits.argmax(-1)) >= 0.9
+
+
+def test_shufflenet_concatenations_export_with_the_learned_ranges():
+  """ShuffleNetV2: channel splits, concatenations and shuffles between the convolutions."""
+  model = create("ShuffleV2", 10)
+  images = np.asarray(jax.random.normal(jax.random.key(6), (16, 16, 16, 3)))
+  qat = quantize.quant_aware(model)
+  trained = _train_ranges(qat, quantize.with_ranges(
+      qat, jax.jit(model.init)(jax.random.key(0), images[:1]), (16, 16, 3)), (images[:8],))
+  ranges = quantize.export_ranges(qat, trained, images[:4])
+  int8 = export.function_to_tflite(
+      export.logits_function(model, quantize.materialize(trained)), (16, 16, 3), "int8",
+      images, activation_ranges=(images[:4], ranges))
+  logit_step = (max(ranges[-1][2], 0) - min(ranges[-1][1], 0)) / 255
+  diff = np.abs(export.TFLiteModel(int8)(images) - _eval(qat, trained, images)).max()
+  # Measured 1.0 step (calibrated ranges instead: 9.5 steps on the same model).
+  assert diff <= 2 * logit_step, diff / logit_step
