@@ -44,7 +44,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from kd_jax import energy as energy_lib
 from kd_jax import files
+from kd_jax import machine as machine_lib
 from kd_jax.models import layers as zoo_layers
 
 QUANTIZATIONS = ("fp32", "fp16", "dynamic", "int8")
@@ -151,13 +153,20 @@ def to_tflite(model, variables, input_shape, quantization="fp32",
 
 
 def function_to_tflite(fn, input_shape, quantization="fp32", representative_images=None,
-                       batch_size=1):
+                       batch_size=1, activation_ranges=None):
   """Converts any JAX function of a float32 image batch to a TFLite flatbuffer.
 
   `fn(images) -> array` (or a tuple of arrays: one output tensor each) is traced once;
   only the ops its outputs depend on reach the flatbuffer, so a function that returns
-  an intermediate feature exports just the layers up to it. Arguments and errors are
-  as for `to_tflite`.
+  an intermediate feature exports just the layers up to it. Other arguments and errors
+  are as for `to_tflite`, plus:
+
+  activation_ranges: for 'int8', optional ``(probe_images, [(values, lo, hi), ...])``,
+    e.g. a QAT model's learned ranges (`kd_jax.edge.quantize.export_ranges`). Each
+    activation tensor of the calibrated graph whose values on `probe_images` equal
+    ``c · values`` for one entry (a positive `c`: the converter may fold a constant
+    factor, such as a mean's 1/N, into the next layer) is quantised over
+    ``[c · lo, c · hi]`` instead of its calibrated range (`override_ranges`).
   """
   if quantization not in QUANTIZATIONS:
     raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}.")
@@ -196,16 +205,86 @@ def function_to_tflite(fn, input_shape, quantization="fp32", representative_imag
         [representative_images[i:i + calibration_batch]]
         for i in range(0, len(representative_images) - calibration_batch + 1,
                        calibration_batch))
+  if quantization == "int8" and activation_ranges is not None:
+    converter._experimental_calibrate_only = True  # pylint: disable=protected-access
   try:
     with warnings.catch_warnings():  # int8: the input stays float, by design.
       warnings.filterwarnings("ignore", "Statistics for quantized inputs")
-      return converter.convert()
+      flatbuffer = converter.convert()
+    if quantization == "int8" and activation_ranges is not None:
+      calibrated, _ = override_ranges(flatbuffer, *activation_ranges)
+      flatbuffer = _quantize_calibrated(calibrated)
+    return flatbuffer
   except Exception as e:  # tf.lite's ConverterError is not public API.
     ops = _unsupported_ops(str(e), fn, (calibration_batch, *example_shape))
     if not ops:
       raise
     raise ValueError(f"TFLite {quantization} conversion needs ops outside TFLITE_BUILTINS "
                      f"(SELECT_TF_OPS/Flex is not allowed): {', '.join(ops)}") from e
+
+
+def _quantize_calibrated(calibrated):
+  """Full-int8 model (float input and output) from a calibrated float flatbuffer: the
+  step `TFLiteConverter.convert` takes after calibration, whose public API offers no
+  way to set a tensor's range."""
+  from tensorflow.lite.python import convert  # pylint: disable=g-import-not-at-top
+  return convert.mlir_quantize(calibrated)
+
+
+def override_ranges(calibrated, probe_images, ranges, rtol=1e-3):
+  """Replaces calibrated activation ranges by given ones, finding tensors by value.
+
+  Args:
+    calibrated: a float flatbuffer whose activation tensors carry calibrated min/max
+      (``TFLiteConverter`` with ``_experimental_calibrate_only``).
+    probe_images: float32 [N, H, W, C] images, run one at a time.
+    ranges: ``[(values [N, ...], lo, hi), ...]``: a tensor's values on `probe_images`
+      and the range to give it.
+    rtol: a tensor matches an entry when ``max|t - c·values| <= rtol · max|t|`` for
+      the least-squares factor ``c > 0``.
+
+  Returns:
+    ``(flatbuffer, matched)``: the calibrated model with the matched tensors' min/max
+    replaced, and ``{tensor name: index into ranges}``.
+  """
+  import flatbuffers  # pylint: disable=g-import-not-at-top
+  model = tflite_schema.ModelT.InitFromPackedBuf(bytearray(calibrated), 0)
+  subgraph = model.subgraphs[0]  # the main graph; others (loop bodies) stay calibrated
+  with warnings.catch_warnings():  # keeping every tensor is the point here
+    warnings.filterwarnings("ignore", "Warning: Enabling `experimental_preserve_all")
+    interpreter = Interpreter(model_content=bytes(calibrated),
+                              experimental_preserve_all_tensors=True)
+  (inputs,) = interpreter.get_input_details()
+  if tuple(inputs["shape"][1:]) != tuple(np.shape(probe_images)[1:]):
+    raise ValueError(f"probe_images have shape {np.shape(probe_images)}; the model takes "
+                     f"{tuple(inputs['shape'])}")
+  calibrated_tensors = [i for i, t in enumerate(subgraph.tensors)
+                        if t.quantization is not None and t.quantization.min is not None
+                        and t.type == tflite_schema.TensorType.FLOAT32]
+  interpreter.allocate_tensors()
+  probed = {i: [] for i in calibrated_tensors}
+  for image in np.asarray(probe_images, np.float32):
+    interpreter.set_tensor(inputs["index"], image[None].astype(np.float32))
+    interpreter.invoke()
+    for i in calibrated_tensors:
+      probed[i].append(interpreter.get_tensor(i))
+  matched = {}
+  for i in calibrated_tensors:
+    t = np.concatenate(probed[i]).astype(np.float64)
+    for k, (values, lo, hi) in enumerate(ranges):
+      values = np.asarray(values, np.float64)
+      if values.shape != t.shape or not np.any(values):
+        continue
+      factor = float(np.sum(t * values) / np.sum(values * values))
+      if factor > 0 and np.max(np.abs(t - factor * values)) <= rtol * np.max(np.abs(t)):
+        quantization = subgraph.tensors[i].quantization
+        quantization.min = np.array([factor * lo], np.float32)
+        quantization.max = np.array([factor * hi], np.float32)
+        matched[subgraph.tensors[i].name.decode()] = k
+        break
+  builder = flatbuffers.Builder(len(calibrated) + 1024)
+  builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+  return bytes(builder.Output()), matched
 
 
 def op_names(tflite_model):
@@ -365,8 +444,11 @@ def measure(tflite_model, input_shape, *, eval_batches_fn=None, parity_images=No
   Returns:
     dict(bytes, ops, accuracy, num_examples, max_abs_logit_diff, latency_ms,
     latency_p90_ms (1 thread), latency_all_threads_ms, latency_all_threads_p90_ms,
-    threads); accuracy/num_examples and max_abs_logit_diff are None without their
-    inputs.
+    threads, machine, energy); accuracy/num_examples and max_abs_logit_diff are None
+    without their inputs. `machine` is `kd_jax.machine.cpu(threads=1)`: the CPU model
+    and ISA level the latencies were measured on (`threads` is the all-threads count).
+    `energy` is `kd_jax.energy.per_inference`: ``dict(uj, kind, basis, detail)`` per
+    single-image invoke at 1 thread, `kind` 'measured' (RAPL) or 'estimated'.
   """
   model = TFLiteModel(tflite_model, num_threads=1)
   evaluation = (evaluate_tflite(model, eval_batches_fn()) if eval_batches_fn is not None
@@ -374,6 +456,9 @@ def measure(tflite_model, input_shape, *, eval_batches_fn=None, parity_images=No
   one = latency_ms(model, input_shape, runs=latency_runs)
   many = latency_ms(TFLiteModel(tflite_model, num_threads=all_threads()), input_shape,
                     runs=latency_runs)
+  image = np.zeros((1 if model.polymorphic else model.input_shape[0],
+                    *input_shape[-3:]), np.float32)
+  energy = energy_lib.per_inference(tflite_model, lambda: model.invoke(image))
   diff = None
   if parity_images is not None and reference_logits is not None:
     diff = float(np.max(np.abs(model(parity_images) - np.asarray(reference_logits))))
@@ -382,7 +467,8 @@ def measure(tflite_model, input_shape, *, eval_batches_fn=None, parity_images=No
               max_abs_logit_diff=diff,
               latency_ms=one["median_ms"], latency_p90_ms=one["p90_ms"],
               latency_all_threads_ms=many["median_ms"],
-              latency_all_threads_p90_ms=many["p90_ms"], threads=all_threads())
+              latency_all_threads_p90_ms=many["p90_ms"], threads=all_threads(),
+              machine=machine_lib.cpu(threads=1), energy=energy)
 
 
 def jax_logits(fn, images):
@@ -393,15 +479,16 @@ def jax_logits(fn, images):
 
 def export_and_measure(fn, input_shape, path, quantization="fp32", *,
                        representative_images=None, parity_images=None, reference_fn=None,
-                       eval_batches_fn=None, latency_runs=50, batch_size=1):
+                       eval_batches_fn=None, latency_runs=50, batch_size=1,
+                       activation_ranges=None):
   """Converts `fn` to TFLite, writes it to `path` and measures it in LiteRT.
 
   Every model kd_jax exports (students, pruned and QAT models, exits, head sets) goes
   through here, so every row of an export table is measured the same way.
 
   Args:
-    fn, input_shape, quantization, representative_images, batch_size: as for
-      `function_to_tflite`.
+    fn, input_shape, quantization, representative_images, batch_size,
+      activation_ranges: as for `function_to_tflite`.
     path: the .tflite file to write (its folder is created if missing).
     parity_images: optional float32 [N, H, W, C]; the flatbuffer's outputs are compared
       with `reference_fn(parity_images)` (default `fn`) run by JAX at full precision.
@@ -411,7 +498,7 @@ def export_and_measure(fn, input_shape, path, quantization="fp32", *,
     dict(path, **measure(...)).
   """
   flatbuffer = function_to_tflite(fn, input_shape, quantization, representative_images,
-                                  batch_size)
+                                  batch_size, activation_ranges)
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   files.write_atomic(path, flatbuffer)
   reference = (jax_logits(reference_fn or fn, parity_images)
@@ -453,7 +540,28 @@ _TABLE_COLUMNS = (
     ("model", "{}"), ("bytes", "{:,}"), ("accuracy", "{:.4f}"), ("jax_accuracy", "{:.4f}"),
     ("max_abs_logit_diff", "{:.1e}"), ("latency_ms", "{:.3f}"), ("latency_p90_ms", "{:.3f}"),
     ("latency_all_threads_ms", "{:.3f}"), ("latency_all_threads_p90_ms", "{:.3f}"),
-    ("macs", "{:,}"), ("params", "{:,}"))
+    ("macs", "{:,.0f}"), ("params", "{:,}"), ("energy", None))
+
+
+def _energy_cell(energy) -> str:
+  """'<µJ> µJ measured' / '... estimated': every energy figure says which it is."""
+  return f"{energy['uj']:.3g} µJ {energy['kind']}"
+
+
+def machines_line(rows) -> str:
+  """'measured on <CPU> (<ISA>)' for the rows' `machine` (each machine with its rows'
+  labels when they differ)."""
+  by_machine = {}
+  for label, row in rows.items():
+    if row.get("machine"):
+      by_machine.setdefault(f"{row['machine']['cpu']} ({row['machine']['isa']})",
+                            []).append(label)
+  if not by_machine:
+    return "machine not recorded"
+  if len(by_machine) == 1:
+    return f"measured on {next(iter(by_machine))}"
+  return "measured on " + "; ".join(f"{m} ({', '.join(labels)})"
+                                    for m, labels in by_machine.items())
 
 
 def write_table(rows, out_dir):
@@ -476,10 +584,22 @@ def write_table(rows, out_dir):
     cells = [label]
     for column, fmt in _TABLE_COLUMNS[1:]:
       value = row.get(column)
-      cells.append("–" if value is None else fmt.format(value))
+      cells.append("–" if value is None else
+                   _energy_cell(value) if column == "energy" else fmt.format(value))
     lines.append("| " + " | ".join(cells) + " |")
   threads = next((r["threads"] for r in rows.values() if "threads" in r), all_threads())
   text = ("\n".join(lines) + f"\n\nLatency: one image, median and p90 of timed "
-          f"invokes in the LiteRT interpreter at 1 and {threads} threads.\n")
+          f"invokes in the LiteRT interpreter at 1 and {threads} threads, "
+          f"{machines_line(rows)}.\n")
+  bases = sorted({f"{r['energy']['kind']}: {r['energy']['basis']}" for r in rows.values()
+                  if r.get("energy")})
+  if bases:
+    text += f"\nEnergy per image at 1 thread ({'; '.join(bases)}; see kd_jax/energy.py).\n"
+  for label, row in rows.items():
+    if "full_latency_ms" in row:  # an exit cascade (`kd_jax.edge.early_exit`)
+      text += (f"\n{label} at threshold {row['threshold']:g}: mean {row['latency_ms']:.3f} "
+               f"ms and {row['macs']:,.0f} MACs per image, against the full model's "
+               f"{row['full_latency_ms']:.3f} ms and {row['full_macs']:,} MACs "
+               f"({row['images']} evaluation images, timed alternately at 1 thread).\n")
   files.write_atomic(os.path.join(out_dir, "export.md"), text)
   return text

@@ -11,32 +11,56 @@ import platform
 import re
 
 
+def parse_cpuinfo(text: str) -> dict[str, str]:
+  """The first processor's fields of a /proc/cpuinfo text, keys lower-cased.
+
+  On ARM the CPU-wide fields (``Hardware``, ``Model``) follow the processor blocks;
+  they are kept too.
+  """
+  fields = {}
+  for block in reversed(text.split("\n\n")):  # the first processor's block wins
+    for line in block.splitlines():
+      key, sep, value = line.partition(":")
+      if sep:
+        fields[key.strip().lower()] = value.strip()
+  return fields
+
+
 def _cpuinfo() -> dict[str, str]:
-  """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
+  """`parse_cpuinfo` of /proc/cpuinfo, or on macOS the sysctl equivalents (empty
+  where neither exists)."""
   try:
     with open("/proc/cpuinfo") as f:
-      text = f.read().split("\n\n")[0]
+      return parse_cpuinfo(f.read())
   except OSError:
-    return {}
-  fields = {}
-  for line in text.splitlines():
-    key, sep, value = line.partition(":")
-    if sep:
-      fields[key.strip().lower()] = value.strip()
-  return fields
+    pass
+  if platform.system() == "Darwin":
+    import subprocess  # pylint: disable=g-import-not-at-top
+
+    def sysctl(name):
+      done = subprocess.run(["sysctl", "-n", name], capture_output=True, text=True)
+      return done.stdout.strip() if done.returncode == 0 else ""
+    flags = "asimd asimddp" if sysctl("hw.optional.arm.FEAT_DotProd") == "1" else ""
+    x86 = sysctl("machdep.cpu.features") + " " + sysctl("machdep.cpu.leaf7_features")
+    return {"model name": sysctl("machdep.cpu.brand_string"),
+            "flags": (flags + " " + x86.lower().replace(".", "_")).strip()}
+  return {}
 
 
 def isa_level(flags: set[str], arch: str) -> str:
   """The widest vector level relevant to kd_jax's kernels, from CPU feature flags.
 
-  x86: ``AVX-512+VNNI``, ``AVX-512``, ``AVX2``, else ``SSE``; ARM: ``ARM dotprod``
-  (``asimddp``) or ``ARM NEON``.
+  x86: ``AVX-512+VNNI``, ``AVX-512``, ``AVX2+VNNI`` (AVX-VNNI without AVX-512),
+  ``AVX2``, else ``SSE``; ARM: ``ARM dotprod`` (``asimddp``) or ``ARM NEON``. VNNI and
+  dotprod are the int8 dot-product instructions that make int8 inference pay.
   """
   if arch in ("aarch64", "arm64"):
     return "ARM dotprod" if "asimddp" in flags else "ARM NEON"
   if "avx512f" in flags:
     return "AVX-512+VNNI" if "avx512_vnni" in flags else "AVX-512"
-  return "AVX2" if "avx2" in flags else "SSE"
+  if "avx2" in flags:
+    return "AVX2+VNNI" if "avx_vnni" in flags else "AVX2"
+  return "SSE"
 
 
 def xla_isa_cap() -> str | None:
@@ -45,17 +69,20 @@ def xla_isa_cap() -> str | None:
   return found.group(1) if found else None
 
 
-def describe(threads: int | None = None) -> str:
-  """One line: CPU model, ISA level (and XLA's cap, if any), thread count.
+def cpu(threads: int | None = None, cpuinfo: str | None = None) -> dict[str, object]:
+  """What a latency was measured on: ``dict(cpu=model name, isa=ISA level (and
+  XLA's cap, if any), threads=thread count)``.
 
   Args:
     threads: the threads the measurement used; defaults to the CPUs this process may
       run on.
+    cpuinfo: a /proc/cpuinfo text to read instead of this machine's (for tests).
   """
-  info = _cpuinfo()
+  info = parse_cpuinfo(cpuinfo) if cpuinfo is not None else _cpuinfo()
   arch = platform.machine().lower()
-  model = (info.get("model name") or info.get("hardware") or platform.processor()
-           or arch or "unknown CPU")
+  board = info.get("model", "")  # ARM boards name themselves here; x86 puts a number
+  model = (info.get("model name") or (board if not board.isdigit() else "")
+           or info.get("hardware") or platform.processor() or arch or "unknown CPU")
   flags = set((info.get("flags") or info.get("features") or "").split())
   level = isa_level(flags, arch) if flags else (
       "ARM" if arch in ("aarch64", "arm64") else "unknown ISA")
@@ -65,7 +92,13 @@ def describe(threads: int | None = None) -> str:
   if threads is None:
     threads = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                else os.cpu_count())
-  return f"{model} ({level}), {threads} thread{'s' if threads != 1 else ''}"
+  return {"cpu": model, "isa": level, "threads": int(threads)}
+
+
+def describe(threads: int | None = None) -> str:
+  """One line: CPU model, ISA level (and XLA's cap, if any), thread count (see `cpu`)."""
+  c = cpu(threads)
+  return f"{c['cpu']} ({c['isa']}), {c['threads']} thread{'s' if c['threads'] != 1 else ''}"
 
 
 def stamp() -> dict[str, str]:

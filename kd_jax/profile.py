@@ -46,6 +46,7 @@ from matplotlib.figure import Figure
 
 from kd_jax import checkpoint as ckpt_lib
 from kd_jax import export as export_lib
+from kd_jax import machine
 from kd_jax import models
 from kd_jax.edge import cost
 
@@ -246,7 +247,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
     row.update(pareto=front[i], recommended=i == chosen)
   host = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
           "cpu_count": os.cpu_count(), "input_shape": list(input_shape),
-          "batch_size": config.batch_size}
+          "batch_size": config.batch_size, "machine": machine.cpu(threads=1)}
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "profile.json"), "w") as f:
     json.dump({"host": host, "recommendation": reason, "rows": rows}, f, indent=2)
@@ -270,7 +271,8 @@ def markdown(rows: Sequence[Mapping[str, Any]], host: Mapping[str, Any],
            "", f"JAX on {host['backend']} ({host['device']}), {host['cpu_count']} CPU "
            "cores; MACs and peak activations from XLA's compiled batch-1 forward pass "
            "(flops / 2; temporary buffers + output); TFLite: median of "
-           f"{config.latency_runs} single-image invokes, one thread. Synthetic input.", "",
+           f"{config.latency_runs} single-image invokes, one thread, on "
+           f"{host['machine']['cpu']} ({host['machine']['isa']}). Synthetic input.", "",
            "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
   for r in rows:
     cells = [r["label"] + (" **★**" if r["recommended"] else ""),

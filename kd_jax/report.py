@@ -38,6 +38,7 @@ from kd_jax import checkpoint as ckpt_lib
 from kd_jax import files
 from kd_jax import data as data_lib
 from kd_jax import evaluate as eval_lib
+from kd_jax import export as export_lib
 from kd_jax import rundir
 from kd_jax import metric_writer
 
@@ -201,7 +202,8 @@ def _export_lines(summary) -> list[str]:
     diff = r.get("max_abs_logit_diff")
     lines.append(f"| {variant} | {r['bytes']} | {_number(r.get('accuracy'))} | "
                  f"{r['latency_ms']:.3f} | {'—' if diff is None else f'{diff:.2e}'} |")
-  lines += ["", f"Student fingerprint `{summary['student_fingerprint']}`; "
+  lines += ["", f"Latency: one image, 1 thread, {export_lib.machines_line(summary['tflite'])}.",
+            "", f"Student fingerprint `{summary['student_fingerprint']}`; "
             f"wall time {summary['wall_seconds']:.1f} s."]
   return lines
 

@@ -83,25 +83,23 @@ def test_threshold_table_hand_computed():
   labels = np.zeros(4, np.int32)
   macs = {"stage_1": dict(macs=10, head_macs=1), "stage_2": dict(macs=30, head_macs=2),
           "final": dict(macs=50, head_macs=0)}
-  # Stopping at stage_1 / stage_2 / final costs 10 / 30 + 1 / 50 + 1 + 2 with shared
-  # layers, 10 / 10 + 30 / 10 + 30 + 50 with separate models.
+  # Stopping at stage_1 / stage_2 / final costs 10 / 30 + 1 / 50 + 1 + 2 (shared
+  # layers computed once).
   rows = early_exit.threshold_table(outputs, labels, macs, [0.0, 0.65, 0.75, 1.01])
   assert rows == [
       # All stop at stage_1: examples 0 and 3 right.
       dict(threshold=0.0, accuracy=0.5, avg_macs=10.0, macs_ratio=10 / 50,
-           avg_macs_separate_models=10.0,
            exit_share={"stage_1": 1.0, "stage_2": 0.0, "final": 0.0}),
       # 0, 3 stop at stage_1 (right); 1 (right), 2 (wrong) at stage_2.
       dict(threshold=0.65, accuracy=0.75, avg_macs=(10 + 31 + 31 + 10) / 4,
-           macs_ratio=20.5 / 50, avg_macs_separate_models=(10 + 40 + 40 + 10) / 4,
+           macs_ratio=20.5 / 50,
            exit_share={"stage_1": 0.5, "stage_2": 0.5, "final": 0.0}),
       # 0 at stage_1, 1 at stage_2, 2 and 3 at final: only 3 is wrong.
       dict(threshold=0.75, accuracy=0.75, avg_macs=(10 + 31 + 53 + 53) / 4,
-           macs_ratio=36.75 / 50, avg_macs_separate_models=(10 + 40 + 90 + 90) / 4,
+           macs_ratio=36.75 / 50,
            exit_share={"stage_1": 0.25, "stage_2": 0.25, "final": 0.5}),
       # Nothing reaches 1.01: the final classifier, with both heads run before it.
       dict(threshold=1.01, accuracy=0.75, avg_macs=53.0, macs_ratio=53 / 50,
-           avg_macs_separate_models=90.0,
            exit_share={"stage_1": 0.0, "stage_2": 0.0, "final": 1.0}),
   ]
 
@@ -123,12 +121,11 @@ def test_threshold_extremes_on_trained_exits(evaluated):
   first, everything = early_exit.threshold_table(outputs, labels, macs, [0.0, 1.01])
   assert first["exit_share"] == {"stage_1": 1.0, "stage_2": 0.0, "final": 0.0}
   assert first["accuracy"] == accuracy["stage_1"]
-  assert first["avg_macs"] == first["avg_macs_separate_models"] == macs["stage_1"]["macs"]
+  assert first["avg_macs"] == macs["stage_1"]["macs"]
   assert everything["exit_share"] == {"stage_1": 0.0, "stage_2": 0.0, "final": 1.0}
   assert everything["accuracy"] == accuracy["final"]
   assert everything["avg_macs"] == (macs["final"]["macs"] + macs["stage_1"]["head_macs"]
                                     + macs["stage_2"]["head_macs"])
-  assert everything["avg_macs_separate_models"] == sum(m["macs"] for m in macs.values())
 
 
 def test_exit_macs_hand_computed(evaluated):
@@ -240,34 +237,73 @@ def exported(student, trained, tmp_path_factory):
   model, variables = student
   out_dir = str(tmp_path_factory.mktemp("exits"))
   images = np.random.default_rng(1).normal(size=(16, *IMAGE_SHAPE)).astype(np.float32)
-  return out_dir, early_exit.export_exits(
+  return out_dir, early_exit.export_cascade(
       model, variables, trained["heads"], trained["head_variables"], IMAGE_SHAPE,
-      out_dir, parity_images=images, latency_runs=5)
+      out_dir, parity_images=images)
 
 
-def test_exported_exits_match_jax_with_builtin_ops(exported):
-  out_dir, results = exported
-  assert list(results) == ["stage_1", "stage_2", "final"]
+def test_segment_chain_reproduces_the_exits_with_builtin_ops(exported):
+  out_dir, result = exported
+  assert list(result["segments"]) == ["stage_1", "stage_2", "final"]
+  assert result["paths"] == [os.path.join(out_dir, f"exit_segment_{k}_{name}.tflite")
+                             for k, name in ((1, "stage_1"), (2, "stage_2"), (3, "final"))]
+  # Every exit's and the final logits of the chained fp32 segments against JAX's
+  # exit functions on 16 images: float32 sums reordered by XNNPACK (measured 6e-8).
+  assert result["max_abs_logit_diff"] < 1e-5
   builtin_names = set(export._BUILTIN_OP_NAMES.values()) - {"CUSTOM"}
-  for name, result in results.items():
-    assert result["path"] == os.path.join(out_dir, f"exit_{name}_fp32.tflite")
-    assert os.path.getsize(result["path"]) == result["bytes"]
-    assert result["max_abs_logit_diff"] < 1e-4, name
-    assert set(result["ops"]) <= builtin_names, result["ops"]
-    assert result["latency_ms"] > 0
+  for segment in result["segments"].values():
+    assert os.path.getsize(segment["path"]) == segment["bytes"]
+    assert set(segment["ops"]) <= builtin_names, segment["ops"]
+  assert result["bytes"] == sum(s["bytes"] for s in result["segments"].values())
 
 
-def test_exported_exits_hold_only_their_prefix(exported):
-  _, results = exported
-  with open(results["stage_1"]["path"], "rb") as f:
-    stage_1 = f.read()
-  with open(results["stage_2"]["path"], "rb") as f:
-    stage_2 = f.read()
-  with open(results["final"]["path"], "rb") as f:
-    final = f.read()
-  # stem + 2 (stage_1) + 3 (stage_2, with its 1x1 projection) + 3 (stage_3); each exit
-  # adds its head's 1x1 conv.
-  assert [_conv_count(stage_1), _conv_count(stage_2), _conv_count(final)] == [4, 7, 9]
-  # Weights: stage_1's exit holds ~5k of the student's ~78k parameters.
-  assert len(stage_1) < len(stage_2) < len(final)
-  assert len(stage_1) < 0.1 * len(final)
+def test_each_stage_is_computed_once(student, exported, evaluated):
+  model, variables = student
+  _, result = exported
+  segments = result["segments"]
+  convs = []
+  for segment in segments.values():
+    with open(segment["path"], "rb") as f:
+      convs.append(_conv_count(f.read()))
+  # stem + 2 (stage_1) + the head's 1x1; 3 (stage_2, with its projection) + the head's;
+  # 3 (stage_3): 11 convolutions in all, the student's 9 and the heads' 2.
+  assert convs == [4, 4, 3]
+  # The segments' student layers add up to the student, exactly.
+  assert (sum(s["backbone_macs"] for s in segments.values())
+          == cost.macs(model, variables, IMAGE_SHAPE) == evaluated["macs"]["final"]["macs"])
+  # Leaving at exit k costs segments 1..k: threshold_table's shared-layer cost.
+  macs = evaluated["macs"]
+  assert segments["stage_1"]["macs"] == macs["stage_1"]["macs"]
+  assert (segments["stage_1"]["macs"] + segments["stage_2"]["macs"]
+          == macs["stage_2"]["macs"] + macs["stage_1"]["head_macs"])
+  assert segments["stage_2"]["head_macs"] == macs["stage_2"]["head_macs"]
+  assert sum(s["macs"] for s in segments.values()) == macs["final"]["macs"] + sum(
+      macs[e]["head_macs"] for e in EXITS)
+
+
+def test_cascade_measures_what_the_threshold_table_predicts(student, trained, exported):
+  model, variables = student
+  _, result = exported
+  batch = next(data.eval_iterator(data.default_data_config(), batch_size=64))
+  images, labels = batch["image"][:48], batch["label"][:48]
+  outputs, _ = early_exit.exit_outputs(model, variables, trained["heads"],
+                                       trained["head_variables"],
+                                       [{"image": images, "label": labels}])
+  macs = early_exit.exit_macs(model, variables, trained["heads"],
+                              trained["head_variables"], IMAGE_SHAPE)
+  full = export.to_tflite(model, variables, IMAGE_SHAPE)
+  full_macs = macs["final"]["macs"]
+  for threshold in (0.0, 0.6, 1.01):
+    (predicted,) = early_exit.threshold_table(outputs, labels, macs, [threshold])
+    measured = early_exit.measure_cascade(result["paths"], full, result["segments"],
+                                          images, labels, threshold, full_macs, repeats=1)
+    # Same stops as JAX (fp32 parity ~1e-7), so the same accuracy, shares and MACs.
+    assert measured["exit_share"] == predicted["exit_share"], threshold
+    assert measured["accuracy"] == predicted["accuracy"]
+    assert measured["macs"] == pytest.approx(predicted["avg_macs"], rel=1e-12)
+    assert measured["latency_ms"] > 0 and measured["full_latency_ms"] > 0
+    assert measured["full_macs"] == full_macs and measured["images"] == 48
+  # Everything leaves at the first exit at threshold 0: a fraction of the MACs.
+  assert measured["macs"] > full_macs > early_exit.measure_cascade(
+      result["paths"], full, result["segments"], images, labels, 0.0, full_macs,
+      repeats=1)["macs"]

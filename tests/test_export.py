@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kd_jax import export
+from kd_jax import export, machine
 from kd_jax.models import create
 
 IMAGE_SHAPE = (8, 8, 1)
@@ -138,6 +138,21 @@ def test_write_table(exported, tmp_path):
   fp32 = next(line for line in table if line.startswith("| student fp32 "))
   assert f"| {rows['student fp32']['bytes']:,} |" in fp32
   assert f"| {rows['student fp32']['latency_ms']:.3f} |" in fp32
+  # Energy per inference, labelled: RAPL where readable, else the estimate (fp32
+  # weights cost 4x the int8 bytes, so the estimate orders the variants).
+  for r in rows.values():
+    assert r["energy"]["kind"] in ("measured", "estimated") and r["energy"]["uj"] > 0
+    assert f"| {r['energy']['uj']:.3g} µJ {r['energy']['kind']} |" in text
+  if rows["student int8"]["energy"]["kind"] == "estimated":
+    assert rows["student int8"]["energy"]["uj"] < 0.5 * rows["student fp32"]["energy"]["uj"]
+  # Every row says which CPU its latencies were measured on, and the table says it too.
+  here = machine.cpu(threads=1)
+  assert all(r["machine"] == here for r in rows.values())
+  assert f"measured on {here['cpu']} ({here['isa']})." in text
+  rows["student fp16"] = dict(rows["student fp16"], machine=dict(here, cpu="Other CPU"))
+  assert (f"measured on {here['cpu']} ({here['isa']}) (student fp32, student dynamic, "
+          f"student int8); Other CPU ({here['isa']}) (student fp16)."
+          in export.write_table(rows, str(tmp_path)))
 
 
 def test_evaluate_counts_only_unmasked_rows(exported, student):

@@ -12,13 +12,12 @@ first exit whose confidence (maximum softmax probability) reaches a threshold, a
 otherwise goes on to the student's own classifier (``'final'``). `threshold_table`
 gives accuracy and average multiply-accumulates (MACs) per threshold.
 
-Deployment: one TFLite model per exit, the student's layers up to the exit's stage
-plus its head (`export_exits`; only the ops an output depends on reach the
-flatbuffer). A single multi-output model would run every layer and every head on
-each invoke, so it cannot stop early; separate models can, at the price of
-recomputing the shared layers when an exit declines (``avg_macs_separate_models``
-in the table). ``avg_macs`` is the cost of a cascade on one device that keeps the
-shared layers' features and computes them once.
+Deployment: the cascade cut into segments (`cascade_segments`, `export_cascade`):
+segment k takes exit k - 1's tap (the image for the first) and returns exit k's tap
+and logits, the last one the final logits. Chained in the interpreter (`Cascade`),
+an example that leaves at exit k has run stages 1..k once each, so the cost of a
+cascade is ``avg_macs`` of `threshold_table`; `measure_cascade` times it against the
+full model.
 
 References:
   Teerapittayanon, McDanel and Kung, "BranchyNet: Fast Inference via Early Exiting
@@ -29,10 +28,13 @@ References:
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+import time
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
 
+from ai_edge_litert.interpreter import Interpreter
 import flax.linen as nn
 import jax
+from jax.extend import core as jex_core
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -40,8 +42,10 @@ import optax
 from jax.sharding import Mesh
 
 from kd_jax import data as data_lib
+from kd_jax import energy
 from kd_jax import export as export_lib
 from kd_jax import losses
+from kd_jax import machine
 from kd_jax import models
 from kd_jax import parallel
 from kd_jax.edge import cost
@@ -98,7 +102,7 @@ def exit_function(student: nn.Module, student_variables: Any, heads: ExitHeads,
   """`images -> logits` of one exit (a tap of `heads`) or of `FINAL`, in inference mode.
 
   An exit's function depends only on the student's layers up to its tap, so tracing
-  it (for `export_exits`, `exit_macs`) keeps just that prefix and the exit's head. The
+  it (for `exit_macs`, parity checks) keeps just that prefix and the exit's head. The
   student is traced with the ``lax`` ops (`kd_jax.models.portable`), as exports and
   MAC counts need.
   """
@@ -309,15 +313,12 @@ def threshold_table(outputs: Mapping[str, np.ndarray], labels: np.ndarray,
   """Accuracy and average MACs of the exit cascade, one row per confidence threshold.
 
   An example stops at the first exit (in the order of `outputs`) whose maximum
-  softmax probability is >= the threshold, else at ``'final'``. Costs per example,
-  exits `e_1 .. e_n`, stopping at `e_i`:
+  softmax probability is >= the threshold, else at ``'final'``. Cost per example,
+  exits `e_1 .. e_n`, stopping at `e_i` (shared layers computed once, as the chained
+  segments of `export_cascade` do):
 
-    avg_macs                  macs(e_i) + Σ_{j<i} head_macs(e_j)
-                              (one device, shared layers computed once; the final
-                              classifier costs macs(final) + Σ_j head_macs(e_j))
-    avg_macs_separate_models  Σ_{j<=i} macs(e_j)
-                              (each exit's own model run from the image, as with the
-                              TFLite files of `export_exits`)
+    avg_macs   macs(e_i) + Σ_{j<i} head_macs(e_j)
+               (the final classifier costs macs(final) + Σ_j head_macs(e_j))
 
   Args:
     outputs: ``{exit: logits [N, K]}`` with ``'final'`` (`exit_outputs`).
@@ -328,8 +329,8 @@ def threshold_table(outputs: Mapping[str, np.ndarray], labels: np.ndarray,
 
   Returns:
     One dict per threshold: ``threshold``, ``accuracy``, ``avg_macs``, ``macs_ratio``
-    (avg_macs / macs of the student alone), ``avg_macs_separate_models`` and
-    ``exit_share`` (``{exit: fraction of examples stopping there}``, with ``'final'``).
+    (avg_macs / macs of the student alone) and ``exit_share`` (``{exit: fraction of
+    examples stopping there}``, with ``'final'``).
 
   Raises:
     ValueError: `outputs` lacks ``'final'`` or any exit, or `macs` names other exits.
@@ -347,7 +348,6 @@ def threshold_table(outputs: Mapping[str, np.ndarray], labels: np.ndarray,
   # Heads run before stop i: Σ_{j<i} head_macs(e_j); before 'final': all of them.
   heads_before = np.cumsum([0] + [macs[name]["head_macs"] for name in exits])
   shared_cost = np.array([macs[name]["macs"] for name in stops]) + heads_before
-  separate_cost = np.cumsum([macs[name]["macs"] for name in stops])
   final_macs = macs[FINAL]["macs"]
   examples = np.arange(len(labels))
   rows = []
@@ -360,38 +360,243 @@ def threshold_table(outputs: Mapping[str, np.ndarray], labels: np.ndarray,
         accuracy=float(np.mean(correct[stop, examples])),
         avg_macs=avg_macs,
         macs_ratio=avg_macs / final_macs,
-        avg_macs_separate_models=float(np.mean(separate_cost[stop])),
         exit_share={name: float(np.mean(stop == i)) for i, name in enumerate(stops)}))
   return rows
 
 
-def export_exits(student: nn.Module, student_variables: Any, heads: ExitHeads,
-                 head_variables: Any, input_shape: Sequence[int], out_dir: str,
-                 quantization: str = "fp32", representative_images=None,
-                 parity_images=None, eval_batches_fn=None,
-                 latency_runs: int = 50) -> dict[str, dict[str, Any]]:
-  """One TFLite model per exit (the student up to its tap, then its head), and 'final'.
+class Segment(NamedTuple):
+  """One link of the exit cascade: `fn` maps `input_shape` (one example's shape: the
+  image for the first, the previous exit's tap otherwise) to ``(tap, exit logits)``,
+  or, for the last (``'final'``), to the student's logits."""
+  name: str
+  fn: Callable[[jax.Array], Any]
+  input_shape: tuple[int, ...]
 
-  Writes `<out_dir>/exit_<exit>_<quantization>.tflite`. Each model takes float32
-  images [1, H, W, C] and returns float32 logits, like `kd_jax.export.to_tflite`.
 
-  Args:
-    student, student_variables, heads, head_variables: the student and its exits.
-    input_shape: one example's shape (H, W, C).
-    out_dir: directory for the .tflite files (created if missing).
-    quantization, representative_images: as for `kd_jax.export.function_to_tflite`.
-    parity_images: optional float32 [N, H, W, C]; each model's logits are compared
-      with JAX's.
-    eval_batches_fn: optional; each exit's accuracy in the interpreter on its own.
-    latency_runs: timed single-image invokes (see `kd_jax.export.measure`).
+def cascade_segments(student: nn.Module, student_variables: Any, heads: ExitHeads,
+                     head_variables: Any, input_shape: Sequence[int]) -> list[Segment]:
+  """The cascade cut into segments that each compute their stages once.
+
+  Segment k takes the tap of exit k - 1 (the image for k = 1) and returns exit k's tap
+  and logits; the last takes the deepest exit's tap and returns the final logits.
+  Chained, they compute every layer of the student once, and an example that leaves
+  at exit k has run segments 1..k only. They are cut from one trace of the student
+  and its heads: each segment holds the equations its outputs need, starting from
+  its input tap.
+
+  Raises:
+    ValueError: bad exit taps, or a stage that reads a tensor from before the
+      previous exit's tap (the cascade cannot be cut there).
+  """
+  example_shape = tuple(input_shape[-3:])
+  tap_shapes = _tap_shapes(student, student_variables, example_shape)
+  _check_exit_taps(heads, tap_shapes)
+  student = models.portable(student)
+
+  def everything(images):
+    logits, taps = student.apply(student_variables, images, train=False)
+    exits = heads.apply(head_variables, taps)
+    return [taps[t] for t in heads.taps], [exits[t] for t in heads.taps], logits
+
+  closed = jax.make_jaxpr(everything)(jax.ShapeDtypeStruct((1, *example_shape),
+                                                           jnp.float32))
+  jaxpr = closed.jaxpr
+  n = len(heads.taps)
+  tap_vars, exit_vars, final_var = jaxpr.outvars[:n], jaxpr.outvars[n:2 * n], jaxpr.outvars[-1]
+  sources = [jaxpr.invars[0], *tap_vars]
+  shapes = [example_shape] + [tap_shapes[t][1:] for t in heads.taps]
+  names = [*heads.taps, FINAL]
+  targets = [(tap_vars[k], exit_vars[k]) for k in range(n)] + [(final_var,)]
+  segments = []
+  for k, name in enumerate(names):
+    sub = _cut(jaxpr, sources[k], targets[k], names[k - 1] if k else "the image")
+    fn = jex_core.jaxpr_as_fun(jex_core.ClosedJaxpr(sub, closed.consts))
+    single = len(targets[k]) == 1
+    segments.append(Segment(name, (lambda f: lambda x: f(x)[0])(fn) if single
+                            else (lambda f: lambda x: tuple(f(x)))(fn), shapes[k]))
+  return segments
+
+
+def _cut(jaxpr: jex_core.Jaxpr, source: jex_core.Var, targets: Sequence[jex_core.Var],
+         source_name: str) -> jex_core.Jaxpr:
+  """The jaxpr computing `targets` from `source` (and the constants) alone."""
+  live = {v for v in targets if isinstance(v, jex_core.Var)}
+  kept = []
+  for eqn in reversed(jaxpr.eqns):
+    if source in eqn.outvars or not live.intersection(eqn.outvars):
+      continue
+    kept.append(eqn)
+    live.update(v for v in eqn.invars if isinstance(v, jex_core.Var))
+  outside = live - {source} - set(jaxpr.constvars) - {
+      v for eqn in kept for v in eqn.outvars}
+  if outside:
+    raise ValueError(f"the exits cannot be cut at {source_name}: a later stage reads "
+                     "an earlier tensor; choose exit taps that the next stage alone reads")
+  return jex_core.Jaxpr(jaxpr.constvars, [source], list(targets), kept[::-1])
+
+
+def segment_macs(segments: Sequence[Segment]) -> dict[str, dict[str, int]]:
+  """MACs of each segment (`kd_jax.edge.cost`): ``macs`` of the whole segment,
+  ``backbone_macs`` of its student layers (they sum to the student's MACs) and
+  ``head_macs`` of its exit head (0 for ``'final'``)."""
+  result = {}
+  for segment in segments:
+    total = cost.function_macs(segment.fn, segment.input_shape)
+    backbone = total if segment.name == FINAL else cost.function_macs(
+        lambda x, f=segment.fn: f(x)[0], segment.input_shape)
+    result[segment.name] = dict(macs=total, backbone_macs=backbone,
+                                head_macs=total - backbone)
+  return result
+
+
+class Cascade:
+  """The exported segments chained in the LiteRT interpreter, one image at a time.
+
+  `Cascade(paths, threshold)(image)` runs segment 1, stops if its exit's maximum
+  softmax probability reaches `threshold`, else feeds its tap to segment 2, and so
+  on; it returns ``(stop index, logits)``.
+  """
+
+  def __init__(self, paths: Sequence[str], threshold: float, num_threads: int = 1):
+    self.threshold = threshold
+    self._links = []
+    for path in paths:
+      interpreter = Interpreter(model_path=path, num_threads=num_threads)
+      interpreter.allocate_tensors()
+      (source,) = interpreter.get_input_details()
+      outputs = interpreter.get_output_details()
+      tap = next((o["index"] for o in outputs if len(o["shape"]) == 4), None)
+      logits = next(o["index"] for o in outputs if len(o["shape"]) == 2)
+      self._links.append((interpreter, source["index"], tap, logits))
+
+  def run_all(self, image: np.ndarray) -> list[np.ndarray]:
+    """Every exit's logits and the final ones (no stopping), for parity checks."""
+    x, out = image[None].astype(np.float32), []
+    for interpreter, source, tap, logits in self._links:
+      interpreter.set_tensor(source, x)
+      interpreter.invoke()
+      out.append(interpreter.get_tensor(logits)[0].copy())
+      if tap is not None:
+        x = interpreter.get_tensor(tap)
+    return out
+
+  def __call__(self, image: np.ndarray) -> tuple[int, np.ndarray]:
+    x = image[None].astype(np.float32)
+    last = len(self._links) - 1
+    for k, (interpreter, source, tap, logits) in enumerate(self._links):
+      interpreter.set_tensor(source, x)
+      interpreter.invoke()
+      z = interpreter.get_tensor(logits)[0]
+      if k == last:
+        return k, z
+      p = np.exp(z - z.max())
+      if p.max() / p.sum() >= self.threshold:
+        return k, z
+      x = interpreter.get_tensor(tap)
+    raise AssertionError("unreachable")
+
+
+def export_cascade(student: nn.Module, student_variables: Any, heads: ExitHeads,
+                   head_variables: Any, input_shape: Sequence[int], out_dir: str,
+                   parity_images=None) -> dict[str, Any]:
+  """Exports the cascade's segments (`cascade_segments`) as fp32 TFLite models.
+
+  Writes `<out_dir>/exit_segment_<k>_<name>.tflite`: segment k takes float32
+  [1, ...] features (the image for the first) and returns its exit's tap and logits
+  (the last: the final logits).
 
   Returns:
-    ``{exit: dict(path, **kd_jax.export.measure(...))}`` in cascade order, then
-    ``'final'``.
+    dict(paths=[...], bytes=total, segments={name: dict(path, bytes, ops, macs,
+    backbone_macs, head_macs)}, max_abs_logit_diff=largest difference between the
+    chained segments' exit and final logits on `parity_images` and JAX's (None
+    without them)).
   """
-  return {name: export_lib.export_and_measure(
-      exit_function(student, student_variables, heads, head_variables, name), input_shape,
-      os.path.join(out_dir, f"exit_{name}_{quantization}.tflite"), quantization,
-      representative_images=representative_images, parity_images=parity_images,
-      eval_batches_fn=eval_batches_fn, latency_runs=latency_runs)
-      for name in (*heads.taps, FINAL)}
+  segments = cascade_segments(student, student_variables, heads, head_variables,
+                              input_shape)
+  macs = segment_macs(segments)
+  os.makedirs(out_dir, exist_ok=True)
+  info, paths = {}, []
+  for k, segment in enumerate(segments):
+    flatbuffer = export_lib.function_to_tflite(segment.fn, segment.input_shape)
+    path = os.path.join(out_dir, f"exit_segment_{k + 1}_{segment.name}.tflite")
+    with open(path, "wb") as f:
+      f.write(flatbuffer)
+    paths.append(path)
+    info[segment.name] = dict(path=path, bytes=len(flatbuffer),
+                              ops=export_lib.op_names(flatbuffer), **macs[segment.name])
+  diff = None
+  if parity_images is not None:
+    cascade = Cascade(paths, threshold=2.0)
+    chained = np.array([cascade.run_all(image) for image in np.asarray(parity_images)])
+    reference = np.stack([export_lib.jax_logits(
+        exit_function(student, student_variables, heads, head_variables, name),
+        parity_images) for name in info], axis=1)
+    diff = float(np.max(np.abs(chained - reference)))
+  return dict(paths=paths, bytes=sum(i["bytes"] for i in info.values()), segments=info,
+              max_abs_logit_diff=diff)
+
+
+def measure_cascade(paths: Sequence[str], full_model, macs: Mapping[str, Mapping],
+                    images: np.ndarray, labels: np.ndarray, threshold: float,
+                    full_macs: int, repeats: int = 3, warmup: int = 5) -> dict[str, Any]:
+  """Accuracy, latency and MACs per image of the exported cascade at `threshold`,
+  against the full model's, timed alternately image by image at 1 thread.
+
+  Args:
+    paths: the segments' files, in order (`export_cascade`).
+    full_model: the student's fp32 TFLite model (bytes or a path), one image per invoke.
+    macs: `segment_macs` of the segments (each with ``macs``), in the same order.
+    images, labels: the images, run one by one, and their class ids.
+    threshold: the deployed confidence threshold.
+    full_macs: the student's MACs per image.
+    repeats: each image is timed this many times; its latency is the median (so a
+      scheduler hiccup does not move the mean), the reported figure the mean of those.
+
+  Returns:
+    dict(threshold, accuracy, latency_ms (mean per image), latency_p90_ms, macs (mean
+    per image), full_latency_ms, full_latency_p90_ms, full_macs, exit_share, images,
+    machine (`kd_jax.machine.cpu(threads=1)`), energy (per image, as
+    `kd_jax.energy.per_inference`: RAPL around a pass over the images where readable,
+    else the mean of the estimates of the segments each image ran)).
+  """
+  cascade = Cascade(paths, threshold)
+  full = export_lib.TFLiteModel(full_model)
+  images = np.asarray(images, np.float32)
+  for image in images[:warmup]:
+    cascade(image)
+    full.invoke(image[None])
+  cumulative = np.cumsum([m["macs"] for m in macs.values()])
+  stops, times, full_times, correct = [], [], [], 0
+  for image, label in zip(images, np.asarray(labels)):
+    per_image, per_image_full = [], []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      stop, logits = cascade(image)
+      per_image.append(time.perf_counter() - start)
+      start = time.perf_counter()
+      full.invoke(image[None])
+      per_image_full.append(time.perf_counter() - start)
+    times.append(np.median(per_image) * 1e3)
+    full_times.append(np.median(per_image_full) * 1e3)
+    stops.append(stop)
+    correct += int(np.argmax(logits) == label)
+  stops = np.asarray(stops)
+  measured = energy.measure_uj(lambda: [cascade(image) for image in images])
+  if measured:
+    spent = dict(measured, uj=measured["uj"] / len(images))
+  else:
+    estimates = []
+    for path in paths:
+      with open(path, "rb") as f:
+        estimates.append(energy.estimate_uj(energy.graph_costs(f.read())))
+    spent = dict(estimates[0], uj=float(np.mean(np.cumsum([e["uj"] for e in estimates])[stops])),
+                 detail="mean over the images of the segments each ran")
+  return dict(threshold=float(threshold), accuracy=correct / len(images),
+              latency_ms=float(np.mean(times)),
+              latency_p90_ms=float(np.percentile(times, 90)),
+              macs=float(np.mean(cumulative[stops])),
+              full_latency_ms=float(np.mean(full_times)),
+              full_latency_p90_ms=float(np.percentile(full_times, 90)),
+              full_macs=int(full_macs), images=len(images),
+              exit_share={name: float(np.mean(stops == k)) for k, name in enumerate(macs)},
+              machine=machine.cpu(threads=1), energy=spent)

@@ -7,8 +7,9 @@ Each phase starts from the distilled student and keeps the teacher as its guide:
   pruned   the student pruned to `flops_ratio` of its MACs (`prune.prune`), then
            distilled again to recover, exported to fp32 and int8 TFLite;
   exits    exit heads on the frozen student (`early_exit.train_exit_heads`), the
-           accuracy / average-MACs table per confidence threshold, one TFLite
-           model per exit.
+           accuracy / average-MACs table per confidence threshold, the cascade
+           exported as chained TFLite segments (each stage computed once) and
+           measured at the deployed threshold against the full model.
 
 QAT and pruned train in their own workdir folders (`qat/`, `pruned/`) with the same
 checkpointing and exact resume as the other phases; exits save their heads in `exits/`.
@@ -44,16 +45,20 @@ _CONFIG_KEYS = {QAT: "qat", PRUNED: "prune", EXITS: "exits"}  # phase -> config.
 # The `edge` block of an experiment config: each phase off by default; a phase's
 # `train` block overrides keys of the student's recipe (`train`).
 DEFAULTS = dict(
-    qat=dict(enabled=False, bits=8, train=dict(epochs=15.0, learning_rate=0.01)),
+    # Activation ranges: EMA of the batch min/max with `range_momentum` (quantize.py).
+    qat=dict(enabled=False, bits=8, range_momentum=0.99,
+             train=dict(epochs=15.0, learning_rate=0.01)),
     prune=dict(enabled=False, flops_ratio=0.5, criterion="bn_scale",
                train=dict(epochs=30.0, learning_rate=0.02)),
     # Exit heads (GAP, optionally a `hidden`-wide 1x1 conv-BN-ReLU, dense) on `taps`,
     # trained `steps` steps on ce_weight · CE + kd_weight · KD at `temperature`; the
     # cascade is tabulated at each confidence threshold.
+    # `threshold` is the deployed one: the exported cascade is measured at it.
     exits=dict(enabled=False, taps=("stage_1", "stage_2"), hidden=64, steps=600,
                batch_size=32, learning_rate=0.01, temperature=4.0, ce_weight=0.1,
                kd_weight=0.9,
-               thresholds=(0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.01)))
+               thresholds=(0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.01),
+               threshold=0.9))
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -65,6 +70,9 @@ def check_config(edge: Mapping[str, Any]) -> None:
   """One-line errors for an `edge` block the phases cannot run."""
   if edge["qat"]["bits"] != 8:
     raise ValueError(f"edge.qat.bits={edge['qat']['bits']} is not supported; use 8")
+  if not 0 <= edge["qat"]["range_momentum"] < 1:
+    raise ValueError("edge.qat.range_momentum must be in [0, 1), got "
+                     f"{edge['qat']['range_momentum']}")
   if not 0 < edge["prune"]["flops_ratio"] <= 1:
     raise ValueError("edge.prune.flops_ratio must be in (0, 1], got "
                      f"{edge['prune']['flops_ratio']}")
@@ -75,6 +83,9 @@ def check_config(edge: Mapping[str, Any]) -> None:
   for key in ("steps", "batch_size"):
     if exits[key] < 1:
       raise ValueError(f"edge.exits.{key} must be at least 1, got {exits[key]}")
+  if not 0 <= exits["threshold"] < float("inf"):
+    raise ValueError("edge.exits.threshold must be a finite number >= 0, got "
+                     f"{exits['threshold']}")
   if exits["enabled"] and not exits["taps"]:
     raise ValueError("edge.exits.taps names no tap; give e.g. ('stage_1', 'stage_2')")
 
@@ -118,22 +129,29 @@ def run(config, workdir: str, *, mesh, info, writer, teacher, teacher_variables,
 
   if QAT in phases:
     qcfg = edge.qat
-    bits = qcfg.bits
+    bits, momentum = qcfg.bits, qcfg.range_momentum
+    qat_model = quantize.quant_aware(student, bits, momentum)
     result = phase_lib.train_phase(
-        config, phase=QAT, model=quantize.quant_aware(student, bits),
+        config, phase=QAT, model=qat_model,
         train_config=phase_lib.student_recipe(config, qcfg.train),
-        distill_config=config.distill, init_variables=distilled.variables,
+        distill_config=config.distill,
+        init_variables=quantize.with_ranges(qat_model, distilled.variables, shape),
         model_meta={"quantization": f"int{bits} fake-quant (QAT)"}, **phase_args)
     summary[QAT] = {"accuracy": result.metrics["accuracy"], "metrics": result.metrics}
     if write:
       weights = quantize.materialize(result.variables, bits)
       float_student = student.clone(dtype=jnp.float32)
-      qat_model = quantize.quant_aware(float_student, bits)
+      qat_float = quantize.quant_aware(float_student, bits, momentum)
+      # The int8 model is quantised over the ranges learned in training (found in the
+      # calibrated graph by value on a few images), not over calibrated ones.
+      probe = rep[:4]
+      ranges = quantize.export_ranges(qat_float, result.variables, probe)
       row = dict(export_lib.export_and_measure(
           export_lib.logits_function(float_student, weights), shape,
           os.path.join(export_dir, "qat_int8.tflite"), "int8", representative_images=rep,
           parity_images=parity, eval_batches_fn=host_eval_fn, latency_runs=runs,
-          reference_fn=lambda x: qat_model.apply(result.variables, x, train=False)[0]),
+          reference_fn=lambda x: qat_float.apply(result.variables, x, train=False)[0],
+          activation_ranges=(probe, ranges)),
           jax_accuracy=result.metrics["accuracy"], macs=student_macs,
           params=cost.count_params(weights))
       rows["qat int8"] = row
@@ -181,7 +199,8 @@ def run(config, workdir: str, *, mesh, info, writer, teacher, teacher_variables,
 
 def _exits(config, workdir, *, mesh, info, teacher, teacher_variables, student, distilled,
            parity, runs, eval_fn, host_eval_fn, write):
-  """Trains (or reloads) the exit heads, tabulates thresholds, exports one model per exit."""
+  """Trains (or reloads) the exit heads, tabulates thresholds, exports and measures the
+  cascade's segments at the deployed threshold."""
   xcfg = config.edge.exits
   heads = early_exit.ExitHeads(info.num_classes, taps=tuple(xcfg.taps),
                                hidden=xcfg.hidden or None)
@@ -220,14 +239,26 @@ def _exits(config, workdir, *, mesh, info, teacher, teacher_variables, student, 
         validation_outputs, validation_labels, macs, tuple(xcfg.thresholds))
   rows = {}
   if write:
-    exported = early_exit.export_exits(
-        student.clone(dtype=jnp.float32), distilled.variables, heads, head_vars, shape,
-        os.path.join(workdir, "export"), parity_images=parity, eval_batches_fn=host_eval_fn,
-        latency_runs=runs)
-    for name in heads.taps:
-      rows[f"exit {name} fp32"] = dict(exported[name], jax_accuracy=accuracy[name],
-                                       macs=macs[name]["macs"])
-    summary["tflite"] = exported
+    float_student = student.clone(dtype=jnp.float32)
+    threshold = float(xcfg.threshold)
+    exported = early_exit.export_cascade(
+        float_student, distilled.variables, heads, head_vars, shape,
+        os.path.join(workdir, "export"), parity_images=parity)
+    images, image_labels = _host_images(host_eval_fn())
+    full_model = export_lib.function_to_tflite(early_exit.exit_function(
+        float_student, distilled.variables, heads, head_vars, early_exit.FINAL), shape)
+    measured = early_exit.measure_cascade(
+        exported["paths"], full_model, exported["segments"], images, image_labels,
+        threshold, full_macs=macs[early_exit.FINAL]["macs"])
+    (at_threshold,) = early_exit.threshold_table(outputs, labels, macs, [threshold])
+    rows["exit cascade fp32"] = dict(
+        measured, paths=exported["paths"], bytes=exported["bytes"],
+        ops=sorted({op for s in exported["segments"].values() for op in s["ops"]}),
+        max_abs_logit_diff=exported["max_abs_logit_diff"],
+        jax_accuracy=at_threshold["accuracy"], jax_macs=at_threshold["avg_macs"],
+        threads=1)
+    summary["tflite"] = {"segments": exported["segments"],
+                         "cascade": rows["exit cascade fp32"]}
     with open(os.path.join(directory, "thresholds.md"), "w") as f:
       if "validation_thresholds" in summary:
         f.write("Validation split (choose the threshold here):\n\n"
@@ -237,13 +268,23 @@ def _exits(config, workdir, *, mesh, info, teacher, teacher_variables, student, 
   return summary, rows
 
 
+def _host_images(batches) -> tuple[np.ndarray, np.ndarray]:
+  """The unpadded images and labels of host evaluation batches, concatenated."""
+  images, labels = [], []
+  for batch in batches:
+    keep = np.asarray(batch.get("mask", np.ones(len(batch["label"]))), bool)
+    images.append(np.asarray(batch["image"])[keep])
+    labels.append(np.asarray(batch["label"])[keep])
+  return np.concatenate(images), np.concatenate(labels)
+
+
 def threshold_markdown(table, taps) -> str:
   """The exit cascade's accuracy / MACs table (`early_exit.threshold_table` rows)."""
   exits = [*taps, early_exit.FINAL]
-  lines = ["| threshold | accuracy | avg MACs | × full | avg MACs, separate models | "
-           + " / ".join(exits) + " share |", "|---|---|---|---|---|---|"]
+  lines = ["| threshold | accuracy | avg MACs | × full | "
+           + " / ".join(exits) + " share |", "|---|---|---|---|---|"]
   for r in table:
     shares = " / ".join(f"{r['exit_share'][e]:.3f}" for e in exits)
     lines.append(f"| {r['threshold']:g} | {r['accuracy']:.4f} | {r['avg_macs']:,.0f} | "
-                 f"{r['macs_ratio']:.3f} | {r['avg_macs_separate_models']:,.0f} | {shares} |")
+                 f"{r['macs_ratio']:.3f} | {shares} |")
   return "\n".join(lines) + "\n"

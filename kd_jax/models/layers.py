@@ -109,9 +109,33 @@ def portable(model: nn.Module) -> nn.Module:
   return model
 
 
+class QuantPoint(nn.Module):
+  """Identity that marks a tensor the full-int8 TFLite graph stores in int8.
+
+  Convolution (ConvBN) and dense outputs are such tensors already; the others (a
+  residual sum after its ReLU, a concatenation, a pooled map) are marked with this
+  module so that quantization-aware training (`kd_jax.edge.quantize`) rounds them as
+  the exported model will. It holds no variables and changes nothing otherwise.
+  """
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    return x
+
+
+def quant_point(x: jnp.ndarray, name: Optional[str] = None) -> jnp.ndarray:
+  """``x``, marked as an int8 tensor of the exported graph (`QuantPoint`); call it
+  inside a compact module method."""
+  return QuantPoint(name=name)(x)
+
+
 def global_avg_pool(x: jnp.ndarray) -> jnp.ndarray:
-  """Mean over the spatial axes of an NHWC map, for any spatial size: ``[B, C]``."""
-  return jnp.mean(x, axis=(1, 2))
+  """Mean over the spatial axes of an NHWC map, for any spatial size: ``[B, C]``.
+
+  A `quant_point` (TFLite stores the pooled vector in int8), so call it inside a
+  compact module method.
+  """
+  return quant_point(jnp.mean(x, axis=(1, 2)))
 
 
 def stage_taps(taps: dict, k: int, out: jnp.ndarray,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import flax.linen as nn
 
 from kd_jax.models.layers import (Classifier, ConvBN, ModuleDef, global_avg_pool,
-                                  small_normal, stage_taps)
+                                  quant_point, small_normal, stage_taps)
 
 # (expansion (None: the model's), output channels at width 1, blocks, first stride)
 SETTINGS = (
@@ -43,7 +43,7 @@ class InvertedResidual(nn.Module):
                  name="depthwise")(out)
     out = ConvBN(self.features, 1, self.conv, self.norm, relu=False, name="project")(out)
     if self.strides == 1 and x.shape[-1] == self.features:
-      out = out + x
+      out = quant_point(out + x, "sum")
     return out
 
 

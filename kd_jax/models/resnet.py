@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from kd_jax.models.layers import (Classifier, ConvBN, ModuleDef, global_avg_pool,
-                                  stage_taps)
+                                  quant_point, stage_taps)
 
 
 class BasicBlock(nn.Module):
@@ -38,7 +38,7 @@ class BasicBlock(nn.Module):
     out = ConvBN(mid_features, 3, self.conv, self.norm, self.strides, name="conv_bn1")(x)
     out = ConvBN(self.features, 3, self.conv, self.norm, relu=False, name="conv_bn2")(out)
     preact = out + _shortcut(x, self.features, self.strides, self.conv, self.norm)
-    return nn.relu(preact), preact
+    return quant_point(nn.relu(preact), "sum"), preact
 
 
 class Bottleneck(nn.Module):
@@ -63,7 +63,7 @@ class Bottleneck(nn.Module):
     out = ConvBN(mid_features, 3, self.conv, self.norm, self.strides, name="conv_bn2")(out)
     out = ConvBN(out_features, 1, self.conv, self.norm, relu=False, name="conv_bn3")(out)
     preact = out + _shortcut(x, out_features, self.strides, self.conv, self.norm)
-    return nn.relu(preact), preact
+    return quant_point(nn.relu(preact), "sum"), preact
 
 
 def _shortcut(x, features: int, strides: int, conv: ModuleDef, norm: ModuleDef):

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from kd_jax.models.layers import (Classifier, ConvBN, ModuleDef, global_avg_pool,
-                                  stage_taps, torch_default_init)
+                                  quant_point, stage_taps, torch_default_init)
 
 
 def channel_shuffle(x: jnp.ndarray, groups: int) -> jnp.ndarray:
@@ -52,10 +52,11 @@ class ShuffleV1Unit(nn.Module):
     if self.strides == 2:
       shortcut = nn.avg_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
                              count_include_pad=True)
+      shortcut = quant_point(shortcut, "pool")
       preact = jnp.concatenate([out, shortcut], axis=-1)
     else:
       preact = out + x
-    return nn.relu(preact), preact
+    return quant_point(nn.relu(preact), "output"), preact
 
 
 class ShuffleNetV1(Classifier):
@@ -98,7 +99,7 @@ class ShuffleV2DownUnit(nn.Module):
     right = ConvBN(half, 3, self.conv, self.norm, 2, groups=half, relu=False,
                    name="right_depthwise")(right)
     right = ConvBN(half, 1, self.conv, self.norm, name="right_pointwise")(right)
-    return channel_shuffle(jnp.concatenate([left, right], axis=-1), 2)
+    return channel_shuffle(quant_point(jnp.concatenate([left, right], axis=-1), "concat"), 2)
 
 
 class ShuffleV2Unit(nn.Module):
@@ -120,7 +121,7 @@ class ShuffleV2Unit(nn.Module):
     branch = ConvBN(half, 3, self.conv, self.norm, groups=half, relu=False,
                     name="depthwise")(branch)
     branch = ConvBN(half, 1, self.conv, self.norm, relu=False, name="expand")(branch)
-    out = jnp.concatenate([kept, nn.relu(branch)], axis=-1)
+    out = quant_point(jnp.concatenate([kept, nn.relu(branch)], axis=-1), "concat")
     return channel_shuffle(out, 2), jnp.concatenate([kept, branch], axis=-1)
 
 

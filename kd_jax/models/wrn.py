@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from kd_jax.models.layers import (Classifier, ModuleDef, conv2d, global_avg_pool,
-                                  stage_taps)
+                                  quant_point, stage_taps)
 from kd_jax.models.resnet import block_mid_widths
 
 
@@ -41,7 +41,7 @@ class PreActBlock(nn.Module):
       shortcut = x
     else:  # the projection reads the activated input, as in the reference
       shortcut = conv2d(self.conv, self.features, 1, self.strides, name="shortcut")(act)
-    return out + shortcut, normalized
+    return quant_point(out + shortcut, "sum"), normalized
 
 
 class WideResNet(Classifier):
