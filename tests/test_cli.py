@@ -157,21 +157,28 @@ def test_a_workdir_of_another_config_is_refused_and_kept(finished_run, capsys):
   assert open(os.path.join(workdir, "config.json")).read() == before
 
 
-def test_sigkill_mid_phase_then_rerun_ends_with_the_same_student(finished_run, tmp_path):
-  import signal
+def _distill_in_a_process(finished: str, run, output):
+  """`kd-jax distill` of the tiny config in a child process, in a new workdir holding a
+  copy of the finished run's teacher: (workdir, process)."""
   import subprocess
   import sys
-  import time
-  workdir, s = finished_run
-  killed = str(tmp_path / "killed")
-  os.makedirs(killed)
-  shutil.copytree(os.path.join(workdir, "teacher"), os.path.join(killed, "teacher"))
+  run = str(run)
+  os.makedirs(run)
+  shutil.copytree(os.path.join(finished, "teacher"), os.path.join(run, "teacher"))
   # Same numerics as this process: its XLA flags (4 CPU devices) and fast compiles.
   env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "true", "JAX_PLATFORMS": "cpu"}
   cmd = [sys.executable, "-m", "kd_jax.cli", "distill",
-         f"--config={os.path.join(ROOT, TINY)}", f"--workdir={killed}"]
-  proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+         f"--config={os.path.join(ROOT, TINY)}", f"--workdir={run}"]
+  return run, subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=output, stderr=output,
+                               text=True)
+
+
+def test_sigkill_mid_phase_then_rerun_ends_with_the_same_student(finished_run, tmp_path):
+  import signal
+  import subprocess
+  import time
+  workdir, s = finished_run
+  killed, proc = _distill_in_a_process(workdir, tmp_path / "killed", subprocess.DEVNULL)
   marker = os.path.join(killed, "distilled", "checkpoints", "10")
   deadline = time.time() + 600
   while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
@@ -242,18 +249,10 @@ def test_sigterm_saves_the_step_and_the_rerun_matches_and_the_lock_turns_others_
     finished_run, tmp_path, capfd):
   import signal
   import subprocess
-  import sys
   import time
   from kd_jax import rundir
   workdir, s = finished_run
-  run = str(tmp_path / "preempted")
-  os.makedirs(run)
-  shutil.copytree(os.path.join(workdir, "teacher"), os.path.join(run, "teacher"))
-  env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "true", "JAX_PLATFORMS": "cpu"}
-  cmd = [sys.executable, "-m", "kd_jax.cli", "distill",
-         f"--config={os.path.join(ROOT, TINY)}", f"--workdir={run}"]
-  proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  run, proc = _distill_in_a_process(workdir, tmp_path / "preempted", subprocess.PIPE)
   lock = os.path.join(run, rundir.LOCK)
   deadline = time.time() + 600
   while not os.path.exists(lock) and proc.poll() is None and time.time() < deadline:
