@@ -361,7 +361,7 @@ def save_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     # (or a partial config, as a shared teacher's) is still the same run.
     old, new = _comparable(old), _comparable(json.loads(text))
     if old != new:
-      diff = sorted(_diff_keys(old, new))
+      diff = sorted(diff_keys(old, new))
       raise ValueError(f"--workdir={workdir} holds a run with a different config "
                        f"(differs at {', '.join(diff[:4])}); use a new --workdir or the "
                        "same config to resume")
@@ -378,11 +378,12 @@ def _comparable(saved: dict[str, Any]) -> dict[str, Any]:
     return saved
 
 
-def _diff_keys(a: Any, b: Any, prefix: str = "") -> set[str]:
+def diff_keys(a: Any, b: Any, prefix: str = "") -> set[str]:
+  """The dotted keys where two JSON-like dicts differ."""
   if isinstance(a, dict) and isinstance(b, dict):
     out = set()
     for k in set(a) | set(b):
-      out |= _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+      out |= diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
     return out
   return set() if a == b else {prefix.rstrip(".")}
 

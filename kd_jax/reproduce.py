@@ -74,6 +74,25 @@ def _teacher_part(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
                                         teacher=config.teacher.to_dict()))
 
 
+def _shared_teacher_config(config: ml_collections.ConfigDict,
+                           teacher_dir: str) -> ml_collections.ConfigDict:
+  """The config that trains the teacher shared by every pair naming it.
+
+  A teacher folder is shared across pairs (and across `reproduce` calls with other
+  students): the run config saved there is reused when its teacher part (seed, data,
+  teacher) equals this one's; a different teacher part is refused, naming the keys.
+  """
+  if not os.path.exists(os.path.join(teacher_dir, "config.json")):
+    return config
+  saved = configs.load_run_config(teacher_dir)
+  old, new = (json.loads(_teacher_part(c).to_json(sort_keys=True)) for c in (saved, config))
+  if old != new:
+    diff = sorted(configs.diff_keys(old, new))
+    raise ValueError(f"{teacher_dir} holds a teacher of another config (differs at "
+                     f"{', '.join(diff[:4])}); use a new --workdir")
+  return saved
+
+
 def _distill(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """The summary of a finished `kd-jax distill` run in `workdir`, running it if needed."""
   configs.save_run_config(config, workdir)  # refuses a workdir of another config
@@ -127,10 +146,10 @@ def run(pairs: Optional[Sequence[str]], methods: Optional[Sequence[str]], workdi
     name = config.teacher.name
     if name not in teacher_dirs:
       teacher_dirs[name] = os.path.join(workdir, "teachers", name)
-      teacher_config = _seeded(config, 0)
-      configs.save_run_config(_teacher_part(teacher_config), teacher_dirs[name])
       log(f"reproduce: teacher {name} in {teacher_dirs[name]}")
-      experiment.train_teacher(teacher_config, teacher_dirs[name])
+      experiment.train_teacher(_shared_teacher_config(_seeded(config, 0),
+                                                      teacher_dirs[name]),
+                               teacher_dirs[name])
 
   summaries = {}
   for (pair, method, seed), config in runs.items():
