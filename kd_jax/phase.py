@@ -16,11 +16,12 @@ import copy
 import dataclasses
 import os
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 
 from kd_jax import checkpoint as ckpt_lib
 from kd_jax import data as data_lib
@@ -115,12 +116,18 @@ def train_phase(config: ml_collections.ConfigDict, *, phase: str, model, train_c
                 seed: int | None = None,
                 curriculum: curriculum_lib.Curriculum | None = None,
                 init_variables: Any = None,
-                model_meta: Mapping[str, Any] | None = None) -> PhaseResult:
+                model_meta: Mapping[str, Any] | None = None,
+                optimizer_transform: Callable[[optax.GradientTransformation],
+                                              optax.GradientTransformation] | None = None,
+                batch_stats_mask: Any = None) -> PhaseResult:
   """Trains `model` for one phase (resuming from its checkpoints) and evaluates it.
 
   `init_variables` (host variables of `model`) replace its random initialisation,
   e.g. to fine-tune a trained student; `model_meta` joins the metadata saved with
   the phase's final variables (e.g. the `model_kwargs` of a pruned architecture).
+  `optimizer_transform` wraps the recipe's optimizer (e.g. a mask of the trainable
+  parameters, or a penalty's gradient added to the gradients); `batch_stats_mask`
+  (bools over the student's batch statistics) freezes the statistics where False.
 
   With `curriculum`, batches are drawn by the curriculum sampler and its fraction and
   batch difficulty are logged with the train metrics.
@@ -145,6 +152,8 @@ def train_phase(config: ml_collections.ConfigDict, *, phase: str, model, train_c
   schedule = train_lib.learning_rate_schedule(  # in optimizer updates
       train_config, max(1, steps_per_epoch // accumulate), max(1, total_steps // accumulate))
   optimizer = train_lib.make_optimizer(train_config, schedule)
+  if optimizer_transform is not None:
+    optimizer = optimizer_transform(optimizer)
   input_shape = tuple(info.image_shape)
   if objective.needs_teacher:
     x = jnp.zeros((2, *input_shape))
@@ -207,7 +216,7 @@ def train_phase(config: ml_collections.ConfigDict, *, phase: str, model, train_c
     step_fn = train_lib.make_train_step(
         model, teacher, objective, optimizer, mesh,
         teacher_bf16=config.teacher.bf16_forward,
-        split_gradients=recipe["optimizer"] == "dot")
+        split_gradients=recipe["optimizer"] == "dot", batch_stats_mask=batch_stats_mask)
     cached_logits = None
     if objective.needs_teacher and objective.cache_teacher_logits:
       cached_logits = teacher_cache.load_or_compute(

@@ -230,8 +230,12 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None,
                     optimizer: optax.GradientTransformation,
                     mesh: Mesh, *, teacher_bf16: bool = False,
                     split_gradients: bool = False,
+                    batch_stats_mask: Any = None,
                     ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
   """Builds the jitted, data-parallel `train_step(state, teacher_variables, batch, rng)`.
+
+  `batch_stats_mask` (Python bools over the student's batch statistics): where False,
+  the running statistics keep their values (frozen BatchNorm layers).
 
   The state is donated; teacher variables are a separate, non-donated argument that
   is never differentiated. Metrics are global means (replicated scalars).
@@ -273,6 +277,11 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None,
                                          train=False)
     return lax.stop_gradient(
         (logits, jax.tree.map(lambda t: t.astype(jnp.float32), taps)))
+
+  def frozen_stats(new, old):
+    if batch_stats_mask is None:
+      return new
+    return jax.tree.map(lambda m, n, o: n if m else o, batch_stats_mask, new, old)
 
   def per_shard_step(state, teacher_variables, batch, rng):
     images, labels = batch["image"], batch["label"]
@@ -351,7 +360,8 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None,
     nonfinite = jnp.where(finite, 0, state.nonfinite + 1)
     new_state = state.replace(
         step=state.step + 1, params=keep(params, state.params),
-        batch_stats=keep({"student": new_bs}, state.batch_stats),
+        batch_stats=keep({"student": frozen_stats(new_bs, state.batch_stats["student"])},
+                         state.batch_stats),
         term_state=keep({**state.term_state, **term_state}, state.term_state),
         opt_state=keep(opt_state, state.opt_state), nonfinite=nonfinite,
         nonfinite_peak=jnp.maximum(state.nonfinite_peak, nonfinite))

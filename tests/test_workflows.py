@@ -9,6 +9,7 @@ import json
 import math
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,13 +68,129 @@ def test_lwf_hand_value():
       4.0 * continual.lwf(student / 2, teacher / 2, (0, 1), temperature=1.0), rtol=1e-5)
 
 
-def test_anchor_objectives():
+def test_update_objectives():
   block = _config("continual").continual
-  assert continual.anchor_objective("none", block) == {"ce_weight": 1.0, "terms": []}
-  (term,) = continual.anchor_objective("student", block)["terms"]
-  assert term == dict(method="lwf", weight=1.0, temperature=2.0, classes=(0, 1, 2, 3, 4))
-  (term,) = continual.anchor_objective("teacher", block)["terms"]
+  seen = (0, 1, 2, 3)
+  for strategy in ("none", "replay", "ewc"):
+    assert continual.update_objective(strategy, block, seen) == {"ce_weight": 1.0,
+                                                                  "terms": []}
+  (term,) = continual.update_objective("lwf", block, seen)["terms"]
+  assert term == dict(method="lwf", weight=1.0, temperature=2.0, classes=seen)
+  (term,) = continual.update_objective("teacher", block, seen)["terms"]
   assert term["method"] == "kd"
+
+
+def _variables(name):
+  model = create(name, 10)
+  return jax.device_get(model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False))
+
+
+def _count(tree, mask):
+  return sum(int(np.size(x)) for x, m in zip(jax.tree.leaves(tree), jax.tree.leaves(mask))
+             if m)
+
+
+def test_trainable_subsets_of_zoo_models():
+  for name, last_stage in [("resnet8", {"stage3_block0", "classifier"}),
+                           ("wrn_16_2", {"stage3_block0", "stage3_block1", "final_bn",
+                                         "classifier"}),
+                           ("MobileNetV2", {"group6_block0", "head_conv", "classifier"})]:
+    variables = _variables(name)
+    params = variables["params"]
+    size = lambda names: sum(int(np.size(x)) for n in names
+                             for x in jax.tree.leaves(params[n]))
+    masks = {s: continual.trainable_masks(variables, s) for s in continual.TRAINABLE}
+    assert _count(params, masks["all"]["params"]) == size(params)
+    assert _count(params, masks["head"]["params"]) == size(["classifier"])
+    assert _count(params, masks["last_stage"]["params"]) == size(last_stage), name
+    # BatchNorm: every scale and bias of a layer with statistics, and the classifier.
+    stats = variables["batch_stats"]
+    bn = sum(int(np.size(x)) for x in jax.tree.leaves(stats))  # (mean, var) ~ (scale, bias)
+    assert _count(params, masks["batchnorm"]["params"]) == bn + size(["classifier"])
+    assert all(jax.tree.leaves(masks["batchnorm"]["batch_stats"]))
+    assert not any(jax.tree.leaves(masks["head"]["batch_stats"]))
+
+
+def test_masked_optimizer_leaves_frozen_parameters_exactly():
+  import optax
+  params = {"student": {"a": jnp.ones(3), "b": jnp.ones(2)}, "terms": {"w": jnp.ones(1)}}
+  grads = jax.tree.map(jnp.ones_like, params)
+  wrap = continual.masked_optimizer({"a": True, "b": False})
+  optimizer = wrap(optax.chain(optax.add_decayed_weights(0.1), optax.sgd(0.5, 0.9)))
+  state = optimizer.init(params)
+  for _ in range(2):
+    updates, state = optimizer.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  np.testing.assert_array_equal(params["student"]["b"], np.ones(2))
+  # SGD with momentum 0.9 and decay 0.1: steps -0.55 and -0.55·0.9 - 0.5·1.0725.
+  first = 1 - 0.5 * 1.1
+  np.testing.assert_allclose(params["student"]["a"],
+                             first - 0.5 * (0.9 * 1.1 + 1 + 0.1 * first), rtol=1e-6)
+  assert params["terms"]["w"][0] != 1.0
+
+
+def test_ewc_gradient_adds_the_penalty_gradient():
+  fisher = {"w": jnp.array([2.0, 0.5])}
+  anchor = {"w": jnp.array([1.0, -1.0])}
+  params = {"student": {"w": jnp.array([3.0, 1.0])}, "terms": {}}
+  grads = {"student": {"w": jnp.array([0.1, 0.2])}, "terms": {}}
+  transform = continual.ewc_gradient(fisher, anchor, strength=10.0)
+  out, _ = transform.update(grads, transform.init(params), params)
+  # g + λ F (θ − θ*) = (0.1 + 10·2·2, 0.2 + 10·0.5·2)
+  np.testing.assert_allclose(out["student"]["w"], [40.1, 10.2], rtol=1e-6)
+
+
+class _Linear(nn.Module):
+  @nn.compact
+  def __call__(self, x, train=False):
+    return nn.Dense(3)(x.reshape((x.shape[0], -1))), {}
+
+
+def test_fisher_diagonal_of_a_linear_model_by_hand():
+  model = _Linear()
+  x = np.array([[0.5, -1.0], [2.0, 0.25], [1.0, 1.0]], np.float32)
+  variables = jax.device_get(model.init(jax.random.key(1), x[:1]))
+  w, b = (np.asarray(variables["params"]["Dense_0"][k], np.float64) for k in ("kernel", "bias"))
+  # log p_y = z_y − logsumexp z, z = x W + b: ∂/∂W[:, k] = x (δ_yk − p_k), ∂/∂b_k = δ_yk − p_k.
+  fw, fb = np.zeros_like(w), np.zeros_like(b)
+  for xi in x[:2].astype(np.float64):  # the third example is masked out
+    z = xi @ w + b
+    p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    for y in range(3):
+      d = np.eye(3)[y] - p
+      fw += p[y] * np.outer(xi, d) ** 2
+      fb += p[y] * d ** 2
+  batches = [{"image": x[:2], "mask": np.ones(2, np.float32)},
+             {"image": x[2:], "mask": np.zeros(1, np.float32)}]
+  fisher = continual.fisher_diagonal(model, variables, batches)
+  np.testing.assert_allclose(fisher["Dense_0"]["kernel"], fw / 2, rtol=1e-5)
+  np.testing.assert_allclose(fisher["Dense_0"]["bias"], fb / 2, rtol=1e-5)
+
+
+def test_reservoir_is_uniform_and_seeded():
+  stream = list(range(20))
+  assert continual.reservoir(stream[:3], 5, seed=0) == [0, 1, 2]
+  assert continual.reservoir(stream, 5, seed=7) == continual.reservoir(stream, 5, seed=7)
+  counts = np.zeros(20)
+  for seed in range(4000):
+    buffer = continual.reservoir(stream, 5, seed=seed)
+    assert len(set(buffer)) == 5
+    counts[buffer] += 1
+  # Each item is kept with probability 5/20: 1000 of 4000 draws, binomial sd ≈ 27.
+  assert np.all(np.abs(counts - 1000) < 5 * 27.4), counts
+
+
+def test_replay_split_merges_consecutive_indices():
+  examples = [(0, 1), (0, 2), (0, 3), (0, 7), (2, 0)]
+  assert continual.split_of(examples) == "train_0[1:4]+train_0[7:8]+train_2[0:1]"
+
+
+def test_transfer_metrics_by_hand():
+  matrix = [[0.9, 0.0, 0.0], [0.7, 0.8, 0.1], [0.6, 0.5, 0.9]]
+  out = continual.transfer(matrix, baseline=[0.1, 0.05, 0.0])
+  assert out["average_accuracy"] == pytest.approx((0.6 + 0.5 + 0.9) / 3)
+  assert out["backward_transfer"] == pytest.approx(((0.6 - 0.9) + (0.5 - 0.8)) / 2)
+  assert out["forward_transfer"] == pytest.approx(((0.0 - 0.05) + (0.1 - 0.0)) / 2)
 
 
 # --- derived labels and heads -------------------------------------------------------
@@ -159,8 +276,12 @@ def test_bad_workflow_configs_fail_in_one_line():
   with pytest.raises(ValueError, match="no labels"):
     domain.check_config(config)
   config = _config("continual")
-  config.continual.new_classes = (4, 5)
+  config.continual.tasks = ((0, 1, 2, 3, 4), (4, 5))
   with pytest.raises(ValueError, match="disjoint"):
+    continual.check_config(config)
+  config = _config("continual")
+  config.continual.runs = ("lwf:all", "rehearsal:head")
+  with pytest.raises(ValueError, match="'rehearsal:head' is not STRATEGY:TRAINABLE"):
     continual.check_config(config)
   config = _config("heads")
   config.heads.added = ("parity",)
@@ -236,13 +357,49 @@ def test_domain_end_to_end_and_resume(teacher_dir, tmp_path):
 
 
 def test_continual_end_to_end(teacher_dir, tmp_path):
-  _, summary = _run("continual", teacher_dir, tmp_path)
-  accuracy = summary["accuracy"]
-  n_old, n_new = 180, 179  # test images of digits 0-4 and of 5-9 in kd_digits
-  for name, row in accuracy.items():
-    np.testing.assert_allclose(row["all"], (n_old * row["old"] + n_new * row["new"])
-                               / (n_old + n_new), rtol=1e-12, err_msg=name)
-  assert accuracy["old"]["old"] == _phase_metrics(tmp_path, "old")["accuracy"]
-  for anchor in ("none", "student"):  # the tiny config's anchors
-    assert accuracy[f"new_{anchor}"]["new"] == _phase_metrics(
-        tmp_path, f"new_{anchor}")["accuracy"]
+  config = _config("continual")
+  config.teacher.checkpoint = teacher_dir
+  summary = experiment.distill(config, str(tmp_path))
+  tasks = [tuple(t) for t in config.continual.tasks]
+  tests = [sum(1 for e in tfds.as_numpy(tfds.builder("kd_digits").as_dataset("test"))
+               if int(e["label"]) in t) for t in tasks]
+  assert set(summary["runs"]) == {"lwf:all", "replay:head", "ewc:last_stage",
+                                  "teacher:batchnorm"}
+  assert summary["run"] == "lwf:all"
+  assert summary["accuracy_matrix"] == summary["runs"]["lwf:all"]["accuracy_matrix"]
+  base = _phase_metrics(tmp_path, "base")["accuracy"]
+  for name, run in summary["runs"].items():
+    strategy, subset = name.split(":")
+    matrix = np.asarray(run["accuracy_matrix"])
+    assert matrix.shape == (4, 4)
+    assert matrix[0, 0] == base  # row 0: the deployed model
+    assert run["average_accuracy"] == pytest.approx(matrix[3].mean())
+    assert run["backward_transfer"] == pytest.approx(
+        np.mean([matrix[3, j] - matrix[j, j] for j in range(3)]))
+    for i in range(1, 4):
+      phase = f"update{i}_{strategy}_{subset}"
+      # The phase's own evaluation (all classes seen so far) is the matrix row's
+      # test-image-weighted mean.
+      seen = np.asarray(tests[:i + 1])
+      assert _phase_metrics(tmp_path, phase)["accuracy"] == pytest.approx(
+          (matrix[i, :i + 1] * seen).sum() / seen.sum(), abs=1e-9)
+    assert len(run["delta_bytes"]) == 3
+  # A head-only update ships the classifier alone; the trunk, statistics included, is
+  # the deployed one bit for bit.
+  delta = np.load(os.path.join(tmp_path, "update1_replay_head", "delta.npz"))
+  assert sorted(delta.files) == ["params/classifier/bias", "params/classifier/kernel"]
+  head = summary["runs"]["replay:head"]["updates"][0]
+  assert head["trained_parameters"] == 64 * 10 + 10  # resnet8's 64-wide embedding
+  assert head["delta_bytes"] == os.path.getsize(
+      os.path.join(tmp_path, "update1_replay_head", "delta.npz"))
+  with open(os.path.join(tmp_path, "update1_replay_head", "replay.json")) as f:
+    replay = json.load(f)
+  assert len(replay["examples"]) == head["replay_images"] == config.continual.replay_size
+  assert {c for c, _ in replay["examples"]} <= set(tasks[0])
+  # Every update of a last-stage run leaves the stem and the first stages unchanged.
+  delta = np.load(os.path.join(tmp_path, "update2_ewc_last_stage", "delta.npz"))
+  assert delta.files and all(k.split("/")[1] in ("stage3_block0", "classifier")
+                             for k in delta.files)
+  # Rerun: every phase is found finished and the same figures come back.
+  again = experiment.distill(config, str(tmp_path))
+  assert again["runs"] == summary["runs"]
