@@ -116,7 +116,7 @@ def explain_flag_error(error: Exception, argv: list[str]) -> str:
 
 # The keys under these hold what their user writes (model kwargs, published figures):
 # they are not checked key by key.
-_FREE = ("published", "teacher.kwargs", "student.kwargs")
+_FREE = ("published", "teacher.kwargs", "student.kwargs", "heads.tasks")
 # A block of one of these names inside another block (`heads.train`, `edge.qat.train`,
 # `domain.distill`) overrides some keys of the top-level block of that name.
 _OVERRIDABLE = ("train", "distill")

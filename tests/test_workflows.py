@@ -198,11 +198,11 @@ def test_transfer_metrics_by_hand():
 
 def test_task_labels_by_hand():
   digits = np.arange(10)
-  np.testing.assert_array_equal(heads.task_labels(digits, "parity"),
+  np.testing.assert_array_equal(heads.task_labels(digits, heads.TASKS["parity"]),
                                 [0, 1, 0, 1, 0, 1, 0, 1, 0, 1])
-  np.testing.assert_array_equal(heads.task_labels(digits, "large"),
+  np.testing.assert_array_equal(heads.task_labels(digits, heads.TASKS["large"]),
                                 [0, 0, 0, 0, 0, 1, 1, 1, 1, 1])
-  np.testing.assert_array_equal(heads.task_labels(digits, "digit"), digits)
+  np.testing.assert_array_equal(heads.task_labels(digits, None), digits)
 
 
 def test_task_predictions_sum_probabilities_per_group():
@@ -211,15 +211,16 @@ def test_task_predictions_sum_probabilities_per_group():
   logits = np.full((1, 10), -30.0)
   logits[0, [1, 3, 5, 7]] = 0.0
   logits[0, 0] = math.log(3.0)
-  assert heads.task_predictions(logits, "digit")[0] == 0
-  assert heads.task_predictions(logits, "parity")[0] == 1
-  assert heads.task_predictions(logits, "large")[0] == 0  # 0, 1, 3: 5/7 below five
+  assert heads.task_predictions(logits, None)[0] == 0
+  assert heads.task_predictions(logits, heads.TASKS["parity"])[0] == 1
+  # 0, 1, 3: 5/7 below five
+  assert heads.task_predictions(logits, heads.TASKS["large"])[0] == 0
 
 
 def test_multi_head_student_keeps_the_zoo_variables_and_outputs():
   trunk = create("resnet8", 10)
   variables = trunk.init(jax.random.key(0), jnp.zeros((1, *IMAGE_SHAPE)))
-  model = heads.MultiHeadStudent(trunk, (heads.HeadSpec("parity", "stage_3"),))
+  model = heads.MultiHeadStudent(trunk, (heads.HeadSpec("parity", heads.TASKS["parity"], "stage_3"),))
   full = model.init(jax.random.key(0), jnp.zeros((1, *IMAGE_SHAPE)))
   assert set(full["params"]) == set(variables["params"]) | {"head_parity"}
   full = heads.merge_variables(variables, {"params": {"head_parity":
@@ -232,10 +233,10 @@ def test_multi_head_student_keeps_the_zoo_variables_and_outputs():
 
 def test_frozen_trunk_gets_no_gradient():
   trunk = heads.MultiHeadStudent(create("resnet8", 10),
-                                 (heads.HeadSpec("parity", "stage_3"),))
+                                 (heads.HeadSpec("parity", heads.TASKS["parity"], "stage_3"),))
   trunk_vars = trunk.init(jax.random.key(0), jnp.zeros((1, *IMAGE_SHAPE)))
   model = heads.HeadsOnFrozenTrunk(trunk, trunk_vars,
-                                   (heads.HeadSpec("large", "stage_2", 4),))
+                                   (heads.HeadSpec("large", heads.TASKS["large"], "stage_2", 4),))
   variables = model.init(jax.random.key(1), jnp.zeros((1, *IMAGE_SHAPE)))
   assert set(variables["params"]) == {"head_large"}  # the trunk is not a variable
   images = jax.random.normal(jax.random.key(2), (4, *IMAGE_SHAPE))
@@ -248,7 +249,8 @@ def test_frozen_trunk_gets_no_gradient():
 
 def test_export_output_layout():
   outputs = np.arange(14.0)[None]
-  parts = heads.split_outputs(outputs, ("digit", "parity", "large"), 10)
+  parts = heads.split_outputs(outputs, ("digit", "parity", "large"),
+                              {"digit": None, **heads.TASKS}, 10)
   np.testing.assert_array_equal(parts["digit"], outputs[:, :10])
   np.testing.assert_array_equal(parts["large"], outputs[:, 12:])
 
@@ -286,6 +288,17 @@ def test_bad_workflow_configs_fail_in_one_line():
   config = _config("heads")
   config.heads.added = ("parity",)
   with pytest.raises(ValueError, match="each task once"):
+    heads.check_config(config)
+  config = _config("heads")
+  config.heads.added = ("shape",)
+  with pytest.raises(ValueError, match=r"unknown tasks \['shape'\]; declare them in "
+                     "heads.tasks"):
+    heads.check_config(config)
+  config = _config("heads")
+  config.heads.tasks = dict(parity=(0, 1) * 5, large=(0, 0, 0, 0, 0, 1, 1, 1, 1),
+                            loops=heads.TASKS["parity"])
+  with pytest.raises(ValueError, match="heads.tasks.large must map each of the 10 "
+                     "classes of kd_digits"):
     heads.check_config(config)
 
 
@@ -335,11 +348,20 @@ def test_heads_end_to_end(teacher_dir, tmp_path):
   assert accuracy["added"]["digit"] == accuracy["trunk"]["digit"]
   assert accuracy["added"]["parity"] == accuracy["trunk"]["parity"]
   assert accuracy["trunk"]["digit"] == _phase_metrics(tmp_path, "trunk")["accuracy"]
+  # A task declared only in the config (closed loops of the digit: 0, 1 or 2).
+  assert summary["tasks"]["loops"] == [1, 0, 0, 0, 1, 0, 1, 0, 2, 1]
+  assert summary["added_heads"] == ["large", "loops"]
+  # Bit for bit: the trunk's logits and its parity head's, before and after adding.
+  assert summary["trunk_max_abs_diff"] == 0.0
   tflite = summary["tflite"]
-  assert tflite["outputs"] == ["digit", "large"]
+  assert tflite["outputs"] == ["digit", "loops"]
   assert tflite["max_abs_logit_diff"] < 1e-4
-  for task in ("digit", "large"):
+  for task in ("digit", "loops"):
     assert abs(tflite["accuracy"][task] - accuracy["added"][task]) <= 1 / 359
+    single = tflite["per_task"][task]  # the per-head model answers as the multi-output one
+    assert single["outputs"] == [task] and single["max_abs_logit_diff"] < 1e-4
+    assert abs(single["accuracy"][task] - tflite["accuracy"][task]) <= 1 / 359
+    assert os.path.exists(single["path"])
 
 
 def test_domain_end_to_end_and_resume(teacher_dir, tmp_path):

@@ -1,7 +1,9 @@
 """Decoupled task heads: one distilled student trunk shared by several classifiers.
 
-A task is a label set derived from the dataset's classes by a label map (`TASKS`,
-class c -> task class `map[c]`), e.g. the parity of a digit. Each head reads one tap
+A task is a label set derived from the dataset's classes by a label map declared in
+the config (`heads.tasks`: task name -> class c -> task class `map[c]`), e.g. the
+parity of a digit; the trunk's own classifier answers the base task (`heads.base`,
+'digit' on the digits). Each head reads one tap
 of the trunk (an NHWC stage output): an optional 1x1 conv-BN-ReLU, a global average
 pool and a dense layer (`kd_jax.edge.early_exit.ExitHead`); the trunk keeps its own
 classifier, the head of the base task ('digit'). A head learns from the teacher
@@ -46,8 +48,8 @@ from kd_jax.edge.early_exit import ExitHead
 from kd_jax.workflows import common
 from kd_jax.workflows import distill as distill_workflow
 
-BASE = "digit"  # the trunk's own classifier: the identity task
-# Derived tasks of the 10 digit classes: class c -> task class map[c].
+BASE = "digit"  # the default name of the trunk's own classifier: the identity task
+# The default derived tasks, of the 10 digit classes: class c -> task class map[c].
 TASKS: dict[str, tuple[int, ...]] = {
     "parity": (0, 1, 0, 1, 0, 1, 0, 1, 0, 1),  # even / odd
     "large": (0, 0, 0, 0, 0, 1, 1, 1, 1, 1),   # digit < 5 / digit >= 5
@@ -86,28 +88,31 @@ def grouped_kd(student_logits: jax.typing.ArrayLike, teacher_logits: jax.typing.
 objective_lib.register("grouped_kd", grouped_kd, objective_lib.FEATURES)
 
 
-def task_labels(labels: np.ndarray, task: str) -> np.ndarray:
-  """The labels of `task` for base-class `labels` (`task='digit'`: unchanged)."""
-  return np.asarray(labels) if task == BASE else np.asarray(TASKS[task])[labels]
+def task_labels(labels: np.ndarray, label_map: Sequence[int] | None) -> np.ndarray:
+  """The task labels of base-class `labels` under `label_map` (None: the base task)."""
+  return np.asarray(labels) if label_map is None else np.asarray(label_map)[labels]
 
 
-def task_predictions(logits: np.ndarray, task: str) -> np.ndarray:
-  """A base classifier's answers to `task`: its class probabilities summed per group."""
-  if task == BASE:
+def task_predictions(logits: np.ndarray, label_map: Sequence[int] | None) -> np.ndarray:
+  """A base classifier's answers to a task: its class probabilities summed per group
+  of `label_map` (None: the base task, its own argmax)."""
+  if label_map is None:
     return np.argmax(logits, -1)
   probs = np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float32)))
-  return np.argmax(probs @ np.eye(max(TASKS[task]) + 1)[list(TASKS[task])], -1)
+  return np.argmax(probs @ np.eye(max(label_map) + 1)[list(label_map)], -1)
 
 
 class HeadSpec(NamedTuple):
-  """One task head: its task, the trunk tap it reads, its 1x1 conv width (0: none)."""
+  """One task head: its task, its label map (class c -> task class groups[c]), the
+  trunk tap it reads and its 1x1 conv width (0: none)."""
   task: str
+  groups: tuple[int, ...]
   tap: str
   hidden: int = 0
 
   @property
   def num_classes(self) -> int:
-    return max(TASKS[self.task]) + 1
+    return max(self.groups) + 1
 
 
 def _heads(specs: Sequence[HeadSpec], dtype, bn_axis_name) -> dict[str, nn.Module]:
@@ -201,32 +206,45 @@ def head_terms(specs: Sequence[HeadSpec], weight: float,
   """One `grouped_kd` objective term per head, against the teacher's logits."""
   return [dict(method="grouped_kd", name=f"head/{spec.task}", weight=weight,
                student_tap=f"head/{spec.task}", teacher_tap=LOGITS_TAP,
-               groups=TASKS[spec.task], temperature=temperature) for spec in specs]
+               groups=tuple(spec.groups), temperature=temperature) for spec in specs]
 
 
-def export_function(model: MultiHeadStudent, variables: Any, tasks: Sequence[str]):
-  """`images -> logits of `tasks` side by side` ('digit': the trunk's classifier)."""
+def export_function(model: MultiHeadStudent, variables: Any, tasks: Sequence[str],
+                    base: str = BASE):
+  """`images -> logits of `tasks` side by side` (`base`: the trunk's classifier)."""
   def fn(images):
     logits, taps = model.apply(variables, images, train=False)
-    return jnp.concatenate([logits if task == BASE else taps[f"head/{task}"]
+    return jnp.concatenate([logits if task == base else taps[f"head/{task}"]
                             for task in tasks], axis=-1)
   return fn
 
 
 def split_outputs(outputs: np.ndarray, tasks: Sequence[str],
+                  task_maps: Mapping[str, Sequence[int] | None],
                   num_classes: int) -> dict[str, np.ndarray]:
   """The exported model's output split back into each task's logits."""
-  sizes = [num_classes if task == BASE else max(TASKS[task]) + 1 for task in tasks]
+  sizes = [num_classes if task_maps[task] is None else max(task_maps[task]) + 1
+           for task in tasks]
   return dict(zip(tasks, np.split(outputs, np.cumsum(sizes)[:-1], axis=-1)))
 
 
+def task_maps_of(block: ml_collections.ConfigDict) -> dict[str, tuple[int, ...] | None]:
+  """The `heads` block's tasks: the base task (None: identity) first, then
+  `heads.tasks` in order."""
+  return {str(block.base): None,
+          **{str(name): tuple(int(c) for c in groups)
+             for name, groups in dict(block.tasks).items()}}
+
+
 def task_accuracies(predict, data_config, batch_size: int,
-                    tasks: Sequence[str]) -> dict[str, float]:
+                    task_maps: Mapping[str, Sequence[int] | None]) -> dict[str, float]:
   """Accuracy on each task of `predict(images) -> {task: logits}` over the eval split.
 
-  A task `predict` has no head for is answered from the 'digit' logits
-  (`task_predictions`).
+  A task `predict` has no head for is answered from the base task's logits
+  (`task_predictions`); `task_maps` names every task with its label map (None: base).
   """
+  tasks = list(task_maps)
+  base = next((task for task, groups in task_maps.items() if groups is None), None)
   correct = dict.fromkeys(tasks, 0)
   count = 0
   for batch in data_lib.host_eval_iterator(data_config, batch_size=batch_size):
@@ -237,8 +255,8 @@ def task_accuracies(predict, data_config, batch_size: int,
       if task in outputs:
         predictions = np.argmax(np.asarray(outputs[task])[keep], -1)
       else:
-        predictions = task_predictions(np.asarray(outputs[BASE])[keep], task)
-      correct[task] += int(np.sum(predictions == task_labels(labels, task)))
+        predictions = task_predictions(np.asarray(outputs[base])[keep], task_maps[task])
+      correct[task] += int(np.sum(predictions == task_labels(labels, task_maps[task])))
     count += int(keep.sum())
   return {task: correct[task] / count for task in tasks}
 
@@ -246,16 +264,20 @@ def task_accuracies(predict, data_config, batch_size: int,
 def head_specs(config: ml_collections.ConfigDict,
                tasks: Sequence[str]) -> tuple[HeadSpec, ...]:
   """The heads of `tasks` as the `heads` config block places them."""
-  return tuple(HeadSpec(task, config.heads.tap, config.heads.hidden)
+  maps = task_maps_of(config.heads)
+  return tuple(HeadSpec(task, maps[task], config.heads.tap, config.heads.hidden)
                for task in tasks)
 
 
-# The `heads` block of an experiment config. Each head: GAP + dense on the trunk's
+# The `heads` block of an experiment config. `tasks` declares each task by its label
+# map over the dataset's classes (class c -> task class map[c], task classes 0..G-1),
+# `base` names the trunk's own classifier. Each head: GAP + dense on the trunk's
 # `tap` (hidden > 0: a 1x1 conv-BN-ReLU first), distilled with weight · grouped KD at
 # `temperature`; `joint` heads train with the trunk, `added` ones afterwards on the
 # frozen trunk (`train` overrides keys of the student's recipe for that phase), and
 # `export` names the heads of the exported TFLite model.
-DEFAULTS = dict(tap="stage_3", hidden=0, joint=("parity",), added=("large",),
+DEFAULTS = dict(tasks=dict(TASKS), base=BASE, tap="stage_3", hidden=0,
+                joint=("parity",), added=("large",),
                 export=("digit", "large"), weight=1.0, temperature=4.0,
                 train=dict(epochs=30.0, learning_rate=0.05))
 
@@ -269,22 +291,32 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   """One-line errors for a `heads` block the workflow cannot run."""
   block = config.heads
   joint, added = tuple(block.joint), tuple(block.added)
+  declared = dict(block.tasks)
+  if str(block.base) in declared:
+    raise ValueError(f"heads.base={block.base!r} is also a key of heads.tasks; give the "
+                     "base task another name")
   for key, tasks in (("joint", joint), ("added", added)):
-    unknown = [t for t in tasks if t not in TASKS]
+    unknown = [t for t in tasks if t not in declared]
     if unknown:
-      raise ValueError(f"heads.{key} names unknown tasks {unknown}; use some of "
-                       f"{', '.join(TASKS)}")
+      raise ValueError(f"heads.{key} names unknown tasks {unknown}; declare them in "
+                       f"heads.tasks (declared: {', '.join(declared) or 'none'})")
   if set(joint) & set(added) or len(set(joint + added)) != len(joint + added):
     raise ValueError(f"heads.joint {list(joint)} and heads.added {list(added)} must "
                      "name each task once")
-  exported = [t for t in block.export if t not in (BASE, *joint, *added)]
+  base = str(block.base)
+  exported = [t for t in block.export if t not in (base, *joint, *added)]
   if exported or not block.export:
-    raise ValueError(f"heads.export must name some of {[BASE, *joint, *added]}, "
+    raise ValueError(f"heads.export must name some of {[base, *joint, *added]}, "
                      f"got {list(block.export)}")
-  info = data_lib.get_info(config.data)
-  if info.num_classes != len(next(iter(TASKS.values()))):
-    raise ValueError(f"the heads' tasks are derived from 10 digit classes, but "
-                     f"{config.data.name} has {info.num_classes}; set data.name=kd_digits")
+  num_classes = data_lib.get_info(config.data).num_classes
+  for name, groups in declared.items():
+    groups = list(groups)
+    if (len(groups) != num_classes or not all(isinstance(g, int) for g in groups)
+        or sorted(set(groups)) != list(range(max(groups, default=-1) + 1))
+        or len(set(groups)) < 2):
+      raise ValueError(f"heads.tasks.{name} must map each of the {num_classes} classes "
+                       f"of {config.data.name} to a task class 0..G-1 (every one used, "
+                       f"G >= 2), got {groups}")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -316,7 +348,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   full_model = MultiHeadStudent(student.clone(dtype=jnp.float32), joint + added)
   full_variables = merge_variables(trunk.variables, new_heads.variables)
-  tasks = (BASE, *TASKS)
+  tasks = task_maps_of(block)
+  base = str(block.base)
   batch_size = config.eval_batch_size
 
   def predictor(model, variables, head_tasks):
@@ -324,7 +357,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     def predict(images):
       logits, taps = forward(variables, images)
-      return {BASE: logits, **{t: taps[f"head/{t}"] for t in head_tasks}}
+      return {base: logits, **{t: taps[f"head/{t}"] for t in head_tasks}}
     return predict
 
   accuracies = {
@@ -341,32 +374,63 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   summary = {
       "workflow": "heads", "teacher": config.teacher.name, "student": config.student.name,
       "joint_heads": list(block.joint), "added_heads": list(block.added),
+      "tasks": {name: (None if groups is None else list(groups))
+                for name, groups in tasks.items()},
       "accuracy": accuracies,
+      # Adding heads must leave the trunk as it was: its logits and the joint heads'
+      # on the test images, before and after, compared exactly.
+      "trunk_max_abs_diff": trunk_difference(
+          predictor(trunk_model, trunk.variables, block.joint),
+          predictor(full_model, full_variables, block.joint), config.data, batch_size),
   }
   if jax.process_index() == 0:
     summary["tflite"] = export_heads(config, workdir, full_model, full_variables,
-                                     tuple(block.export), info)
+                                     tuple(block.export), info, tasks, base)
   return common.finish(context, summary)
 
 
-def export_heads(config: ml_collections.ConfigDict, workdir: str, model: MultiHeadStudent,
-                 variables: Any, tasks: tuple[str, ...], info) -> dict[str, Any]:
-  """The trunk with the heads of `tasks` as one fp32 TFLite model, measured.
+def trunk_difference(before, after, data_config, batch_size: int) -> float:
+  """The largest |difference| between two predictors' common outputs on the eval split."""
+  largest = 0.0
+  for batch in data_lib.host_eval_iterator(data_config, batch_size=batch_size):
+    a, b = before(batch["image"]), after(batch["image"])
+    for task in a:
+      largest = max(largest, float(np.max(np.abs(np.asarray(a[task], np.float64)
+                                                 - np.asarray(b[task], np.float64)))))
+  return largest
 
-  Writes `<workdir>/export/heads_<task>+<task>_fp32.tflite`; returns its path,
+
+def export_heads(config: ml_collections.ConfigDict, workdir: str, model: MultiHeadStudent,
+                 variables: Any, tasks: tuple[str, ...], info,
+                 task_maps: Mapping[str, Sequence[int] | None],
+                 base: str = BASE) -> dict[str, Any]:
+  """The trunk with the heads of `tasks` as one fp32 TFLite model, and as one model
+  per task, measured.
+
+  Writes `<workdir>/export/heads_<task>+<task>_fp32.tflite` and
+  `heads_<task>_fp32.tflite` per task; returns the multi-output model's path,
   `kd_jax.export.measure` results (parity against JAX on calibration images), the
-  output layout and each task's accuracy in the LiteRT interpreter.
+  output layout and each task's accuracy in the LiteRT interpreter, and under
+  `per_task` the same for each single-task model.
   """
-  fn = export_function(model.clone(trunk=models.portable(model.trunk)), variables, tasks)
+  portable = model.clone(trunk=models.portable(model.trunk))
   images = data_lib.representative_images(config.data, 16)
-  result = export_lib.export_and_measure(
-      fn, tuple(info.image_shape),
-      os.path.join(workdir, "export", f"heads_{'+'.join(tasks)}_fp32.tflite"),
-      parity_images=images, latency_runs=config.export.latency_runs)
-  with open(result["path"], "rb") as f:
-    flatbuffer = f.read()
-  interpreter = export_lib.TFLiteModel(flatbuffer)
-  predict = lambda images: split_outputs(interpreter(images), tasks, info.num_classes)
-  result.update(outputs=list(tasks), accuracy=task_accuracies(
-      predict, config.data, config.eval_batch_size, tasks))
+
+  def one(names: tuple[str, ...]) -> dict[str, Any]:
+    result = export_lib.export_and_measure(
+        export_function(portable, variables, names, base), tuple(info.image_shape),
+        os.path.join(workdir, "export", f"heads_{'+'.join(names)}_fp32.tflite"),
+        parity_images=images, latency_runs=config.export.latency_runs)
+    with open(result["path"], "rb") as f:
+      interpreter = export_lib.TFLiteModel(f.read())
+    maps = {name: task_maps[name] for name in names}
+    predict = lambda images: split_outputs(interpreter(images), names, maps,
+                                           info.num_classes)
+    result.update(outputs=list(names), accuracy=task_accuracies(
+        predict, config.data, config.eval_batch_size, maps))
+    return result
+
+  result = one(tasks)
+  if len(tasks) > 1:
+    result["per_task"] = {name: one((name,)) for name in tasks}
   return result
