@@ -347,14 +347,16 @@ def pretrain_parts(config: ml_collections.ConfigDict, *, phase: str,
                    objective: objective_lib.Objective, teacher, teacher_variables,
                    workdir: str, mesh, info, writer: MetricWriter,
                    seed: int) -> dict[str, dict[str, Any]]:
-  """Trains (or resumes, or reads back) the pre-trained part of each term that has one.
+  """Trains (or resumes) the pre-trained part of each term that has one.
 
   Each such term (`Method.pretraining`, e.g. FT's paraphraser) gets a phase of its own,
   `<phase>_pretrain_<term>`, run by `train_phase` (checkpoints, exact resume): the
   teacher, frozen, with the part on the term's teacher tap, trained on the mean squared
   error of the part's output against that tap, with no cross-entropy; only the part's
   parameters reach the optimizer. Returns `{collection: {term name: variables}}`,
-  the trained parts, which the calling phase puts into its terms' variables.
+  the trained parts, which the calling phase puts into its terms' variables (its own
+  checkpoints then carry them, so its resume stays exact). A finished part's phase
+  resumes at its last step and only evaluates again.
   """
   parts: dict[str, dict[str, Any]] = {}
   for term in objective.terms:
