@@ -55,6 +55,25 @@ INPUTS = (LOGITS, FEATURES, EMBEDDING, MULTI, EMBEDDING_LOGITS)
 
 
 @dataclasses.dataclass(frozen=True)
+class Pretraining:
+  """A part of a module method trained in a phase of its own before the phase that uses
+  it, then frozen (FT's paraphraser; `kd_jax.phase.pretrain_parts` runs it).
+
+  The pre-training phase trains `model(teacher, tap, **hyper)` (the teacher frozen
+  inside it, `hyper` the term's settings that `model` takes) on the mean squared error
+  between its tap `output` and the teacher's tap (the `fitnet` loss), without
+  cross-entropy; only `params[part]` trains. Those parameters become the term's
+  variable `collection/params`. The phase's recipe is the student's (`train`) with
+  `recipe` and then the term's `pretrain` block over it.
+  """
+  model: Callable[..., nn.Module]
+  part: str
+  collection: str
+  output: str = "reconstruction"
+  recipe: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
 class Method:
   """A registered loss: a pure function, or a Flax module class for learned parts.
 
@@ -71,6 +90,7 @@ class Method:
   # resolved against the models: name -> fn(teacher params) (not set in a config).
   from_teacher: Mapping[str, Callable[[Any], Any]] = dataclasses.field(
       default_factory=dict)
+  pretraining: Pretraining | None = None  # a part trained before the phase (FT)
 
   @property
   def is_module(self) -> bool:
@@ -94,18 +114,20 @@ METHODS: Registry[Method] = Registry("distillation method",
 
 def register(name: str, fn: Any, inputs: str, needs_labels: bool = False,
              per_example: Any = None,
-             from_teacher: Mapping[str, Callable[[Any], Any]] | None = None) -> None:
+             from_teacher: Mapping[str, Callable[[Any], Any]] | None = None,
+             pretraining: Pretraining | None = None) -> None:
   """Makes `fn` usable as `method=name` in a config's `distill.terms`.
 
   `fn(student, teacher, [labels,] **hyper) -> scalar` for a pure loss, or a Flax
   module class (see `Method`) for a method with learned parameters or state.
   `per_example`, with the same arguments, returns the `[B]` values whose mean is
-  `fn`'s; self-paced weights apply to the terms that have one.
+  `fn`'s; self-paced weights apply to the terms that have one. `pretraining`: a part
+  of a module method trained by a phase of its own first (`Pretraining`).
   """
   if inputs not in INPUTS:
     raise ValueError(f"inputs must be one of {', '.join(INPUTS)}; got {inputs!r}")
   METHODS.register(name, Method(fn, inputs, needs_labels, per_example,
-                                dict(from_teacher or {})))
+                                dict(from_teacher or {}), pretraining))
 
 
 def _teacher_classifier(params: Any) -> Any:
@@ -149,14 +171,23 @@ register("mlkd", losses.mlkd, LOGITS)
 register("ctkd", losses.CTKD, LOGITS)
 register("fsp", losses.fsp, MULTI)
 register("activation_boundary", losses.activation_boundary, MULTI)
+# FT: the paraphraser trains 30 epochs at a constant learning rate first (RepDistiller's
+# init phase: SGD, the student's momentum and weight decay).
+register("factor_transfer", losses.FactorTransfer, FEATURES, pretraining=Pretraining(
+    lambda teacher, tap, rate=0.5: losses.ParaphraserOnTeacher(teacher, tap, rate),
+    part="paraphraser", collection=losses.PARAPHRASER,
+    recipe=dict(optimizer="sgd", epochs=30.0, schedule="constant", warmup_epochs=0.0)))
+register("dist_plus", losses.dist_plus, EMBEDDING_LOGITS)
 
 # The keys of a `distill.terms` entry other than its method's hyper-parameters, with
 # their defaults (teacher_tap None: the student's tap; name None: the method's name,
-# with the tap of a feature term).
+# with the tap of a feature term; pretrain: recipe keys of the pre-training phase of a
+# method that has one, e.g. dict(epochs=1.0, learning_rate=0.01)).
 TERM_DEFAULTS = dict(method=None, weight=1.0, schedule="constant", warmup_epochs=0.0,
                      decay_epochs=(), student_tap=None, teacher_tap=None, name=None,
                      adapter=None, temperature_schedule="constant",
-                     final_temperature=None, student_view=None, teacher_view=None)
+                     final_temperature=None, student_view=None, teacher_view=None,
+                     pretrain=None)
 MAIN_VIEW = "image"  # the batch's own image (`kd_jax.data`: other views are `view/<name>`)
 TEMPERATURE_SCHEDULES = ("constant", "linear", "cosine")
 ADAPTERS = ("conv1x1", "linear")
@@ -332,6 +363,7 @@ class Term(nn.Module):
   steps_per_epoch: int = 1
   student_view: str = MAIN_VIEW
   teacher_view: str = MAIN_VIEW
+  pretrain: Mapping[str, Any] | None = None  # the pre-training phase's recipe keys
 
   @nn.compact
   def __call__(self, s_logits, s_taps, t_logits, t_taps, labels, index, train: bool,
@@ -512,6 +544,8 @@ def build(distill_config: Mapping[str, Any], *, total_steps: int,
           total_steps=total_steps)
       if temperature is None:
         raise ValueError(f"{where}: temperature_schedule needs final_temperature")
+    if spec["pretrain"] is not None and method.pretraining is None:
+      raise ValueError(f"{where}: {method_name} has no pre-training phase; remove pretrain")
     student_view = spec["student_view"] or distill["student_view"]
     teacher_view = spec["teacher_view"] or distill["teacher_view"] or student_view
     terms.append(Term(name, method, weight,
@@ -519,7 +553,8 @@ def build(distill_config: Mapping[str, Any], *, total_steps: int,
                       None if method.inputs == LOGITS else teacher_tap, hyper,
                       adapter=adapter, num_train=num_train, temperature=temperature,
                       student_view=student_view, teacher_view=teacher_view,
-                      steps_per_epoch=max(1, steps_per_epoch)))
+                      steps_per_epoch=max(1, steps_per_epoch),
+                      pretrain=dict(spec["pretrain"] or {})))
   ce_views = tuple(distill["ce_views"])
   if not ce_views:
     raise ValueError("distill.ce_views names no view; use ('image',) and set "

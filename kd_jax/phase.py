@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import os
 import time
 from typing import Any, Callable, Mapping
@@ -163,6 +164,11 @@ def train_phase(config: ml_collections.ConfigDict, *, phase: str, model, train_c
     objective = objective_lib.resolve(objective, s_taps, t_taps, config.student.name,
                                       config.teacher.name,
                                       teacher_params=parallel.to_host(teacher_variables["params"]))
+  # Parts of terms pre-trained by phases of their own (FT's paraphraser), frozen here.
+  pretrained_parts = pretrain_parts(
+      config, phase=phase, objective=objective, teacher=teacher,
+      teacher_variables=teacher_variables, workdir=workdir, mesh=mesh, info=info,
+      writer=writer, seed=seed)
 
   def fresh_state():
     state = train_lib.init_state(
@@ -172,6 +178,9 @@ def train_phase(config: ml_collections.ConfigDict, *, phase: str, model, train_c
       state = state.replace(
           params={**state.params, "student": init_variables["params"]},
           batch_stats={"student": init_variables.get("batch_stats", {})})
+    for collection, parts in pretrained_parts.items():
+      state = state.replace(term_state={**state.term_state, collection: {
+          **state.term_state[collection], **parts}})
     return parallel.replicate(state, mesh)
 
   state = fresh_state()
@@ -332,6 +341,60 @@ def train_phase(config: ml_collections.ConfigDict, *, phase: str, model, train_c
         f"{selection['best_step']} (test accuracy {selection['best_test']['accuracy']:.4f}); "
         f"last {selection['last_validation'][validation['metric']]:.4f}")
   return PhaseResult(variables, metrics, selection)
+
+
+def pretrain_parts(config: ml_collections.ConfigDict, *, phase: str,
+                   objective: objective_lib.Objective, teacher, teacher_variables,
+                   workdir: str, mesh, info, writer: MetricWriter,
+                   seed: int) -> dict[str, dict[str, Any]]:
+  """Trains (or resumes) the pre-trained part of each term that has one.
+
+  Each such term (`Method.pretraining`, e.g. FT's paraphraser) gets a phase of its own,
+  `<phase>_pretrain_<term>`, run by `train_phase` (checkpoints, exact resume): the
+  teacher, frozen, with the part on the term's teacher tap, trained on the mean squared
+  error of the part's output against that tap, with no cross-entropy; only the part's
+  parameters reach the optimizer. Returns `{collection: {term name: variables}}`,
+  the trained parts, which the calling phase puts into its terms' variables (its own
+  checkpoints then carry them, so its resume stays exact). A finished part's phase
+  resumes at its last step and only evaluates again.
+  """
+  parts: dict[str, dict[str, Any]] = {}
+  for term in objective.terms:
+    spec = term.method.pretraining
+    if spec is None:
+      continue
+    settings = inspect.signature(spec.model).parameters
+    model = spec.model(teacher, term.teacher_tap,
+                       **{k: v for k, v in term.hyper.items() if k in settings})
+    host_teacher = parallel.to_host(teacher_variables)
+    fresh = model.init(jax.random.key(seed), jnp.zeros((1, *info.image_shape)),
+                       train=False)
+    init = {"params": {**fresh["params"], "teacher": host_teacher["params"]},
+            "batch_stats": {"teacher": host_teacher.get("batch_stats", {})}}
+
+    def only_the_part(optimizer, part=spec.part):
+      """`optimizer` on `params['student'][part]`; every other parameter stays put."""
+      def labels(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "train" if [getattr(k, "key", None) for k in path[:2]] == [
+                "student", part] else "frozen", params)
+      return optax.multi_transform({"train": optimizer, "frozen": optax.set_to_zero()},
+                                   labels)
+
+    name = f"{phase}_pretrain_{term.name_.replace('/', '_')}"
+    recipe = student_recipe(config, {**spec.recipe, **dict(term.pretrain or {})})
+    result = train_phase(
+        config, phase=name, model=model, train_config=recipe,
+        distill_config={"ce_weight": 0.0, "terms": [dict(
+            method="fitnet", weight=1.0, student_tap=spec.output,
+            teacher_tap=term.teacher_tap)]},
+        workdir=workdir, mesh=mesh, info=info, writer=writer, teacher=teacher,
+        teacher_variables=teacher_variables, seed=seed, init_variables=init,
+        model_meta={"model": f"{config.teacher.name}+{spec.part}", "term": term.name_},
+        optimizer_transform=only_the_part)
+    parts.setdefault(spec.collection, {})[term.name_] = {  # Term's module is `method`
+        "method": {"params": result.variables["params"][spec.part]}}
+  return parts
 
 
 def _select_best(best: ckpt_lib.BestCheckpointer, state, phase: str,

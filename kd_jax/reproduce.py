@@ -3,7 +3,8 @@
     kd-jax reproduce --workdir=runs/crd --pairs=resnet32x4-resnet8x4 --methods=kd,dkd
 
 For the chosen pairs and methods of experiments/cifar100_crd.py (all of them by
-default) this trains each distinct teacher once (`DIR/teachers/<teacher>`), each pair's
+default; a method without a run for a pair, `cifar100_crd.unavailable`, is skipped
+with a log line) this trains each distinct teacher once (`DIR/teachers/<teacher>`), each pair's
 CE-only student once (`DIR/<pair>/vanilla`: the table's student column) and each
 method's student from the trained teacher (`DIR/<pair>/<method>`), then writes
 `DIR/reproduce.json` and `DIR/reproduce.md`: per run, the measured top-1 (%) of the
@@ -136,9 +137,17 @@ def run(pairs: Optional[Sequence[str]], methods: Optional[Sequence[str]], workdi
   methods = _select(methods, cifar100_crd.METHODS, "method")
   if seeds < 1:
     raise ValueError(f"--seeds must be at least 1, got {seeds}")
+  for pair in pairs:  # AB and FSP have no cross-architecture runs
+    for method in methods:
+      if cifar100_crd.unavailable(cifar100_crd.PAIRS[pair], method):
+        log(f"reproduce: skipping {pair} {method}: "
+            f"{cifar100_crd.unavailable(cifar100_crd.PAIRS[pair], method)}")
+  chosen = {pair: [m for m in methods
+                   if not cifar100_crd.unavailable(cifar100_crd.PAIRS[pair], m)]
+            for pair in pairs}
   runs = {(pair, method, seed): _seeded(
       run_config(pair, method, tiny, data_dir=data_dir, export=export), seed)
-      for pair in pairs for method in dict.fromkeys([VANILLA, *methods])
+      for pair in pairs for method in dict.fromkeys([VANILLA, *chosen[pair]])
       for seed in range(seeds)}
 
   teacher_dirs: dict[str, str] = {}
@@ -160,7 +169,7 @@ def run(pairs: Optional[Sequence[str]], methods: Optional[Sequence[str]], workdi
 
   rows = []
   for pair in pairs:
-    for method in methods:
+    for method in chosen[pair]:
       config = runs[pair, method, 0]
       of = lambda m: [summaries[pair, m, seed] for seed in range(seeds)]
       last = dict(teacher=[_percent(of(method)[0]["teacher_accuracy"])],

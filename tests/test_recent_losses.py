@@ -7,6 +7,7 @@ PyTorch functions (DIST: hunto/image_classification_sota; SRD: torchdistill's
 yzd-v/cls_KD `NKDLoss`; WKD-L: JiamingLv/WKD; MLKD: `KD_ours` with KD weight 1).
 """
 import jax
+from jax.test_util import check_grads
 import numpy as np
 import pytest
 
@@ -250,3 +251,52 @@ def test_activation_boundary():
   got = losses.activation_boundary([s, 2 * s, s - 0.5], [t, t, -t])
   np.testing.assert_allclose(got, (0.25 * 39.25 + 0.5 * 83.0 + 59.75) / 2 / 1000 * 3)
   np.testing.assert_allclose(got, 0.16659375)
+
+
+# --- DIST+ and FT ---------------------------------------------------------------------
+
+
+def test_dist_plus():
+  rng = np.random.default_rng(0)
+  f_s, f_t = rng.normal(size=(2, 1, 2, 3)), rng.normal(size=(2, 1, 2, 3))  # NHWC
+  p_s = _softmax(f_s.reshape(4, 3) / 2.0)
+  p_t = _softmax(f_t.reshape(4, 3) / 2.0)
+  channel = 1 - np.mean([_pearson(p_s[n], p_t[n]) for n in range(4)])
+  spatial = 1 - np.mean([_pearson(p_s[:, c], p_t[:, c]) for c in range(3)])
+  expected = float(losses.dist(S3, T3, temperature=4.0)) + 0.5 * channel + 3.0 * spatial
+  got = losses.dist_plus(f_s, f_t, S3, T3, temperature=4.0, channel_weight=0.5,
+                         spatial_weight=3.0, feature_temperature=2.0)
+  np.testing.assert_allclose(got, expected, rtol=1e-10)
+  np.testing.assert_allclose(jax.jit(losses.dist_plus)(f_s, f_t, S3, T3),
+                             losses.dist_plus(f_s, f_t, S3, T3), rtol=1e-12)
+  # Equal maps relate perfectly: only the logit part remains.
+  np.testing.assert_allclose(losses.dist_plus(f_t, f_t, S3, T3), losses.dist(S3, T3),
+                             atol=1e-5)  # up to the eps of the correlations
+  # A [B, D] embedding is a 1 x 1 map; a 2x2 map is pooled to its teacher's 1x1.
+  e_s, e_t = f_s[:, 0, 0], f_t[:, 0, 0]
+  np.testing.assert_allclose(
+      losses.dist_plus(np.broadcast_to(e_s[:, None, None], (2, 2, 2, 3)), e_t, S3, T3),
+      losses.dist_plus(e_s, e_t, S3, T3), rtol=1e-10)
+  assert not np.any(np.asarray(jax.grad(
+      lambda t: losses.dist_plus(f_s, t, S3, T3))(f_t)))  # teacher: constant
+  with pytest.raises(ValueError, match="adapter='conv1x1'"):
+    losses.dist_plus(f_s, f_t[..., :2], S3, T3)
+
+
+def test_factor_transfer():
+  # One position per row of two channels: mean_c f^2 = (1+9)/2, (0+4)/2 for the student,
+  # 0, (1+1)/2 for the teacher; normalised: (5, 2)/sqrt(29) and (0, 1).
+  s = np.array([[[[1.0, 3.0], [0.0, 2.0]]]])  # [1, 1, 2, 2]
+  t = np.array([[[[0.0, 0.0], [1.0, 1.0]]]])
+  np.testing.assert_allclose(losses.factor(s), [[5 / np.sqrt(29), 2 / np.sqrt(29)]])
+  l1 = (5 / np.sqrt(29) + 1 - 2 / np.sqrt(29)) / 2
+  np.testing.assert_allclose(losses.factor_transfer(s, t), l1, rtol=1e-12)
+  l2 = ((5 / np.sqrt(29)) ** 2 + (2 / np.sqrt(29) - 1) ** 2) / 2
+  np.testing.assert_allclose(losses.factor_transfer(s, t, p=2), l2, rtol=1e-12)
+  np.testing.assert_allclose(jax.jit(losses.factor_transfer)(s, t), l1, rtol=1e-12)
+  # Pooled to the teacher's single position, every factor is 1: no loss.
+  assert float(losses.factor_transfer(np.abs(s) + 1, t[:, :, 1:])) == 0.0
+  assert not np.any(np.asarray(jax.grad(
+      lambda x: losses.factor_transfer(s, x))(t + 0.5)))  # teacher: constant
+  check_grads(lambda x: losses.factor_transfer(x, t), (s + 0.1,), order=1,
+                            modes=["rev"])

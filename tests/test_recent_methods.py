@@ -1,12 +1,14 @@
 """Each method of experiments/digits_recent.py trains end to end from one tiny teacher."""
 import json
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from kd_jax import configs, experiment, models, objective
+from kd_jax import configs, experiment, losses, models, objective, parallel, train
 from kd_jax.experiments import digits_recent
 
 
@@ -30,6 +32,51 @@ def test_method_trains_end_to_end(method, teacher_dir, tmp_path):
   names = [t.name_ for t in objective.build(c.distill, total_steps=1, steps_per_epoch=1).terms]
   for name in names:
     assert all(np.isfinite(r[name]) for r in train), name
+  if method == "ft":  # the paraphraser's own phase ran first and its loss fell
+    pre = [r["fitnet/reconstruction"] for r in records if r["kind"] == "train"
+           and r["phase"] == "distilled_pretrain_factor_transfer_stage_3"]
+    assert len(pre) >= 2 and pre[-1] < pre[0]
+
+
+def test_factor_transfer_keeps_the_pretrained_paraphraser_frozen():
+  """Two SGD steps (weight decay on) move the translator but not the paraphraser."""
+  jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    student = teacher = models.create("resnet8", 10)
+    x = jnp.zeros((2, 8, 8, 1))
+    t_vars = teacher.init(jax.random.key(1), x[:1], train=False)
+    obj = objective.build(dict(terms=[dict(method="factor_transfer", weight=200.0,
+                                           student_tap="stage_3")]),
+                          total_steps=2, steps_per_epoch=2)
+    taps = teacher.apply(t_vars, x, train=False)[1]
+    obj = objective.resolve(obj, taps, taps, "resnet8", "resnet8")
+    recipe = dict(optimizer="sgd", learning_rate=0.1, momentum=0.9, weight_decay=5e-4,
+                  schedule="constant")
+    optimizer = train.make_optimizer(recipe, optax.constant_schedule(0.1))
+    state = train.init_state(student, optimizer, (8, 8, 1), jax.random.key(0), obj,
+                             teacher, t_vars)
+    frozen = jax.tree.map(np.array,
+                          state.term_state[losses.PARAPHRASER]["factor_transfer/stage_3"])
+    assert "paraphraser" not in jax.tree_util.keystr(state.params)  # no optimizer
+    mesh = parallel.data_mesh()
+    step = train.make_train_step(student, teacher, obj, optimizer, mesh)
+    before = jax.tree.map(np.array, state.params["terms"])
+    state = parallel.replicate(state, mesh)
+    rng = np.random.default_rng(0)
+    for i in range(2):
+      batch = {"image": rng.normal(size=(8, 8, 8, 1)).astype(np.float32),
+               "label": rng.integers(0, 10, size=8).astype(np.int32)}
+      state, metrics = step(state, parallel.replicate(t_vars, mesh),
+                            parallel.to_global(batch, mesh), train.step_rng(0, i))
+    assert np.isfinite(float(metrics["factor_transfer/stage_3"]))
+    state = parallel.to_host(state)
+    chex.assert_trees_all_equal(
+        state.term_state[losses.PARAPHRASER]["factor_transfer/stage_3"], frozen)
+    moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), before,
+                         state.params["terms"])
+    assert all(jax.tree.leaves(moved))  # every translator parameter trained
+  finally:
+    jax.config.update("jax_disable_most_optimizations", False)
 
 
 def test_wkd_takes_its_cost_from_the_teacher_classifier():

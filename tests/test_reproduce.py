@@ -35,8 +35,11 @@ def _check_terms(config, image_shape, num_classes):
   terms = config.distill.to_dict()["terms"]
   for term in terms:
     if objective.METHODS.get(term["method"]).inputs != objective.LOGITS:
-      assert term["student_tap"] in s_taps, (config.student.name, term)
-      assert term["teacher_tap"] in t_taps, (config.teacher.name, term)
+      names = lambda taps: (taps,) if isinstance(taps, str) else tuple(taps)
+      for tap in names(term["student_tap"]):  # a multi-tap term names several
+        assert tap in s_taps, (config.student.name, term)
+      for tap in names(term.get("teacher_tap") or term["student_tap"]):
+        assert tap in t_taps, (config.teacher.name, term)
   if not all(t["method"] in objective.METHODS for t in terms):
     return
   built = objective.build(config.distill, total_steps=10, steps_per_epoch=1,
@@ -61,6 +64,11 @@ def _check_terms(config, image_shape, num_classes):
 def test_every_variant_is_valid_and_its_terms_fit_both_models(pair):
   spec = cifar100_crd.PAIRS[pair]
   for method in cifar100_crd.METHODS:
+    if cifar100_crd.unavailable(spec, method):  # AB and FSP across architectures
+      assert spec.cross_architecture and method in ("activation_boundary", "fsp")
+      with pytest.raises(ValueError, match="pick a same-architecture pair"):
+        cifar100_crd.get_config(f"{pair}:{method}")
+      continue
     config = cifar100_crd.get_config(f"{pair}:{method}")
     configs.validate(config)
     assert (config.teacher.name, config.student.name) == (spec.teacher, spec.student)
@@ -75,7 +83,11 @@ def test_every_variant_is_valid_and_its_terms_fit_both_models(pair):
     tiny = cifar100_crd.get_config(f"{pair}:{method}:tiny")
     configs.validate(tiny)
     assert tiny.data.name == "kd_digits" and tiny.train.epochs == 1
-    assert tiny.distill.to_dict() == config.distill.to_dict()
+    shrunk = config.distill.to_dict()  # the one difference: FT's pre-training epochs
+    for term in shrunk["terms"]:
+      if term["method"] == "factor_transfer":
+        term["pretrain"] = dict(term.get("pretrain") or {}, epochs=1.0)
+    assert tiny.distill.to_dict() == shrunk
     _check_terms(tiny, (8, 8, 1), 10)
 
 
@@ -97,12 +109,21 @@ def test_the_recipes_match_the_papers():
                      "pkt": [30000.0], "nst": [50.0] * 4, "crd": [0.8], "dkd": [1.0],
                      # the authors' CIFAR-100 weights of the later methods
                      "dist": [2.0], "ctkd": [0.9], "wkd": [1.0], "mlkd": [0.9],
-                     "dot": [0.9]}
-  for pair in cifar100_crd.PAIRS:
-    ce = {m: cifar100_crd.get_config(f"{pair}:{m}").distill.ce_weight
-          for m in cifar100_crd.METHODS}
-    assert ce == {m: 0.1 if m in ("kd", "ctkd", "mlkd", "dot") else 1.0
-                  for m in cifar100_crd.METHODS}
+                     "dot": [0.9], "activation_boundary": [1.0], "factor_transfer": [200.0],
+                     "fsp": [1.0]}
+  for pair, spec in cifar100_crd.PAIRS.items():
+    methods = [m for m in cifar100_crd.METHODS if not cifar100_crd.unavailable(spec, m)]
+    ce = {m: cifar100_crd.get_config(f"{pair}:{m}").distill.ce_weight for m in methods}
+    assert ce == {m: 0.1 if m in ("kd", "ctkd", "mlkd", "dot") else 1.0 for m in methods}
+  # FT: the last stage of each; the paraphraser's phase at RepDistiller's init lr.
+  [ft] = _terms("resnet32x4-ShuffleV1:factor_transfer")
+  assert (ft["student_tap"], ft["teacher_tap"], ft.get("pretrain")) == (
+      "stage_3", "stage_3", None)
+  assert _terms("vgg13-vgg8:factor_transfer")[0]["student_tap"] == "stage_4"
+  assert _terms("resnet56-resnet20:factor_transfer")[0]["pretrain"] == dict(
+      learning_rate=0.01)
+  assert _terms("vgg13-vgg8:fsp")[0]["student_tap"] == (
+      "stem", "stage_1", "stage_2", "stage_3", "stage_4")
   assert _terms("resnet32x4-resnet8x4:wkd")[0]["gamma"] == 600.0
   assert cifar100_crd.get_config("resnet32x4-resnet8x4:dist").published.method == 76.31
   assert cifar100_crd.get_config("resnet32x4-resnet8x4:ctkd").published.method is None
@@ -132,6 +153,8 @@ def test_the_recipes_match_the_papers():
 def test_published_numbers_are_recorded_for_every_variant():
   for pair, spec in cifar100_crd.PAIRS.items():
     for method in cifar100_crd.METHODS:
+      if cifar100_crd.unavailable(spec, method):
+        continue
       p = cifar100_crd.get_config(f"{pair}:{method}").published
       assert 50 < p.student < p.teacher < 80, (pair, method)
       # The later methods' authors report some pairs only.
@@ -147,7 +170,14 @@ def test_published_numbers_are_recorded_for_every_variant():
                        "correlation_congruence": 72.97, "vid": 73.09, "rkd": 71.90,
                        "pkt": 73.64, "nst": 73.30, "crd": 75.51, "dkd": 76.32,
                        "dist": 76.31, "ctkd": None, "wkd": 76.53, "mlkd": 77.08,
-                       "dot": 75.12}
+                       "dot": 75.12, "activation_boundary": 73.17, "factor_transfer": 72.86,
+                       "fsp": 72.62}
+  # CRD Table 2 (RepDistiller's README): AB and FT across architectures, FSP none.
+  assert [cifar100_crd.get_config(f"{p}:{m}").published.method
+          for p in ("vgg13-MobileNetV2", "resnet32x4-ShuffleV2")
+          for m in ("activation_boundary", "factor_transfer")
+          if not cifar100_crd.unavailable(cifar100_crd.PAIRS[p], m)] == [61.78, 72.50]
+  assert cifar100_crd.PAIRS["resnet32x4-ShuffleV1"].method_top1[-3:] == (73.55, 71.75, None)
   p = cifar100_crd.get_config("vgg13-MobileNetV2:attention_transfer").published
   assert (p.teacher, p.student, p.method) == (74.64, 64.60, 59.40)
   assert {m: imagenet_kd.get_config(m).published.method for m in ("kd", "dkd")} == {

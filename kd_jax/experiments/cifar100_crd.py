@@ -26,6 +26,14 @@ objective is RepDistiller's `-r` · CE + `-a` · KD + `-b` · method:
   rkd                     CE 1 + 1 · RKD on the embeddings (distance 25, angle 50)
   pkt                     CE 1 + 30000 · PKT on the embeddings
   nst                     CE 1 + 50 · NST on every stage pair
+  activation_boundary     CE 1 + 1 · AB on every stage's pre-activation (same-architecture
+                          pairs only; RepDistiller trains the student on AB alone for
+                          30 epochs, then on CE alone: here AB is a term of one run)
+  fsp                     CE 1 + 1 · FSP on stem → stage_1 → … (same-architecture pairs;
+                          RepDistiller: 30 epochs of FSP alone, then CE, as for AB)
+  factor_transfer         CE 1 + 200 · FT on the last stage of each; the paraphraser is
+                          pre-trained 30 epochs (lr 0.01 for ResNet / WRN students) in
+                          a phase of its own first (kd_jax/phase.py), then frozen
   crd                     CE 1 + 0.8 · CRD on the embeddings (128-d, 16384 negatives,
                           τ 0.07, memory momentum 0.5: the loss's defaults)
   dkd                     mdistiller: CE 1 + DKD (alpha 1, beta per pair, T=4) with
@@ -60,7 +68,8 @@ import ml_collections
 from kd_jax import configs, data
 
 _CRD_METHODS = ("vanilla", "kd", "fitnet", "attention_transfer", "similarity_preserving",
-                "correlation_congruence", "vid", "rkd", "pkt", "nst", "crd", "dkd")
+                "correlation_congruence", "vid", "rkd", "pkt", "nst", "crd", "dkd",
+                "activation_boundary", "factor_transfer", "fsp")
 # Later methods, with the top-1 (%) their authors publish for the pairs they report
 # (the others' published column stays empty): method -> (source, {pair: top-1}).
 RECENT = {
@@ -110,7 +119,8 @@ class Pair:
       8.0, its default, where a file sets none).
     baseline_top1: published top-1 (%) of the teacher and of the vanilla student.
     method_top1: published top-1 (%) of each method of `_METHOD_COLUMNS` (CRD paper
-      for all but DKD; DKD paper, as in mdistiller's README, for DKD).
+      for all but DKD; DKD paper, as in mdistiller's README, for DKD); None where the
+      paper reports none (FSP across architectures).
     fitnet_student_tap: the student tap FitNet regresses onto the teacher's hint,
       `stage_2` (RepDistiller's hint_layer=2). ShuffleNets halve the resolution in
       their first stage, so their `stage_2` is half the size of resnet32x4's; where
@@ -122,7 +132,7 @@ class Pair:
   table: str
   dkd_beta: float
   baseline_top1: tuple[float, float]
-  method_top1: tuple[float, ...]
+  method_top1: tuple[float | None, ...]
   fitnet_student_tap: str = "stage_2"
 
   @property
@@ -132,24 +142,33 @@ class Pair:
 
 PAIRS = {f"{p.teacher}-{p.student}": p for p in (
     # teacher, student, table, DKD beta, (teacher, vanilla student) top-1, then top-1 of
-    # KD     FitNet AT     SP     CC     VID    RKD    PKT    NST    CRD    DKD
+    # KD     FitNet AT     SP     CC     VID    RKD    PKT    NST    CRD    DKD    AB
+    # FT     FSP
     Pair("resnet56", "resnet20", _CRD_TABLE_1, 2.0, (72.34, 69.06),
-         (70.66, 69.21, 70.55, 69.67, 69.63, 70.38, 69.61, 70.34, 69.60, 71.16, 71.97)),
+         (70.66, 69.21, 70.55, 69.67, 69.63, 70.38, 69.61, 70.34, 69.60, 71.16, 71.97, 69.47,
+          69.84, 69.95)),
     Pair("resnet110", "resnet32", _CRD_TABLE_1, 2.0, (74.31, 71.14),
-         (73.08, 71.06, 72.31, 72.69, 71.48, 72.61, 71.82, 72.61, 71.96, 73.48, 74.11)),
+         (73.08, 71.06, 72.31, 72.69, 71.48, 72.61, 71.82, 72.61, 71.96, 73.48, 74.11, 70.98,
+          72.37, 71.89)),
     Pair("resnet32x4", "resnet8x4", _CRD_TABLE_1, 8.0, (79.42, 72.50),
-         (73.33, 73.50, 73.44, 72.94, 72.97, 73.09, 71.90, 73.64, 73.30, 75.51, 76.32)),
+         (73.33, 73.50, 73.44, 72.94, 72.97, 73.09, 71.90, 73.64, 73.30, 75.51, 76.32, 73.17,
+          72.86, 72.62)),
     Pair("wrn_40_2", "wrn_16_2", _CRD_TABLE_1, 6.0, (75.61, 73.26),
-         (74.92, 73.58, 74.08, 73.83, 73.56, 74.11, 73.35, 74.54, 73.68, 75.48, 76.23)),
+         (74.92, 73.58, 74.08, 73.83, 73.56, 74.11, 73.35, 74.54, 73.68, 75.48, 76.23, 72.50,
+          73.25, 72.91)),
     Pair("vgg13", "vgg8", _CRD_TABLE_1, 6.0, (74.64, 70.36),
-         (72.98, 71.02, 71.43, 72.68, 70.71, 71.23, 71.48, 72.88, 71.53, 73.94, 74.68)),
+         (72.98, 71.02, 71.43, 72.68, 70.71, 71.23, 71.48, 72.88, 71.53, 73.94, 74.68, 70.94,
+          70.58, 70.23)),
     Pair("vgg13", "MobileNetV2", _CRD_TABLE_2, 6.0, (74.64, 64.60),
-         (67.37, 64.14, 59.40, 66.30, 64.86, 65.56, 64.52, 67.13, 58.16, 69.73, 69.71)),
+         (67.37, 64.14, 59.40, 66.30, 64.86, 65.56, 64.52, 67.13, 58.16, 69.73, 69.71, 66.06,
+          61.78, None)),
     Pair("resnet32x4", "ShuffleV1", _CRD_TABLE_2, 8.0, (79.42, 70.50),
-         (74.07, 73.59, 71.73, 73.48, 71.14, 73.38, 72.28, 74.10, 74.12, 75.11, 76.45),
+         (74.07, 73.59, 71.73, 73.48, 71.14, 73.38, 72.28, 74.10, 74.12, 75.11, 76.45, 73.55,
+          71.75, None),
          fitnet_student_tap="stage_1"),
     Pair("resnet32x4", "ShuffleV2", _CRD_TABLE_2, 8.0, (79.42, 71.82),
-         (74.45, 73.54, 72.73, 74.56, 71.29, 73.40, 73.21, 74.69, 74.68, 75.65, 77.07),
+         (74.45, 73.54, 72.73, 74.56, 71.29, 73.40, 73.21, 74.69, 74.68, 75.65, 77.07, 74.31,
+          72.50, None),
          fitnet_student_tap="stage_1"),
 )}
 
@@ -168,6 +187,23 @@ def _num_stages(model: str) -> int:
   return 4 if model.startswith("vgg") or model == "MobileNetV2" else 3
 
 
+# RepDistiller pre-trains FT's paraphraser at lr 0.01 for these students (else at the
+# student's learning rate).
+_FT_LOW_LR_STUDENTS = ("resnet8", "resnet14", "resnet20", "resnet32", "resnet44",
+                       "resnet56", "resnet110", "resnet8x4", "resnet32x4", "wrn_16_1",
+                       "wrn_16_2", "wrn_40_1", "wrn_40_2")
+
+
+def unavailable(pair: Pair, method: str) -> str | None:
+  """Why `method` has no run for `pair` (None: it has one). AB and FSP compare maps of
+  equal shapes; across architectures RepDistiller adds connectors for AB (not
+  implemented here) and the CRD paper reports no FSP."""
+  if method in ("activation_boundary", "fsp") and pair.cross_architecture:
+    return (f"{method} compares maps of equal shapes, which {pair.teacher} and "
+            f"{pair.student} do not have; pick a same-architecture pair (Table 1)")
+  return None
+
+
 def _tap_term(method: str, weight: float, tap: str, **settings) -> dict:
   return dict(method=method, weight=weight, student_tap=tap, teacher_tap=tap, **settings)
 
@@ -176,6 +212,8 @@ def distill_terms(pair: Pair, method: str) -> tuple[float, list[dict]]:
   """`(ce_weight, terms)` of RepDistiller's (or, for dkd, mdistiller's) recipe."""
   stages = [f"stage_{k + 1}" for k in range(
       min(_num_stages(pair.teacher), _num_stages(pair.student)))]
+  if unavailable(pair, method):
+    raise ValueError(unavailable(pair, method))
   if method == "vanilla":
     return 1.0, []
   if method == "kd":
@@ -199,6 +237,17 @@ def distill_terms(pair: Pair, method: str) -> tuple[float, list[dict]]:
   if method in ("rkd", "pkt", "crd"):
     weight = {"rkd": 1.0, "pkt": 30000.0, "crd": 0.8}[method]
     return 1.0, [_tap_term(method, weight, "embedding")]
+  if method == "activation_boundary":  # RepDistiller's init-stage loss, weight 1
+    return 1.0, [dict(method=method, weight=1.0,
+                      student_tap=tuple(f"preact_{s}" for s in stages))]
+  if method == "fsp":  # RepDistiller's init-stage loss (feat[:-1]), weight 1
+    return 1.0, [dict(method=method, weight=1.0, student_tap=("stem", *stages))]
+  if method == "factor_transfer":  # the last stage of each (feat[-2]), -b 200
+    term = dict(method=method, weight=200.0, student_tap=f"stage_{_num_stages(pair.student)}",
+                teacher_tap=f"stage_{_num_stages(pair.teacher)}")
+    if pair.student in _FT_LOW_LR_STUDENTS:
+      term["pretrain"] = dict(learning_rate=0.01)
+    return 1.0, [term]
   if method == "dist":  # CE 1 + 2·DIST at tau 4 (dist_cifar.yaml)
     return 1.0, [dict(method="dist", weight=2.0, beta=1.0, gamma=1.0, temperature=4.0)]
   if method == "ctkd":  # 0.1·CE + 0.9·KD at the learned temperature
@@ -272,6 +321,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
   if tiny:  # well under a minute per run on a CPU: for tests and smoke runs
     configs.shrink_to_tiny(c)
+    for term in c.distill.terms:  # FT's paraphraser phase: 1 epoch too
+      if term.get("method") == "factor_transfer":
+        term["pretrain"] = dict(term.get("pretrain") or {}, epochs=1.0)
     c.teacher.name = _TINY_MODEL.get(pair.teacher, pair.teacher)
     c.student.name = _TINY_MODEL.get(pair.student, pair.student)
   return c

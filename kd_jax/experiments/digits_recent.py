@@ -19,6 +19,14 @@ Variants `METHOD` or `METHOD:tiny`, METHOD one of:
                  curriculum over 10 epochs (the authors' CIFAR-100 recipe)
   dot            the default's KD objective with the dot optimizer: the task gradient's
                  momentum 0.825, the distillation gradient's 0.975 (δ = 0.075)
+  dist_plus      CE + 2·DIST+: DIST (β=γ=1, T=4) on the logits plus its channel and
+                 spatial relations (weights 1, T=1) on stage_3, whose channels the
+                 teacher (resnet20) shares with resnet8; DIST+'s teacher acclimation is
+                 not done
+  ft             CE + 200·FT on stage_3 (RepDistiller's weight, k=0.5): the paraphraser
+                 trains 30 epochs (1 in the tiny variant) on the teacher's stage_3 in
+                 its own phase (`distilled_pretrain_factor_transfer_stage_3`) first, then
+                 stays frozen while the translator trains with the student
   fsp, ab        CE + FSP (stem → stage_1 → stage_2 → stage_3, weight 1) or
                  CE + AB (preact_stage_1..3, margin 1, weight 1), with a resnet20
                  teacher (channels equal to resnet8's; no connectors). RepDistiller uses
@@ -50,20 +58,27 @@ METHODS = {
     "mlkd": (0.1, [dict(method="mlkd", weight=0.9)]),
     "ctkd": (0.1, [dict(method="ctkd", weight=0.9)]),
     "dot": (0.1, [dict(method="kd", weight=0.9, temperature=4.0)]),
+    "dist_plus": (1.0, [dict(method="dist_plus", weight=2.0, beta=1.0, gamma=1.0,
+                             temperature=4.0, student_tap="stage_3")]),
+    "ft": (1.0, [dict(method="factor_transfer", weight=200.0, student_tap="stage_3")]),
     "fsp": (1.0, [dict(method="fsp", weight=1.0,
                        student_tap=("stem", "stage_1", "stage_2", "stage_3"))]),
     "ab": (1.0, [dict(method="activation_boundary", weight=1.0,
                       student_tap=("preact_stage_1", "preact_stage_2", "preact_stage_3"))]),
 }
-_EQUAL_CHANNELS_TEACHER = {"fsp": "resnet20", "ab": "resnet20"}
+_EQUAL_CHANNELS_TEACHER = {"fsp": "resnet20", "ab": "resnet20", "dist_plus": "resnet20"}
 
 
 def get_config(variant: str = "kd") -> ml_collections.ConfigDict:
   method, flavour = configs.choice_variant(variant, METHODS, "experiments/digits_recent.py")
   c = configs.experiment_config("digits", flavour)
-  c.distill.ce_weight, c.distill.terms = copy.deepcopy(METHODS[method])
+  ce_weight, terms = copy.deepcopy(METHODS[method])
+  if method == "ft" and flavour:  # the paraphraser's phase shrunk like the others
+    terms[0]["pretrain"] = dict(epochs=1.0)
+  c.distill.ce_weight, c.distill.terms = ce_weight, terms
   if method == "dot":
     c.train.update(optimizer="dot", dot_delta=0.075)
   if method in _EQUAL_CHANNELS_TEACHER and not flavour:
     c.teacher.name = _EQUAL_CHANNELS_TEACHER[method]
+
   return c

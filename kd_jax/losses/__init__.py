@@ -30,9 +30,18 @@ from kd_jax.losses._logit import lskd
 from kd_jax.losses._logit import lskd_per_example
 from kd_jax.losses._logit import standardize_logits
 from kd_jax.losses._recent import CTKD
+from kd_jax.losses._recent import FactorTransfer
+from kd_jax.losses._recent import PARAPHRASER
+from kd_jax.losses._recent import Paraphraser
+from kd_jax.losses._recent import ParaphraserOnTeacher
+from kd_jax.losses._recent import Translator
 from kd_jax.losses._recent import activation_boundary
 from kd_jax.losses._recent import batch_standardize
 from kd_jax.losses._recent import dist
+from kd_jax.losses._recent import dist_feature_relations
+from kd_jax.losses._recent import dist_plus
+from kd_jax.losses._recent import factor
+from kd_jax.losses._recent import factor_transfer
 from kd_jax.losses._recent import fsp
 from kd_jax.losses._recent import fsp_matrix
 from kd_jax.losses._recent import gradient_reversal
@@ -52,7 +61,12 @@ __all__ = [
     "CRD",
     "CTKD",
     "ClassPrior",
+    "FactorTransfer",
+    "PARAPHRASER",
+    "Paraphraser",
+    "ParaphraserOnTeacher",
     "ReviewKD",
+    "Translator",
     "VID",
     "activation_boundary",
     "adaptive_average_pool",
@@ -63,8 +77,12 @@ __all__ = [
     "cross_entropy",
     "cross_entropy_per_example",
     "dist",
+    "dist_feature_relations",
+    "dist_plus",
     "dkd",
     "dkd_per_example",
+    "factor",
+    "factor_transfer",
     "fitnet",
     "fsp",
     "fsp_matrix",

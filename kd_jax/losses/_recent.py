@@ -1,5 +1,5 @@
-"""Losses of 2022–2026 (DIST, SRD, SKD, NKD, WKD-L, MLKD, CTKD) and the rest of the CRD
-canon (FSP, AB).
+"""Losses of 2022–2026 (DIST, DIST+, SRD, SKD, NKD, WKD-L, MLKD, CTKD) and the rest of the
+CRD canon (FSP, AB, FT).
 
 Each is reduced as its authors' public code reduces it (or, where the method's
 signature follows torchdistill's re-implementation, as that does), so published
@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from kd_jax.losses import _common
 from kd_jax.losses import _logit
+from kd_jax.models.layers import torch_default_init
 
 
 def _batch_kl(student_logits, teacher_logits, temperature) -> jax.Array:
@@ -423,3 +424,224 @@ def activation_boundary(student_features: Sequence[jax.typing.ArrayLike],
     penalty = jnp.where(t > 0, jax.nn.relu(margin - s) ** 2, jax.nn.relu(s + margin) ** 2)
     total = total + 2.0 ** (k - layers + 1) * jnp.sum(penalty) / s.shape[0] / 1000 * 3
   return total
+
+
+# --- DIST+ ----------------------------------------------------------------------------
+
+
+def _as_map(x: jax.Array) -> jax.Array:
+  """An NHWC map as is; a `[B, D]` embedding as a `[B, 1, 1, D]` map."""
+  return x[:, None, None, :] if x.ndim == 2 else x
+
+
+def dist_feature_relations(student_features: jax.typing.ArrayLike,
+                           teacher_features: jax.typing.ArrayLike,
+                           temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+  """DIST's two relations on feature maps: `(channel, spatial)`.
+
+  With `P = softmax_c(F / T)` the channel distribution at each position of an NHWC map
+  (flattened to `[B·H·W, C]`; the larger map first average-pooled to the smaller's size),
+
+    channel = 1 - 1/(BHW) sum_n rho(P_s[n, :], P_t[n, :])   (channels at each position)
+    spatial = 1 - 1/C     sum_c rho(P_s[:, c], P_t[:, c])   (positions of each channel)
+
+  `rho` as in `dist`. Student and teacher maps need the same channels.
+  """
+  student, teacher = _common.as_student_and_teacher(student_features, teacher_features)
+  student, teacher = _common.match_spatial(_as_map(student), _as_map(teacher))
+  if student.shape[-1] != teacher.shape[-1]:
+    raise ValueError(f"dist_plus compares maps of equal channels, got student "
+                     f"{student.shape[-1]} and teacher {teacher.shape[-1]}; add "
+                     "adapter='conv1x1' to the term")
+  channels = teacher.shape[-1]
+  p_s = jax.nn.softmax(student.reshape(-1, channels) / temperature, axis=-1)
+  p_t = jax.nn.softmax(teacher.reshape(-1, channels) / temperature, axis=-1)
+  return (1.0 - jnp.mean(_pearson_rows(p_s, p_t)),
+          1.0 - jnp.mean(_pearson_rows(p_s.T, p_t.T)))
+
+
+def dist_plus(student_features: jax.typing.ArrayLike,
+              teacher_features: jax.typing.ArrayLike,
+              student_logits: jax.typing.ArrayLike, teacher_logits: jax.typing.ArrayLike,
+              beta: float = 1.0, gamma: float = 1.0, temperature: float = 1.0,
+              channel_weight: float = 1.0, spatial_weight: float = 1.0,
+              feature_temperature: float = 1.0) -> jax.Array:
+  """DIST+: DIST on the logits plus DIST's relations on a feature map.
+
+    L = dist(z_s, z_t; beta, gamma, T)
+        + channel_weight · channel + spatial_weight · spatial
+
+  with `channel` and `spatial` the relations of `dist_feature_relations` at
+  `feature_temperature`: the correlation of the softened channel distribution at each
+  position (DIST's inter-class relation, channels in place of classes) and of each
+  channel's values over all positions of the batch (its intra-class relation).
+
+  What this is based on: the DIST+ paper's text was not available to check its
+  feature-level formula. The feature terms follow the authors' public dense-prediction
+  code (hunto/DIST_KD, `segmentation/losses/dist_kd.py`: an NCHW map flattened to
+  `[B·H·W, C]`, softmax over channels at T = 1, inter relation over rows, intra over
+  columns, no T²), applied to an intermediate feature map instead of the per-pixel
+  logits; DIST+'s teacher acclimation (adapting the teacher during distillation) is
+  not implemented. `[B, D]` embeddings count as `1 x 1` maps.
+
+  References:
+    Huang, You, Wang, Qian and Xu, DIST+: Knowledge Distillation From a Stronger
+    Adaptive Teacher, IEEE TPAMI 47(7), 2025; Knowledge Distillation from A Stronger
+    Teacher, NeurIPS 2022.
+  """
+  channel, spatial = dist_feature_relations(student_features, teacher_features,
+                                            feature_temperature)
+  return (dist(student_logits, teacher_logits, beta=beta, gamma=gamma,
+               temperature=temperature)
+          + channel_weight * channel + spatial_weight * spatial)
+
+
+# --- FT -------------------------------------------------------------------------------
+
+# The variable collection of a `FactorTransfer` term holding its pre-trained, frozen
+# paraphraser (the optimizer never sees it; it is checkpointed with the train state).
+PARAPHRASER = "paraphraser"
+
+
+def factor(features: jax.typing.ArrayLike, exponent: float = 2.0) -> jax.Array:
+  """`[B, H·W]`: RepDistiller's factor of an NHWC map, `normalize(mean_c f^exponent)`
+  (L2 over the positions, torch `F.normalize`)."""
+  features = _common.as_float(features)
+  pooled = jnp.mean(features ** exponent, axis=-1)
+  return _common.l2_normalize(pooled.reshape(pooled.shape[0], -1))
+
+
+def factor_transfer(student_factor: jax.typing.ArrayLike,
+                    teacher_factor: jax.typing.ArrayLike, p: int = 1,
+                    exponent: float = 2.0) -> jax.Array:
+  """FT's loss between the translator's and the paraphraser's factors (NHWC).
+
+    L = mean_{b,n} |factor(F_s)[b, n] - factor(F_t)[b, n]|^p,
+    factor(F) = normalize_n(1/C sum_c F[..., c]^exponent)  (`factor`),
+
+  the larger map first average-pooled to the smaller's size: RepDistiller's
+  `FactorTransfer(p1=2, p2=1)` exactly. The paper instead L2-normalises the whole
+  flattened factor `vec(F)` (no channel mean) and compares with the p-norm of the
+  difference; RepDistiller's reduction turns factors into attention-like maps, and
+  its weight (200) is tuned for it.
+
+  References:
+    Kim, Park and Kwak, Paraphrasing Complex Network: Network Compression via Factor
+    Transfer, NeurIPS 2018; RepDistiller `distiller_zoo/FT.py`.
+  """
+  student, teacher = _common.as_student_and_teacher(student_factor, teacher_factor)
+  student, teacher = _common.match_spatial(student, teacher)
+  difference = factor(student, exponent) - factor(teacher, exponent)
+  return jnp.mean(jnp.abs(difference) if p == 1 else difference ** p)
+
+
+def _conv_stack(x, widths, transpose=False, batch_norm=False, train=False,
+                bn_axis_name=None, prefix="conv"):
+  """3x3 convolutions (stride 1, SAME), each with optional BatchNorm then
+  LeakyReLU(0.1), as RepDistiller's paraphraser and translator."""
+  layer = nn.ConvTranspose if transpose else nn.Conv
+  for i, width in enumerate(widths):
+    x = layer(width, (3, 3), padding="SAME", kernel_init=torch_default_init,
+              name=f"{prefix}_{i}")(x)
+    if batch_norm:
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                       axis_name=bn_axis_name, name=f"{prefix}_bn_{i}")(x)
+    x = nn.leaky_relu(x, 0.1)
+  return x
+
+
+class Paraphraser(nn.Module):
+  """FT's paraphraser: a convolutional autoencoder of the teacher's map.
+
+  Encoder: three 3x3 convolutions C -> C -> kC -> kC; decoder: three 3x3 transposed
+  convolutions kC -> kC -> C -> C; LeakyReLU(0.1) after each, no BatchNorm
+  (RepDistiller's `Paraphraser(t_shape, k=0.5, use_bn=False)`). Returns the factor
+  and, with `decode`, the reconstruction `(factor, reconstruction)`.
+  """
+  channels: int
+  rate: float = 0.5
+
+  @nn.compact
+  def __call__(self, x, decode: bool = True):
+    width = int(self.channels * self.rate)
+    factor_ = _conv_stack(x, (self.channels, width, width), prefix="encoder")
+    if not decode:
+      return factor_
+    return factor_, _conv_stack(factor_, (width, self.channels, self.channels),
+                                transpose=True, prefix="decoder")
+
+
+class Translator(nn.Module):
+  """FT's translator: three 3x3 convolutions C_s -> C_s -> kC_t -> kC_t, each with
+  BatchNorm and LeakyReLU(0.1) (RepDistiller's `Translator(s_shape, t_shape, k=0.5)`)."""
+  factor_channels: int
+  bn_axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    return _conv_stack(x, (x.shape[-1], self.factor_channels, self.factor_channels),
+                       batch_norm=True, train=train, bn_axis_name=self.bn_axis_name,
+                       prefix="translator")
+
+
+class FactorTransfer(nn.Module):
+  """FT: the student's translated factor against the teacher's paraphrased one.
+
+    L = factor_transfer(translator(F_s), paraphraser.encode(F_t); p, exponent)
+
+  The translator trains with the student; the paraphraser (`PARAPHRASER` collection)
+  is pre-trained on the teacher's map by its own phase (`kd_jax.phase`: 30 epochs of
+  the reconstruction MSE, `ParaphraserOnTeacher`) before the phase that uses it, then
+  frozen: no gradient reaches it and the optimizer never sees it (RepDistiller keeps
+  it out of the optimizer and in eval mode; it has no BatchNorm).
+
+  Attributes:
+    rate: factor channels over the teacher's channels (the paper's k).
+    p: the power of the factor difference (RepDistiller's p2; 1: absolute).
+    exponent: the power averaged over channels (RepDistiller's p1).
+
+  References:
+    Kim, Park and Kwak, Paraphrasing Complex Network: Network Compression via Factor
+    Transfer, NeurIPS 2018; RepDistiller `distiller_zoo/FT.py`, `models/util.py`.
+  """
+  num_train: int = 0
+  bn_axis_name: Optional[str] = None
+  rate: float = 0.5
+  p: int = 1
+  exponent: float = 2.0
+
+  @nn.compact
+  def __call__(self, student, teacher, *, labels=None, index=None, train=False):
+    del labels, index
+    student, teacher = _common.as_student_and_teacher(student, teacher)
+    paraphraser = Paraphraser(teacher.shape[-1], self.rate, parent=None)
+    weights = self.variable(PARAPHRASER, "params", lambda: paraphraser.init(
+        self.make_rng("params"), teacher, decode=False)["params"])
+    teacher_factor = paraphraser.apply({"params": jax.lax.stop_gradient(weights.value)},
+                                       teacher, decode=False)
+    student_factor = Translator(int(teacher.shape[-1] * self.rate), self.bn_axis_name,
+                                name="translator")(student, train)
+    return factor_transfer(student_factor, jax.lax.stop_gradient(teacher_factor),
+                           p=self.p, exponent=self.exponent)
+
+
+class ParaphraserOnTeacher(nn.Module):
+  """The model FT's pre-training phase trains: the teacher (its variables under
+  `teacher`, kept frozen by the phase) with a `Paraphraser` (`paraphraser`) on its
+  tap `tap`. Returns the teacher's logits and taps (constants) with `reconstruction`,
+  the paraphraser's reconstruction of the tap, which the phase regresses onto the
+  teacher's tap by mean squared error (RepDistiller's `nn.MSELoss`)."""
+  teacher: nn.Module
+  tap: str
+  rate: float = 0.5
+  bn_axis_name: Optional[str] = None  # the phase's protocol; the teacher runs frozen
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    del train
+    logits, taps = self.teacher(x, train=False)
+    features = jax.lax.stop_gradient(_common.as_float(taps[self.tap]))
+    _, reconstruction = Paraphraser(features.shape[-1], self.rate,
+                                    name="paraphraser")(features)
+    logits, taps = jax.lax.stop_gradient((logits, taps))
+    return logits, {**taps, "reconstruction": reconstruction}
