@@ -374,12 +374,7 @@ def pretrain_parts(config: ml_collections.ConfigDict, *, phase: str,
 
     def only_the_part(optimizer, part=spec.part):
       """`optimizer` on `params['student'][part]`; every other parameter stays put."""
-      def labels(params):
-        return jax.tree_util.tree_map_with_path(
-            lambda path, _: "train" if [getattr(k, "key", None) for k in path[:2]] == [
-                "student", part] else "frozen", params)
-      return optax.multi_transform({"train": optimizer, "frozen": optax.set_to_zero()},
-                                   labels)
+      return train_lib.only_trainable(optimizer, lambda path: path[:2] == ("student", part))
 
     name = f"{phase}_pretrain_{term.name_.replace('/', '_')}"
     recipe = student_recipe(config, {**spec.recipe, **dict(term.pretrain or {})})

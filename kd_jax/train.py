@@ -154,6 +154,21 @@ def make_optimizer(train_config: Mapping[str, Any],
   return optax.MultiSteps(opt, every_k_schedule=k) if k > 1 else opt
 
 
+def only_trainable(optimizer: optax.GradientTransformation,
+                   trainable: Callable[[tuple[str, ...]], bool]
+                   ) -> optax.GradientTransformation:
+  """`optimizer` on the parameters whose path (a tuple of keys, e.g. ('student',
+  'classifier', 'kernel')) `trainable` accepts; the others get no update at all (no
+  weight decay either): `optax.multi_transform` with `set_to_zero`."""
+  def labels(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "train" if trainable(tuple(
+            str(getattr(k, "key", getattr(k, "name", k))) for k in path)) else "frozen",
+        params)
+  return optax.multi_transform({"train": optimizer, "frozen": optax.set_to_zero()},
+                               labels)
+
+
 class DotState(NamedTuple):
   task_momentum: Any
   distill_momentum: Any

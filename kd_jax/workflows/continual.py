@@ -80,11 +80,12 @@ from jax.experimental import multihost_utils
 
 from kd_jax import data as data_lib
 from kd_jax import files
-from kd_jax import phase as phase_lib
-from kd_jax import rundir
 from kd_jax import losses
 from kd_jax import objective as objective_lib
 from kd_jax import parallel
+from kd_jax import phase as phase_lib
+from kd_jax import rundir
+from kd_jax import train as train_lib
 from kd_jax.data import kd_digits
 from kd_jax.data import pipeline
 from kd_jax.workflows import common
@@ -276,15 +277,9 @@ def masked_optimizer(student_mask: Any) -> Callable[[optax.GradientTransformatio
                                                     optax.GradientTransformation]:
   """Wraps an optimizer so that only the student's parameters where `student_mask`
   is True are updated (objective-term parameters always train)."""
-  def labels(params):
-    return {part: (jax.tree.map(lambda t: "train" if t else "frozen", student_mask)
-                   if part == "student" else jax.tree.map(lambda _: "train", tree))
-            for part, tree in params.items()}
-
-  def wrap(optimizer):
-    return optax.multi_transform({"train": optimizer, "frozen": optax.set_to_zero()},
-                                 labels)
-  return wrap
+  trains = {path: bool(m) for path, m in _leaves(student_mask)}
+  return lambda optimizer: train_lib.only_trainable(
+      optimizer, lambda path: path[0] != "student" or trains[path[1:]])
 
 
 def ewc_gradient(fisher: Any, anchor: Any, strength: float) -> optax.GradientTransformation:
