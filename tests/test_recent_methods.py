@@ -35,7 +35,8 @@ def test_method_trains_end_to_end(method, teacher_dir, tmp_path):
   if method == "ft":  # the paraphraser's own phase ran first and its loss fell
     pre = [r["fitnet/reconstruction"] for r in records if r["kind"] == "train"
            and r["phase"] == "distilled_pretrain_factor_transfer_stage_3"]
-    assert len(pre) >= 2 and pre[-1] < pre[0]
+    # (3 epochs at learning rate 0.5 in the tiny variant: 1.20 → 0.70 measured)
+    assert len(pre) >= 4 and pre[-1] < 0.8 * pre[0]
 
 
 def test_factor_transfer_keeps_the_pretrained_paraphraser_frozen():

@@ -74,7 +74,7 @@ def get_config(variant: str = "kd") -> ml_collections.ConfigDict:
   c = configs.experiment_config("digits", flavour)
   ce_weight, terms = copy.deepcopy(METHODS[method])
   if method == "ft" and flavour:  # the paraphraser's phase shrunk like the others
-    terms[0]["pretrain"] = dict(epochs=1.0)
+    terms[0]["pretrain"] = dict(epochs=3.0, learning_rate=0.5)
   c.distill.ce_weight, c.distill.terms = ce_weight, terms
   if method == "dot":
     c.train.update(optimizer="dot", dot_delta=0.075)
