@@ -200,10 +200,13 @@ _SELF_PACED_DEFAULTS = dict(kind="none", start_threshold=2.0, final_threshold=6.
 # logits once for the training split (needs data.augment='none'; teacher_cache.py).
 # Views (`data.views`): CE is summed over `ce_views`; each term compares the student on
 # its `student_view` (default `student_view`) with the teacher on its `teacher_view`
-# (default `teacher_view`, None: the term's student view).
+# (default `teacher_view`, None: the term's student view). `mixup_alpha` > 0 mixes
+# every view of each device batch with the batch rolled by one (λ ~ Beta(α, α) per
+# step, `train.mixup`) before teacher and student see it: function matching's inputs;
+# labels are then meaningless, so CE and label-using terms are refused.
 DEFAULTS = dict(ce_weight=1.0, terms=[], label_smoothing=0.0, cache_teacher_logits=False,
                 self_paced=_SELF_PACED_DEFAULTS, ce_views=(MAIN_VIEW,),
-                student_view=MAIN_VIEW, teacher_view=None)
+                student_view=MAIN_VIEW, teacher_view=None, mixup_alpha=0.0)
 
 
 class Views(dict):
@@ -417,6 +420,7 @@ class Objective:
   self_paced: SelfPaced | None = None
   cache_teacher_logits: bool = False
   ce_views: tuple[str, ...] = (MAIN_VIEW,)
+  mixup_alpha: float = 0.0
 
   @property
   def needs_teacher(self) -> bool:
@@ -559,11 +563,23 @@ def build(distill_config: Mapping[str, Any], *, total_steps: int,
   if not ce_views:
     raise ValueError("distill.ce_views names no view; use ('image',) and set "
                      "distill.ce_weight=0 for no cross-entropy")
+  mixup = float(distill["mixup_alpha"])
+  self_paced = build_self_paced(distill["self_paced"], steps_per_epoch=steps_per_epoch)
+  if mixup < 0:
+    raise ValueError(f"distill.mixup_alpha must be >= 0, got {mixup}")
+  if mixup > 0:
+    labelled = [t.name_ for t in terms if t.method.needs_labels]
+    if float(distill["ce_weight"]) or labelled or self_paced is not None:
+      raise ValueError("distill.mixup_alpha > 0 mixes images, so their labels no longer "
+                       "hold: set distill.ce_weight=0 and use no label-using term "
+                       f"({', '.join(labelled) or 'none here'}) or self-paced weights")
+    if distill["cache_teacher_logits"]:
+      raise ValueError("distill.mixup_alpha > 0 needs the teacher on the mixed images; "
+                       "set distill.cache_teacher_logits=False")
   return Objective(float(distill["ce_weight"]), tuple(terms),
-                   float(distill["label_smoothing"]),
-                   build_self_paced(distill["self_paced"], steps_per_epoch=steps_per_epoch),
+                   float(distill["label_smoothing"]), self_paced,
                    cache_teacher_logits=bool(distill["cache_teacher_logits"]),
-                   ce_views=ce_views)
+                   ce_views=ce_views, mixup_alpha=mixup)
 
 
 def _names(taps: str | Sequence[str]) -> tuple[str, ...]:

@@ -154,6 +154,24 @@ def make_optimizer(train_config: Mapping[str, Any],
   return optax.MultiSteps(opt, every_k_schedule=k) if k > 1 else opt
 
 
+MIXUP_SALT = 0x6d69  # folded into a step's key for mixup's draws (not dropout's)
+
+
+def mixup(batch: Mapping[str, jax.Array], rng: jax.Array,
+          alpha: float) -> dict[str, jax.Array]:
+  """Every image view of `batch` mixed with the batch rolled by one example:
+  x_b ← λ x_b + (1 − λ) x_(b−1 mod B), one λ ~ Beta(α, α) per batch and for all views,
+  as the function-matching authors' code mixes (big_vision's `mixup` with n=2; Beyer et
+  al., CVPR 2022; Zhang et al., ICLR 2018). Other entries are unchanged."""
+  lam = jax.random.beta(rng, alpha, alpha)
+  out = dict(batch)
+  for key, value in batch.items():
+    if key == "image" or key.startswith("view/"):
+      w = lam.astype(value.dtype)
+      out[key] = w * value + (1 - w) * jnp.roll(value, 1, axis=0)
+  return out
+
+
 def only_trainable(optimizer: optax.GradientTransformation,
                    trainable: Callable[[tuple[str, ...]], bool]
                    ) -> optax.GradientTransformation:
@@ -299,8 +317,10 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None,
     return jax.tree.map(lambda m, n, o: n if m else o, batch_stats_mask, new, old)
 
   def per_shard_step(state, teacher_variables, batch, rng):
-    images, labels = batch["image"], batch["label"]
     rng = jax.random.fold_in(rng, lax.axis_index(axis))
+    if objective.mixup_alpha > 0:
+      batch = mixup(batch, jax.random.fold_in(rng, MIXUP_SALT), objective.mixup_alpha)
+    images, labels = batch["image"], batch["label"]
     if not objective.needs_teacher:
       t_logits, t_taps = None, None
     elif multi_view:

@@ -10,9 +10,11 @@ Variants (each also as `VARIANT:tiny`):
                      light: this pipeline's stand-in for RandAugment); CE on both,
                      `mlkd` on the weak view, KD at T = 4, 3, 5 on the strong view and at
                      T = 2, 6 on the weak one, as the authors' training step adds them
-  function_matching  teacher and student see one aggressively augmented view and the
-                     student matches the teacher's function (KL at T = 1, no labels,
-                     long schedule) (Beyer et al., CVPR 2022)
+  function_matching  teacher and student see one aggressively augmented view, mixed
+                     with the batch rolled by one (mixup, λ ~ Beta(1, 1) per step, as
+                     the authors' big_vision configs), and the student matches the
+                     teacher's function (KL at T = 1, no labels, long schedule)
+                     (Beyer et al., CVPR 2022)
 
 Run (a reused teacher: add --config.teacher.checkpoint=DIR):
   kd-jax distill --config=experiments/digits_views.py:clean_teacher --workdir=runs/digits_clean_teacher
@@ -47,7 +49,8 @@ def get_config(variant: str = "clean_teacher") -> ml_collections.ConfigDict:
           for t in (2.0, 6.0)]])
   else:  # function matching: one aggressive view for both, no labels, a long schedule
     c.data.edge_augment = _STRONG
-    c.distill.update(ce_weight=0.0, terms=[dict(method="kd", weight=1.0, temperature=1.0)])
+    c.distill.update(ce_weight=0.0, mixup_alpha=1.0,
+                     terms=[dict(method="kd", weight=1.0, temperature=1.0)])
     if not flavour:
       c.train.epochs = 4 * c.train.epochs
   return c
