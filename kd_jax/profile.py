@@ -16,6 +16,10 @@ folders), on synthetic input of the config's shape:
   TFLite latency, size    median single-image invoke in the LiteRT interpreter (one
                           thread) and flatbuffer size, per quantization of
                           `kd_jax.export` (int8 calibrated on synthetic images)
+  TFLite energy           µJ per inference of each quantization (`kd_jax.energy`):
+                          RAPL package counters where this host exposes them
+                          ("measured"), else estimated from the graph's MACs and bytes
+                          with 45 nm per-operation energies ("estimated"), labelled
   top-1                   the accuracy saved with a checkpoint (its `model.json`, on
                           the config's `dataset`), else the published top-1 of
                           `config.published`; each labelled with its source
@@ -28,7 +32,6 @@ recommendation follows `config.recommend.rule`:
   fastest_above_accuracy       the lowest `latency` with top-1 ≥ `min_accuracy` (%)
 
 `latency` names the TFLite variant that counts (`tflite_int8`, `tflite_fp32`, ...).
-No energy is shown: this host measures none.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from kd_jax import checkpoint as ckpt_lib
+from kd_jax import energy
 from kd_jax import export as export_lib
 from kd_jax import machine
 from kd_jax import models
@@ -182,6 +186,10 @@ def profile_model(model, variables: Any, input_shape: Sequence[int], *, batch_si
     latency = export_lib.latency_ms(flatbuffer, input_shape, runs=latency_runs)
     row[f"tflite_{quantization}_ms"] = latency["median_ms"]
     row[f"tflite_{quantization}_bytes"] = len(flatbuffer)
+    interpreter, image = export_lib.TFLiteModel(flatbuffer), calibration[:1]
+    spent = energy.per_inference(flatbuffer, lambda: interpreter(image))
+    row[f"tflite_{quantization}_uj"] = spent["uj"]
+    row[f"tflite_{quantization}_energy"] = spent["kind"]
   return row
 
 
@@ -265,7 +273,7 @@ def markdown(rows: Sequence[Mapping[str, Any]], host: Mapping[str, Any],
   quantizations = tuple(config.quantizations)
   header = ["model", "top-1 (%)", "top-1 source", "params (M)", "MACs (M)",
             "peak activations (MiB)", f"JAX img/s (batch {host['batch_size']})"]
-  header += [f"TFLite {q} {unit}" for q in quantizations for unit in ("(ms)", "(MB)")]
+  header += [f"TFLite {q} {unit}" for q in quantizations for unit in ("(ms)", "(MB)", "(µJ)")]
   lines = [f"# Teacher profile: {len(rows)} candidates, input "
            f"{tuple(host['input_shape'])}, {config.num_classes} classes ({config.dataset})",
            "", f"JAX on {host['backend']} ({host['device']}), {host['cpu_count']} CPU "
@@ -281,8 +289,9 @@ def markdown(rows: Sequence[Mapping[str, Any]], host: Mapping[str, Any],
              f"{r['macs'] / 1e6:.1f}", f"{r['peak_activation_bytes'] / 2**20:.2f}",
              f"{r['throughput_images_per_s']:.0f}"]
     cells += [f"{r[f'tflite_{q}_ms']:.2f}" if unit == "ms" else
-              f"{r[f'tflite_{q}_bytes'] / 1e6:.2f}"
-              for q in quantizations for unit in ("ms", "MB")]
+              f"{r[f'tflite_{q}_bytes'] / 1e6:.2f}" if unit == "MB" else
+              f"{r[f'tflite_{q}_uj']:.1f} ({r[f'tflite_{q}_energy']})"
+              for q in quantizations for unit in ("ms", "MB", "uJ")]
     lines.append("| " + " | ".join(cells) + " |")
   lines += ["", f"Recommendation ({config.recommend.rule}): {reason}."]
   if plotted:

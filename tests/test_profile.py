@@ -96,6 +96,9 @@ def test_profile_command_on_a_name_and_a_checkpoint(saved_teacher, tmp_path, cap
     for key in ("tflite_fp32_ms", "tflite_int8_ms", "throughput_images_per_s"):
       assert row[key] > 0, key
     assert row["tflite_int8_bytes"] < 0.4 * row["tflite_fp32_bytes"]
+    for q in ("fp32", "int8"):  # energy per inference, labelled
+      assert row[f"tflite_{q}_uj"] > 0 and row[f"tflite_{q}_energy"] in ("measured",
+                                                                        "estimated")
   assert [r["recommended"] for r in result["rows"]] == [False, True]
   assert result["recommendation"].startswith("resnet8 (")
   assert os.path.getsize(os.path.join(out, "pareto.png")) > 0
