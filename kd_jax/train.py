@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import flax
 import flax.linen as nn
@@ -172,6 +172,11 @@ def mixup(batch: Mapping[str, jax.Array], rng: jax.Array,
   return out
 
 
+def path_names(path: Sequence[Any]) -> tuple[str, ...]:
+  """A pytree key path as plain names: ('student', 'classifier', 'kernel')."""
+  return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
 def only_trainable(optimizer: optax.GradientTransformation,
                    trainable: Callable[[tuple[str, ...]], bool]
                    ) -> optax.GradientTransformation:
@@ -180,9 +185,7 @@ def only_trainable(optimizer: optax.GradientTransformation,
   weight decay either): `optax.multi_transform` with `set_to_zero`."""
   def labels(params):
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: "train" if trainable(tuple(
-            str(getattr(k, "key", getattr(k, "name", k))) for k in path)) else "frozen",
-        params)
+        lambda path, _: "train" if trainable(path_names(path)) else "frozen", params)
   return optax.multi_transform({"train": optimizer, "frozen": optax.set_to_zero()},
                                labels)
 

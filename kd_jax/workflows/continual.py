@@ -65,6 +65,7 @@ class-incremental learning).
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import json
 import os
@@ -259,17 +260,13 @@ def trainable_masks(variables: Mapping[str, Any], subset: str) -> dict[str, Any]
 
   def mask(tree, is_stat):
     return jax.tree_util.tree_map_with_path(
-        lambda p, _: trains(tuple(_key(k) for k in p), is_stat), tree)
+        lambda p, _: trains(train_lib.path_names(p), is_stat), tree)
   return {"params": mask(params, False),
           "batch_stats": mask(variables.get("batch_stats", {}), True)}
 
 
-def _key(entry: Any) -> str:
-  return str(getattr(entry, "key", getattr(entry, "name", entry)))
-
-
 def _leaves(tree: Any) -> list[tuple[tuple[str, ...], Any]]:
-  return [(tuple(_key(k) for k in path), leaf)
+  return [(train_lib.path_names(path), leaf)
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
@@ -280,6 +277,10 @@ def masked_optimizer(student_mask: Any) -> Callable[[optax.GradientTransformatio
   trains = {path: bool(m) for path, m in _leaves(student_mask)}
   return lambda optimizer: train_lib.only_trainable(
       optimizer, lambda path: path[0] != "student" or trains[path[1:]])
+
+
+def _after(first: optax.GradientTransformation, wrap, optimizer):
+  return optax.chain(first, wrap(optimizer))
 
 
 def ewc_gradient(fisher: Any, anchor: Any, strength: float) -> optax.GradientTransformation:
@@ -457,12 +458,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                 sizes, int(block.replay_size), config.seed * 1000 + i)
         split, replayed = f"{split}+{split_of(buffer)}", len(buffer)
       transform = masked_optimizer(masks["params"])
-      if strategy == "ewc":
+      if strategy == "ewc":  # the penalty's gradient added before the masked optimizer
         step_fisher = fisher_of(i - 1, previous)
         fisher = step_fisher if fisher is None else jax.tree.map(np.add, fisher, step_fisher)
-        mask_fn = transform
-        ewc = ewc_gradient(fisher, previous["params"], float(block.ewc_strength))
-        transform = lambda opt, ewc=ewc, mask_fn=mask_fn: optax.chain(ewc, mask_fn(opt))
+        transform = functools.partial(_after, ewc_gradient(
+            fisher, previous["params"], float(block.ewc_strength)), transform)
       update_config = common.derived(base_config, {
           "data.eval_split": class_split("test", seen + tasks[i]),
           "data.validation_fraction": 0.0, "student.train_split": split})

@@ -360,16 +360,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       return {base: logits, **{t: taps[f"head/{t}"] for t in head_tasks}}
     return predict
 
+  # One compiled forward each for the trunk alone and the trunk with every head.
+  trunk_predict = predictor(trunk_model, trunk.variables, block.joint)
+  full_predict = predictor(full_model, full_variables, (*block.joint, *block.added))
   accuracies = {
       "teacher": task_accuracies(predictor(teacher, context.teacher.variables, ()),
                                  config.data, batch_size, tasks),
       "distilled": task_accuracies(predictor(student, single.variables, ()),
                                    config.data, batch_size, tasks),
-      "trunk": task_accuracies(predictor(trunk_model, trunk.variables, block.joint),
-                               config.data, batch_size, tasks),
-      "added": task_accuracies(predictor(full_model, full_variables,
-                                         (*block.joint, *block.added)),
-                               config.data, batch_size, tasks),
+      "trunk": task_accuracies(trunk_predict, config.data, batch_size, tasks),
+      "added": task_accuracies(full_predict, config.data, batch_size, tasks),
   }
   summary = {
       "workflow": "heads", "teacher": config.teacher.name, "student": config.student.name,
@@ -379,9 +379,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "accuracy": accuracies,
       # Adding heads must leave the trunk as it was: its logits and the joint heads'
       # on the test images, before and after, compared exactly.
-      "trunk_max_abs_diff": trunk_difference(
-          predictor(trunk_model, trunk.variables, block.joint),
-          predictor(full_model, full_variables, block.joint), config.data, batch_size),
+      "trunk_max_abs_diff": trunk_difference(trunk_predict, full_predict, config.data,
+                                             batch_size),
   }
   if jax.process_index() == 0:
     summary["tflite"] = export_heads(config, workdir, full_model, full_variables,
@@ -390,7 +389,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 
 def trunk_difference(before, after, data_config, batch_size: int) -> float:
-  """The largest |difference| between two predictors' common outputs on the eval split."""
+  """The largest |difference| between `before`'s outputs and the same outputs of
+  `after` on the eval split."""
   largest = 0.0
   for batch in data_lib.host_eval_iterator(data_config, batch_size=batch_size):
     a, b = before(batch["image"]), after(batch["image"])
