@@ -1,8 +1,11 @@
 """`kd-jax profile`: what each candidate teacher costs on this host, and which to pick.
 
-For every candidate of the config (a model name of the zoo, or the folder of a saved
-model: a `kd-jax train-teacher` / `kd-jax distill` workdir or one of its phase
-folders), on synthetic input of the config's shape:
+Candidates (`config.candidates`, comma-separated) are zoo model names (random
+weights), folders of a saved model (a `kd-jax train-teacher` / `kd-jax distill` workdir
+or one of its phase folders), or `MODEL=FILE`: a PyTorch `.pth` / `.pt` or a
+`.safetensors` checkpoint of zoo model MODEL with `num_classes` classes
+(`kd_jax.pretrained.load_torch_checkpoint`, e.g. RepDistiller's
+`resnet32x4=ckpt_epoch_240.pth`). For each, on input of the config's shape:
 
   params                  scalars of the `params` collection (BatchNorm statistics
                           excluded)
@@ -15,14 +18,24 @@ folders), on synthetic input of the config's shape:
                           host's default JAX device, timed after warm-up
   TFLite latency, size    median single-image invoke in the LiteRT interpreter (one
                           thread) and flatbuffer size, per quantization of
-                          `kd_jax.export` (int8 calibrated on synthetic images)
+                          `kd_jax.export`; int8 is calibrated on training images of
+                          the config's dataset (`kd_jax.data.representative_images`),
+                          on normal noise when the config has none
   TFLite energy           µJ per inference of each quantization (`kd_jax.energy`):
                           RAPL package counters where this host exposes them
                           ("measured"), else estimated from the graph's MACs and bytes
                           with 45 nm per-operation energies ("estimated"), labelled
-  top-1                   the accuracy saved with a checkpoint (its `model.json`, on
-                          the config's `dataset`), else the published top-1 of
-                          `config.published`; each labelled with its source
+  top-1                   labelled with its source: "measured" on the eval split of
+                          the config's dataset (`config.data`, with
+                          `kd_jax.evaluate.evaluate`) whenever the candidate's weights
+                          are at hand (a file or a saved model); without a dataset,
+                          the accuracy a saved model's `model.json` holds; for a zoo
+                          name, the published top-1 of `config.published`, if any
+
+`config.data` is a data block (`kd_jax.data.default_data_config`); `data.name` None
+means no dataset: synthetic calibration, and file candidates get no top-1. With a
+dataset, `input_shape` and `num_classes` must be the dataset's, and a saved model must
+have been trained on it.
 
 `run(config, workdir)` writes `<workdir>/profile.json`, `profile.md` (the table and the
 recommendation) and `pareto.png` (top-1 against latency, Pareto front marked). The
@@ -48,10 +61,14 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from kd_jax import checkpoint as ckpt_lib
+from kd_jax import data as data_lib
 from kd_jax import energy
+from kd_jax import evaluate as eval_lib
 from kd_jax import export as export_lib
 from kd_jax import machine
 from kd_jax import models
+from kd_jax import parallel
+from kd_jax import pretrained
 from kd_jax.edge import cost
 
 RULES = ("best_accuracy_under_latency", "fastest_above_accuracy")
@@ -59,7 +76,8 @@ RULES = ("best_accuracy_under_latency", "fastest_above_accuracy")
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
-  """One teacher to profile: a model of the zoo, random or loaded from `checkpoint`."""
+  """One teacher to profile: a model of the zoo, random or loaded from `checkpoint` (a
+  saved-model folder or a PyTorch / safetensors file)."""
   label: str
   model_name: str
   checkpoint: str | None = None
@@ -81,36 +99,125 @@ def _saved_model_folder(path: str) -> str | None:
   return None
 
 
+def _file_candidate(name: str) -> Candidate:
+  """`MODEL=FILE`: a PyTorch / safetensors checkpoint of zoo model MODEL."""
+  model_name, _, path = name.partition("=")
+  model_name, path = model_name.strip(), path.strip()
+  if not pretrained.is_checkpoint_file(path):
+    raise ValueError(f"candidate {name!r}: MODEL=FILE takes a file ending in "
+                     f"{', '.join(pretrained.SUFFIXES)}")
+  if model_name not in pretrained.importable():
+    raise ValueError(f"candidate {name!r}: {model_name!r} is not a model with a PyTorch "
+                     f"reference; use one of {', '.join(pretrained.importable())}")
+  if not os.path.isfile(path):
+    raise ValueError(f"candidate {name!r}: no file {path}")
+  return Candidate(f"{model_name} ({os.path.basename(path)})", model_name, path)
+
+
+def _folder_candidate(name: str, folder: str,
+                      config: ml_collections.ConfigDict) -> Candidate:
+  """A saved model, with the accuracy its `model.json` holds."""
+  with open(os.path.join(folder, "model.json")) as f:
+    meta = json.load(f)
+  checks = [("num_classes", meta.get("num_classes"), config.num_classes)]
+  if config.data.name:
+    checks.append(("data.name", meta.get("dataset"), config.data.name))
+  for key, found, wanted in checks:
+    if found != wanted:
+      raise ValueError(f"candidate {name!r} has {key}={found!r}, not the config's "
+                       f"{key}={wanted!r}; set --config.{key} or drop it")
+  accuracy = meta.get("metrics", {}).get("accuracy")
+  return Candidate(
+      f"{meta['model']} ({os.path.basename(os.path.normpath(name))})", meta["model"],
+      folder, None if accuracy is None else 100.0 * accuracy,
+      None if accuracy is None else f"checkpoint ({meta['dataset']} eval)")
+
+
 def resolve_candidates(config: ml_collections.ConfigDict) -> list[Candidate]:
-  """The config's candidates with their top-1 and its source; one-line errors."""
+  """The config's candidates with the top-1 they come with and its source (a measured
+  top-1 replaces it in `run`); one-line errors."""
   published = dict(config.published)
   candidates = []
   for name in _names(config.candidates):
-    folder = _saved_model_folder(name) if os.path.isdir(name) else None
-    if folder is None:
-      if name not in models.available():
-        raise ValueError(f"candidate {name!r} is neither a model nor a folder with a "
-                         f"saved model (model.json + variables); known models: "
-                         f"{', '.join(models.available())}")
-      accuracy = published.get(name)
-      candidates.append(Candidate(name, name, None, accuracy,
-                                  config.published_source if accuracy else None))
+    if "=" in name:
+      candidates.append(_file_candidate(name))
       continue
-    with open(os.path.join(folder, "model.json")) as f:
-      meta = json.load(f)
-    for key in ("dataset", "num_classes"):
-      if meta.get(key) != config[key]:
-        raise ValueError(f"candidate {name!r} has {key}={meta.get(key)!r}, not the "
-                         f"config's {key}={config[key]!r}; set --config.{key} or drop it")
-    accuracy = meta.get("metrics", {}).get("accuracy")
-    candidates.append(Candidate(
-        f"{meta['model']} ({os.path.basename(os.path.normpath(name))})", meta["model"],
-        folder, None if accuracy is None else 100.0 * accuracy,
-        f"checkpoint ({meta['dataset']} eval)"))
+    if pretrained.is_checkpoint_file(name):
+      raise ValueError(f"candidate {name!r} is a checkpoint file; name its model: "
+                       f"MODEL={name} (e.g. resnet32x4={name})")
+    folder = _saved_model_folder(name) if os.path.isdir(name) else None
+    if folder is not None:
+      candidates.append(_folder_candidate(name, folder, config))
+      continue
+    if name not in models.available():
+      raise ValueError(f"candidate {name!r} is neither a model, a folder with a saved "
+                       f"model (model.json + variables) nor MODEL=FILE.pth; known "
+                       f"models: {', '.join(models.available())}")
+    accuracy = published.get(name)
+    candidates.append(Candidate(name, name, None, accuracy,
+                                config.published_source if accuracy else None))
   if not candidates:
-    raise ValueError("config.candidates is empty; list model names or checkpoint folders, "
-                     "e.g. --config.candidates=resnet56,vgg13")
+    raise ValueError("config.candidates is empty; list model names, checkpoint folders "
+                     "or MODEL=FILE.pth, e.g. --config.candidates=resnet56,vgg13")
   return candidates
+
+
+def dataset_info(config: ml_collections.ConfigDict) -> data_lib.DatasetInfo | None:
+  """The config's dataset (None without one), checked against `input_shape` and
+  `num_classes`."""
+  if not config.data.name:
+    return None
+  info = data_lib.get_info(config.data)
+  if tuple(info.image_shape) != tuple(config.input_shape):
+    raise ValueError(f"data.name={config.data.name!r} has images of shape "
+                     f"{tuple(info.image_shape)}; set --config.input_shape="
+                     f"'{tuple(info.image_shape)}'")
+  if info.num_classes != config.num_classes:
+    raise ValueError(f"data.name={config.data.name!r} has {info.num_classes} classes; "
+                     f"set --config.num_classes={info.num_classes}")
+  return info
+
+
+def candidate_variables(candidate: Candidate, model, input_shape: Sequence[int],
+                        num_classes: int) -> Any:
+  """The variables of `candidate`: random, a saved model's, or a checkpoint file's."""
+  like = _initial_variables(model, input_shape)
+  if not candidate.checkpoint:
+    return like
+  if not pretrained.is_checkpoint_file(candidate.checkpoint):
+    return ckpt_lib.load_variables(candidate.checkpoint, like)[0]
+  variables = pretrained.load_torch_checkpoint(candidate.checkpoint, candidate.model_name,
+                                               num_classes)
+  if jax.tree.map(np.shape, variables) != jax.tree.map(np.shape, like):
+    raise ValueError(f"{candidate.checkpoint} takes images with another number of "
+                     f"channels than input_shape={tuple(input_shape)}; set "
+                     f"--config.input_shape to its images' shape")
+  return variables
+
+
+def measured_accuracy(model, variables: Any, config: ml_collections.ConfigDict,
+                      info: data_lib.DatasetInfo) -> tuple[float, str]:
+  """(top-1 in percent, its source) of `model` on the eval split of `config.data`."""
+  mesh = parallel.data_mesh()
+  metrics = eval_lib.evaluate(
+      model, parallel.replicate(variables, mesh),
+      data_lib.eval_iterator(config.data, batch_size=config.eval_batch_size), mesh,
+      num_classes=info.num_classes)
+  return 100.0 * metrics["accuracy"], (
+      f"measured ({config.data.name} {info.eval_split}, "
+      f"{metrics['num_examples']} images)")
+
+
+def calibration_images(config: ml_collections.ConfigDict,
+                       info: data_lib.DatasetInfo | None) -> tuple[np.ndarray, str]:
+  """(int8 calibration images, what they are): training images of the config's
+  dataset, else normal noise."""
+  n = config.num_calibration_images
+  if info is None:
+    return np.random.default_rng(1).normal(size=(n, *config.input_shape)).astype(
+        np.float32), f"{n} synthetic (normal noise) images"
+  images = data_lib.representative_images(config.data, n)
+  return images, f"{len(images)} {config.data.name} {info.train_split} images"
 
 
 def _check(config: ml_collections.ConfigDict) -> None:
@@ -169,17 +276,17 @@ def throughput(model, variables: Any, input_shape: Sequence[int], batch_size: in
 
 
 def profile_model(model, variables: Any, input_shape: Sequence[int], *, batch_size: int,
-                  quantizations: Sequence[str] = ("fp32", "int8"), latency_runs: int = 50,
-                  min_seconds: float = 2.0, num_calibration_images: int = 8
-                  ) -> dict[str, Any]:
-  """Every measured cost of one model (see the module docstring), as a flat dict."""
+                  calibration: np.ndarray, quantizations: Sequence[str] = ("fp32", "int8"),
+                  latency_runs: int = 50, min_seconds: float = 2.0) -> dict[str, Any]:
+  """Every measured cost of one model (see the module docstring), as a flat dict.
+
+  `calibration`: the images int8 is calibrated on (the first also times the energy).
+  """
   input_shape = tuple(input_shape)
   row = {"params": cost.count_params(variables),
          **compiled_costs(model, variables, input_shape),
          "throughput_images_per_s": throughput(model, variables, input_shape, batch_size,
                                                min_seconds=min_seconds)}
-  calibration = np.random.default_rng(1).normal(
-      size=(num_calibration_images, *input_shape)).astype(np.float32)
   for quantization in quantizations:
     flatbuffer = export_lib.to_tflite(model, variables, input_shape, quantization,
                                       representative_images=calibration)
@@ -236,26 +343,30 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
   """`kd-jax profile`: profiles every candidate; writes profile.json/.md and pareto.png."""
   _check(config)
   candidates = resolve_candidates(config)
+  info = dataset_info(config)
   input_shape = tuple(config.input_shape)
+  calibration, calibrated_on = calibration_images(config, info)
   rows = []
   for candidate in candidates:
     model = models.create(candidate.model_name, config.num_classes)
-    variables = _initial_variables(model, input_shape)
-    if candidate.checkpoint:
-      variables, _ = ckpt_lib.load_variables(candidate.checkpoint, variables)
+    variables = candidate_variables(candidate, model, input_shape, config.num_classes)
+    if candidate.checkpoint and info is not None:
+      accuracy, source = measured_accuracy(model, variables, config, info)
+      candidate = dataclasses.replace(candidate, accuracy=accuracy,
+                                      accuracy_source=source)
     print(f"[kd-jax] profiling {candidate.label}", flush=True)
     rows.append({**dataclasses.asdict(candidate), **profile_model(
         model, variables, input_shape, batch_size=config.batch_size,
-        quantizations=tuple(config.quantizations), latency_runs=config.latency_runs,
-        min_seconds=config.min_seconds,
-        num_calibration_images=config.num_calibration_images)})
+        calibration=calibration, quantizations=tuple(config.quantizations),
+        latency_runs=config.latency_runs, min_seconds=config.min_seconds)})
   front = pareto_front(rows, config.recommend.latency)
   chosen, reason = recommend(rows, config.recommend)
   for i, row in enumerate(rows):
     row.update(pareto=front[i], recommended=i == chosen)
   host = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
           "cpu_count": os.cpu_count(), "input_shape": list(input_shape),
-          "batch_size": config.batch_size, "machine": machine.cpu(threads=1)}
+          "batch_size": config.batch_size, "calibration": calibrated_on,
+          "machine": machine.cpu(threads=1)}
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "profile.json"), "w") as f:
     json.dump({"host": host, "recommendation": reason, "rows": rows}, f, indent=2)
@@ -274,13 +385,15 @@ def markdown(rows: Sequence[Mapping[str, Any]], host: Mapping[str, Any],
   header = ["model", "top-1 (%)", "top-1 source", "params (M)", "MACs (M)",
             "peak activations (MiB)", f"JAX img/s (batch {host['batch_size']})"]
   header += [f"TFLite {q} {unit}" for q in quantizations for unit in ("(ms)", "(MB)", "(µJ)")]
+  dataset = config.data.name or "no dataset"
   lines = [f"# Teacher profile: {len(rows)} candidates, input "
-           f"{tuple(host['input_shape'])}, {config.num_classes} classes ({config.dataset})",
+           f"{tuple(host['input_shape'])}, {config.num_classes} classes ({dataset})",
            "", f"JAX on {host['backend']} ({host['device']}), {host['cpu_count']} CPU "
            "cores; MACs and peak activations from XLA's compiled batch-1 forward pass "
            "(flops / 2; temporary buffers + output); TFLite: median of "
            f"{config.latency_runs} single-image invokes, one thread, on "
-           f"{host['machine']['cpu']} ({host['machine']['isa']}). Synthetic input.", "",
+           f"{host['machine']['cpu']} ({host['machine']['isa']}); int8 calibrated on "
+           f"{host['calibration']}.", "",
            "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
   for r in rows:
     cells = [r["label"] + (" **★**" if r["recommended"] else ""),

@@ -1,14 +1,18 @@
 """`kd-jax profile`: exact MACs, the Pareto front and the rules by hand, end to end on tiny
-candidates (a model name and a checkpoint folder), and its one-line errors."""
+candidates (a model name, a checkpoint folder, PyTorch checkpoint files) with top-1s
+measured on the digits' test split, and its one-line errors."""
 import json
 import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
+from flax import traverse_util
 
-from kd_jax import checkpoint, cli, models, profile
+from kd_jax import checkpoint, cli, configs, models, pretrained, profile
+from kd_jax import data as data_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "kd_jax", "experiments", "profile_cifar.py:tiny")
@@ -90,8 +94,10 @@ def test_profile_command_on_a_name_and_a_checkpoint(saved_teacher, tmp_path, cap
   # 90 classes x 65 classifier weights and 2 x 3x3x16 stem weights.
   assert named["params"] == loaded["params"] == 83_892 - 90 * 65 - 2 * 9 * 16
   assert named["macs"] == loaded["macs"] > 0  # same network, other weights
-  assert named["accuracy"] is None and loaded["accuracy"] == 50.0
-  assert loaded["accuracy_source"] == "checkpoint (kd_digits eval)"
+  # The saved model's weights are at hand: measured (not its saved 50%) on the digits.
+  assert named["accuracy"] is None and 0 < loaded["accuracy"] < 100
+  assert loaded["accuracy_source"] == "measured (kd_digits test, 359 images)"
+  assert result["host"]["calibration"] == "2 kd_digits train images"
   for row in result["rows"]:
     for key in ("tflite_fp32_ms", "tflite_int8_ms", "throughput_images_per_s"):
       assert row[key] > 0, key
@@ -104,17 +110,111 @@ def test_profile_command_on_a_name_and_a_checkpoint(saved_teacher, tmp_path, cap
   assert os.path.getsize(os.path.join(out, "pareto.png")) > 0
   text = open(os.path.join(out, "profile.md")).read()
   assert text in printed
-  assert f"| resnet8 ({os.path.basename(saved_teacher)}) **★** | 50.00 |" in text
+  assert (f"| resnet8 ({os.path.basename(saved_teacher)}) **★** | "
+          f"{loaded['accuracy']:.2f} | measured (kd_digits test, 359 images) |") in text
   assert f"| {named['params'] / 1e6:.2f} | {named['macs'] / 1e6:.1f} |" in text
+  assert "int8 calibrated on 2 kd_digits train images." in text
+
+
+def test_without_a_dataset_a_saved_model_keeps_its_saved_top1(saved_teacher):
+  config = configs.experiment_config("profile_cifar", "tiny")
+  config.data.name = None
+  config.candidates = f"resnet8,{saved_teacher}"
+  named, loaded = profile.resolve_candidates(config)
+  assert (named.accuracy, loaded.accuracy) == (None, 50.0)
+  assert loaded.accuracy_source == "checkpoint (kd_digits eval)"
+  assert profile.dataset_info(config) is None
+  images, what = profile.calibration_images(config, None)
+  assert images.shape == (2, 8, 8, 1) and what == "2 synthetic (normal noise) images"
+
+
+# PyTorch names of the Flax variables of a leaf module (kd_jax.pretrained maps the
+# module names; a BatchNorm's scale is its weight).
+_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias",
+               "mean": "running_mean", "var": "running_var"}
+
+
+def _torch_state_dict(torch, model_name, variables):
+  """`variables` as the state dict of `model_name`'s PyTorch reference definition:
+  conv kernels HWIO -> OIHW, dense kernels transposed."""
+  state = {}
+  for collection in ("params", "batch_stats"):
+    for path, array in traverse_util.flatten_dict(variables[collection]).items():
+      array = np.array(array)  # a writable copy, as torch.from_numpy wants
+      if path[-1] == "kernel":
+        array = array.transpose(3, 2, 0, 1) if array.ndim == 4 else array.T
+      name = pretrained.torch_module_name(model_name, path[:-1])
+      state[f"{name}.{_TORCH_LEAF[path[-1]]}"] = torch.from_numpy(
+          np.ascontiguousarray(array))
+  return state
+
+
+def _teacher(model_name, seed):
+  """Seeded variables of a 10-class digits model, BatchNorm statistics made non-trivial
+  so that predictions vary across images."""
+  model = models.create(model_name, 10)
+  variables = model.init(jax.random.key(seed), jnp.zeros((1, 8, 8, 1)))
+  rng = np.random.default_rng(seed)
+  stats = {path: rng.uniform(-0.3, 0.3, x.shape) if path[-1] == "mean"
+           else rng.uniform(0.5, 2.0, x.shape)
+           for path, x in traverse_util.flatten_dict(variables["batch_stats"]).items()}
+  return model, {"params": variables["params"], "batch_stats": jax.tree.map(
+      jnp.float32, traverse_util.unflatten_dict(stats))}
+
+
+def test_profiles_two_imported_teachers_with_measured_accuracies(tmp_path):
+  torch = pytest.importorskip("torch", reason="saving .pth files needs the torch extra")
+  config = configs.experiment_config("profile_cifar", "tiny")
+  candidates, expected = [], {}
+  for model_name, seed in (("resnet8", 1), ("wrn_16_1", 2)):
+    model, variables = _teacher(model_name, seed)
+    path = str(tmp_path / f"{model_name}.pth")
+    torch.save({"epoch": 240, "model": _torch_state_dict(torch, model_name, variables)},
+               path)  # as RepDistiller saves a teacher
+    candidates.append(f"{model_name}={path}")
+    # The top-1 computed here: the same eval-mode forward of the same variables on the
+    # same preprocessed test images, on one device. Its logits may differ from the
+    # profile's sharded evaluation only by rounding, far below every image's margin
+    # between its two largest logits, so both count the same argmaxes exactly.
+    forward = jax.jit(lambda v, x, model=model: model.apply(v, x, train=False)[0])
+    correct = total = 0
+    for batch in data_lib.host_eval_iterator(config.data,
+                                             batch_size=config.eval_batch_size):
+      keep = batch["mask"] > 0
+      logits = np.asarray(forward(variables, batch["image"]))[keep]
+      top2 = np.sort(logits, -1)[:, -2:]
+      assert np.min(top2[:, 1] - top2[:, 0]) > 1e-4
+      correct += int(np.sum(np.argmax(logits, -1) == batch["label"][keep]))
+      total += int(np.sum(keep))
+    expected[f"{model_name} ({model_name}.pth)"] = 100.0 * (correct / total)
+  out = str(tmp_path / "profile")
+  cli.main(["kd-jax", "profile", f"--config={TINY}", f"--workdir={out}",
+            f"--config.candidates={','.join(candidates)}"])
+  with open(os.path.join(out, "profile.json")) as f:
+    rows = json.load(f)["rows"]
+  assert {r["label"]: r["accuracy"] for r in rows} == expected
+  assert len(set(expected.values())) == 2 and all(0 < a < 100 for a in expected.values())
+  assert [r["accuracy_source"] for r in rows] == ["measured (kd_digits test, 359 images)"] * 2
+  text = open(os.path.join(out, "profile.md")).read()
+  for label, accuracy in expected.items():
+    assert f"| {label}" in text and f"| {accuracy:.2f} | measured (kd_digits test" in text
 
 
 @pytest.mark.parametrize("override, message", [
-    ("--config.candidates=resnet9", "candidate 'resnet9' is neither a model nor a folder"),
+    ("--config.candidates=resnet9", "candidate 'resnet9' is neither a model, a folder"),
+    ("--config.candidates=t.pth", "candidate 't.pth' is a checkpoint file; name its "
+     "model: MODEL=t.pth"),
+    ("--config.candidates=resnet9=t.pth", "candidate 'resnet9=t.pth': 'resnet9' is not a "
+     "model with a PyTorch reference"),
+    ("--config.candidates=resnet8=missing.pth", "candidate 'resnet8=missing.pth': no file "
+     "missing.pth"),
     ("--config.recommend.rule=cheapest", "recommend.rule='cheapest' is unknown; use one of"),
     ("--config.recommend.latency=tflite_fp16", "recommend.latency='tflite_fp16' is not "
      "measured; use one of tflite_fp32, tflite_int8"),
-    ("--config.dataset=cifar100", "has dataset='kd_digits', not the config's "
-     "dataset='cifar100'"),
+    ("--config.data.name=cifar100", "has data.name='kd_digits', not the config's "
+     "data.name='cifar100'; set --config.data.name or drop it"),
+    ("--config.input_shape=(8, 8, 3)", "data.name='kd_digits' has images of shape "
+     "(8, 8, 1); set --config.input_shape='(8, 8, 1)'"),
 ])
 def test_bad_profile_input_is_one_line(override, message, saved_teacher, tmp_path, capsys):
   with pytest.raises(SystemExit) as e:
