@@ -8,7 +8,8 @@
   kd-jax reproduce     --workdir=DIR [--pairs=P,...] [--methods=M,...] [--tiny] [--seeds=N]
                        [--data_dir=DIR] [--export]
   kd-jax profile       [--config=experiments/profile_cifar.py[:tiny]] [--workdir=DIR]
-                       [--config.candidates=NAME_OR_DIR,...]
+                       [--config.candidates=NAME|DIR|MODEL=FILE.pth,...]
+                       [--config.data.name=DATASET]  measures top-1 on it
   kd-jax import-teacher --checkpoint=FILE.pth --model=NAME --num_classes=N --workdir=DIR
                        [--config=...]   a PyTorch teacher as DIR/teacher (reuse it with
                        --config.teacher.checkpoint=DIR, or pass the file itself there)
