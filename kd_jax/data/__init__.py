@@ -1,4 +1,5 @@
-"""Input pipeline: TFDS datasets -> deterministic, resumable, host-sharded batches.
+"""Input pipeline: TFDS datasets or image folders -> deterministic, resumable,
+host-sharded batches.
 
 Importing this package registers the offline `kd_digits` TFDS builder. See `pipeline`
 for how batch order, augmentation randomness and per-host slices are defined,

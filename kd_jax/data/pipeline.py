@@ -1,4 +1,5 @@
-"""Deterministic, exactly resumable, host-sharded input pipelines over TFDS datasets.
+"""Deterministic, exactly resumable, host-sharded input pipelines over TFDS datasets
+and folders of images (`data.name='folder:PATH'`, read with `tfds.ImageFolder`).
 
 The training stream is defined position by position, so that it is reproducible and
 cheap to resume, and each host reads only the examples it trains on:
@@ -52,7 +53,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 import dataclasses
+import hashlib
 import math
+import os
 from typing import Optional, Union
 
 import jax
@@ -82,6 +85,8 @@ _CACHE_LIMIT_BYTES = 1 << 30
 _UNCACHED_SHUFFLE_BUFFER = 16_384
 _READ_BLOCK = 256  # Records per data-source read when a split is read in file order.
 _CORRUPTION_SEED = 0  # Eval corruptions: example p is corrupted with seeds (0, 0, p).
+FOLDER_PREFIX = "folder:"  # data.name of a folder of images: 'folder:PATH'.
+_FOLDER_SAMPLE = 512  # Training images (file order) a folder's defaults are measured on.
 
 # Defaults of the config fields left at None; mean/std: per channel, [0, 1] pixels.
 _DATASET_DEFAULTS = {
@@ -120,10 +125,22 @@ def default_data_config() -> ml_collections.ConfigDict:
   (`--config.data.image_size=32`); a plain None in a ConfigDict cannot be.
 
   Fields:
-    name: a TFDS dataset name ('kd_digits', 'cifar100', 'imagenet2012', ...).
+    name: a TFDS dataset name ('kd_digits', 'cifar100', 'imagenet2012', ...), or
+      'folder:PATH', a folder of images: PATH/<split>/<class>/*.png|jpg, with splits
+      train/, test/ and any others (validation/, ...), read in `tfds.ImageFolder`'s
+      order (sorted, then shuffled by a fixed seed per split: classes mixed, the same
+      on every run). A folder's defaults come from its first 512 training images in
+      file order: their size (when they share one), their per-channel mean and std,
+      and augment 'cifar' with pad = side / 8 (rounded, at least 1) and flip True:
+      random shifts by an eighth of the side and mirroring, the CIFAR recipe (4 px of
+      32), cheap at any size and keeping the whole image, where ImageNet's
+      random-resized crop needs a chosen size and is too strong for small sets (set
+      flip=False where a mirrored image is another class, e.g. digits or text).
+      Images of another size than the model input are resized to it.
     data_dir: TFDS data directory; None -> TFDS's default (`TFDS_DATA_DIR` or
-      ~/tensorflow_datasets).
-    train_split: TFDS split (slicing allowed, e.g. 'train[:90%]').
+      ~/tensorflow_datasets). Unused by folders.
+    train_split: TFDS split (slicing allowed, e.g. 'train[:90%]'; on a folder, a
+      slice of its subfolders in file order).
     eval_split: None -> 'test', or 'validation' if the dataset has no test split. The
       final figures of a run; touched only once, at the end.
     validation_fraction: the last fraction of each training split (in file order) is
@@ -131,7 +148,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     validation_split: a named TFDS split to validate on instead (then
       validation_fraction must be 0).
     image_size: side of the square model input; None -> native size (224 for
-      imagenet2012).
+      imagenet2012; a folder's sampled size, an error if they differ).
     augment: 'none' | 'cifar' | 'imagenet' (see `preprocess`); None -> dataset default
       ('cifar' for kd_digits and CIFAR, 'imagenet' for imagenet2012).
     pad: 'cifar' crop padding in pixels; None -> 1 for kd_digits, 4 otherwise.
@@ -141,7 +158,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     shuffle_buffer: the per-epoch shuffle of a host's range where the split has no random
       access (TFRecord, not cached); None -> 16384 (at most the range).
     cache: keep decoded training images in memory: True, False, or 'auto' -> cache
-      when the decoded split is under 1 GiB (strings 'true'/'false' also accepted).
+      when the decoded split is under 1 GiB (strings 'true'/'false' also accepted);
+      images of varying size (folders) are kept encoded, auto when the files would
+      take under 1 GiB.
     edge_augment: edge-condition ops applied to training images after `augment`, a
       tuple of dicts `{'op': name, 'prob': p, 'severity': s or (low, high)}` (see
       `kd_jax.data.augment`); () -> none. From the command line:
@@ -239,7 +258,14 @@ class _Source:
 
 
 def _builder(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBuilder:
-  """The TFDS builder of `name`; kd_digits is prepared on first use."""
+  """The TFDS builder of `name`, or the `tfds.ImageFolder` of 'folder:PATH';
+  kd_digits is prepared on first use."""
+  path = _folder_path(name)
+  if path is not None:
+    if not tf.io.gfile.isdir(path):
+      raise ValueError(f"dataset {name}: {path} is not a directory; set "
+                       "--config.data.name=folder:PATH to a folder of train/ and test/")
+    return tfds.ImageFolder(path)
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.DatasetNotFoundError:
@@ -252,6 +278,92 @@ def _builder(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBuilder:
   return builder
 
 
+def _folder_path(name: str) -> Optional[str]:
+  """PATH of data.name 'folder:PATH' (user directory expanded); None for TFDS names."""
+  if not name.startswith(FOLDER_PREFIX):
+    return None
+  return os.path.expanduser(name[len(FOLDER_PREFIX):])
+
+
+def _check_folder_split(builder: tfds.core.DatasetBuilder, name: str, spec: str,
+                        key: str) -> None:
+  """Raises a one-line error naming `data.<key>` unless each split of the TFDS split
+  spec `spec` ('train', 'train[:20%]', ...) is a subfolder holding images."""
+  path = _folder_path(name)
+  info = builder.info.splits
+  for split in (part.split("[")[0].strip() for part in spec.split("+")):
+    if split in info and info[split].num_examples:
+      continue
+    if tf.io.gfile.isdir(os.path.join(path, split)):
+      raise ValueError(f"{name}: {split}/ holds no images (png, jpg) in class "
+                       f"subfolders; add some to {split}/<class>/ or change data.{key}")
+    subfolders = sorted(f.rstrip("/") for f in tf.io.gfile.listdir(path)
+                        if tf.io.gfile.isdir(os.path.join(path, f)))
+    raise ValueError(f"{name} has no split {split!r} (its subfolders: "
+                     f"{', '.join(subfolders) or 'none'}); add {split}/<class>/ images "
+                     f"or set data.{key} to one of them")
+
+
+@dataclasses.dataclass(frozen=True)
+class _FolderSample:
+  """What a folder's defaults are measured on: its first training images."""
+
+  image_hw: Optional[tuple[int, int]]  # Their shared (height, width); None: they differ.
+  mean: tuple[float, ...]  # Per channel, [0, 1] pixels.
+  std: tuple[float, ...]
+  file_bytes: float  # Mean encoded size.
+
+
+_FOLDER_SAMPLES: dict[str, _FolderSample] = {}  # By digest of the sampled files.
+
+
+def _folder_sample(builder: tfds.core.DatasetBuilder, split: str) -> _FolderSample:
+  """Size, per-channel mean and std of the first `_FOLDER_SAMPLE` images of `split`
+  in file order: a bounded, deterministic sample. Decoded once per content (cached by
+  the digest of the files), as every pipeline of a run resolves its data again."""
+  examples, _ = _read_split(builder, split)
+  encoded = next(examples.map(lambda image, label: image).batch(_FOLDER_SAMPLE)
+                 .with_options(_options()).as_numpy_iterator())
+  digest = hashlib.sha256()
+  for blob in encoded:
+    digest.update(len(blob).to_bytes(8, "little") + blob)
+  key = digest.hexdigest()
+  if key not in _FOLDER_SAMPLES:
+    decode = builder.info.features[_supervised_keys(builder)[0]].decode_example
+
+    def summary(blob):
+      image = decode(blob)
+      pixels = tf.reshape(tf.cast(image, tf.float64) / 255.0, [-1, tf.shape(image)[-1]])
+      return (tf.shape(image)[:2], tf.reduce_sum(pixels, 0),
+              tf.reduce_sum(tf.square(pixels), 0), tf.shape(pixels)[0])
+
+    sizes, sums, squares, count = set(), 0.0, 0.0, 0
+    for hw, total, total_sq, n in tf.data.Dataset.from_tensor_slices(encoded).map(
+        summary, num_parallel_calls=tf.data.AUTOTUNE).as_numpy_iterator():
+      sizes.add(tuple(int(v) for v in hw))
+      sums, squares, count = sums + total, squares + total_sq, count + n
+    mean = sums / count
+    std = np.sqrt(np.maximum(squares / count - mean ** 2, 0.0))
+    _FOLDER_SAMPLES[key] = _FolderSample(
+        image_hw=sizes.pop() if len(sizes) == 1 else None,
+        mean=tuple(float(v) for v in mean),
+        # A constant channel is left unscaled rather than divided by zero.
+        std=tuple(float(v) if v > 0 else 1.0 for v in std),
+        file_bytes=float(np.mean([len(blob) for blob in encoded])))
+  return _FOLDER_SAMPLES[key]
+
+
+def _folder_defaults(name: str, sample: _FolderSample, split: str,
+                     image_size: Optional[int]) -> dict:
+  """The defaults of a folder's data config (see `default_data_config`)."""
+  if image_size is None and sample.image_hw is None:
+    raise ValueError(f"dataset {name}: the first {_FOLDER_SAMPLE} images of {split} "
+                     "differ in size; set --config.data.image_size")
+  side = image_size or min(sample.image_hw)
+  return dict(mean=sample.mean, std=sample.std, augment="cifar",
+              pad=max(1, round(side / 8)), flip=True)
+
+
 def _supervised_keys(builder: tfds.core.DatasetBuilder) -> tuple[str, str]:
   """The (image, label) feature names."""
   return builder.info.supervised_keys or ("image", "label")
@@ -260,6 +372,8 @@ def _supervised_keys(builder: tfds.core.DatasetBuilder) -> tuple[str, str]:
 def _read_split(builder: tfds.core.DatasetBuilder, split: str):
   """(undecoded `(image, label)` pairs of a split in file order, number of examples)."""
   image_key, label_key = _supervised_keys(builder)
+  if isinstance(builder, tfds.ImageFolder):
+    return _read_folder_split(builder, split)
   if _is_array_record(builder):
     records = _data_source(builder, split)
     lookup = _record_lookup(records, image_key, label_key)
@@ -285,6 +399,27 @@ def _read_split(builder: tfds.core.DatasetBuilder, split: str):
   if num_examples < 0:
     num_examples = builder.info.splits[split].num_examples
   return ds.map(lambda ex: (ex[image_key], ex[label_key])), num_examples
+
+
+def _read_folder_split(builder: tfds.ImageFolder, split):
+  """`_read_split` of a folder. ImageFolder reads whole subfolders only: a TFDS split
+  spec ('train[:20%]', 'train+validation', a ReadInstruction) is read as slices of
+  them, in file order."""
+  if isinstance(split, str):
+    split = tfds.core.ReadInstruction.from_spec(split)
+  image_key, label_key = _supervised_keys(builder)
+  examples, num_examples = None, 0
+  for part in split.to_absolute(builder.info.splits):
+    # None bounds: the split's ends.
+    start = part.from_ or 0
+    stop = builder.info.splits[part.splitname].num_examples if part.to is None else part.to
+    whole = builder.as_dataset(split=part.splitname, shuffle_files=False,
+                               decoders={image_key: tfds.decode.SkipDecoding()})
+    piece = whole.skip(start).take(stop - start).map(
+        lambda ex: (ex[image_key], ex[label_key]))
+    examples = piece if examples is None else examples.concatenate(piece)
+    num_examples += stop - start
+  return examples, num_examples
 
 
 def _is_array_record(builder: tfds.core.DatasetBuilder) -> bool:
@@ -332,17 +467,29 @@ def _source(data_config: DataConfig) -> _Source:
   """Resolves dataset-dependent defaults and reads the splits' metadata."""
   name = data_config.name
   builder = _builder(name, data_config.data_dir)
-  defaults = _DATASET_DEFAULTS.get(builder.name, _GENERIC_DEFAULTS)
+  image_key, label_key = _supervised_keys(builder)
+  features = builder.info.features
+  declared_shape = tuple(features[image_key].shape)
+  table = _DATASET_DEFAULTS.get(builder.name, _GENERIC_DEFAULTS)
+  eval_split = data_config.eval_split or table.get("eval_split") or (
+      "test" if "test" in builder.info.splits or not builder.info.splits
+      else "validation")
+  sample = None
+  if _folder_path(name) is None:
+    defaults = table
+  else:
+    for key in ("train_split", "eval_split", "validation_split"):
+      split = eval_split if key == "eval_split" else data_config[key]
+      if split:
+        _check_folder_split(builder, name, split, key)
+    sample = _folder_sample(builder, data_config.train_split)
+    defaults = _folder_defaults(name, sample, data_config.train_split,
+                                data_config.image_size)
 
   def option(key):
     value = data_config[key]
     return defaults.get(key) if value is None else value
 
-  image_key, label_key = _supervised_keys(builder)
-  features = builder.info.features
-  eval_split = option("eval_split") or (
-      "test" if "test" in builder.info.splits or not builder.info.splits
-      else "validation")
   num_train = _read_split(builder, data_config.train_split)[1]
   num_eval = _read_split(builder, eval_split)[1]
   fraction = float(data_config.validation_fraction)
@@ -362,7 +509,10 @@ def _source(data_config: DataConfig) -> _Source:
                        f"examples of {data_config.train_split} leaves an empty split; "
                        "change it")
 
-  native_shape = tuple(features[image_key].shape)
+  # A dataset whose images may differ in size is resized to the model input.
+  fixed_shape = None not in declared_shape
+  native_shape = declared_shape if sample is None else (
+      *(sample.image_hw or (None, None)), declared_shape[-1])
   channels = native_shape[-1]
   image_size = option("image_size")
   if image_size is not None:
@@ -373,11 +523,14 @@ def _source(data_config: DataConfig) -> _Source:
     )
   else:
     image_hw = native_shape[:2]
+  resize_to = None if image_size is None and fixed_shape else image_hw
 
-  fixed_shape = None not in native_shape
   cache = _parse_cache(data_config.cache)
   if cache is None:
-    cache = fixed_shape and num_train * math.prod(native_shape) < _CACHE_LIMIT_BYTES
+    if fixed_shape:
+      cache = num_train * math.prod(native_shape) < _CACHE_LIMIT_BYTES
+    else:  # Held encoded: a folder's size is estimated from its sample.
+      cache = sample is not None and num_train * sample.file_bytes < _CACHE_LIMIT_BYTES
   shuffle_buffer = option("shuffle_buffer") or _UNCACHED_SHUFFLE_BUFFER
 
   mean, std = (tuple(option(key)) for key in ("mean", "std"))
@@ -397,7 +550,7 @@ def _source(data_config: DataConfig) -> _Source:
       decode=features[image_key].decode_example,
       augmentation=preprocess.get_augmentation(
           option("augment"),
-          image_size=None if image_size is None else image_hw,
+          image_size=resize_to,
           pad=option("pad"),
           flip=option("flip"),
       ),
@@ -407,11 +560,11 @@ def _source(data_config: DataConfig) -> _Source:
       cache=cache,
       cache_decoded=cache and fixed_shape,
       shuffle_buffer=shuffle_buffer,
-      views=_views(data_config, option, image_size, image_hw, channels),
+      views=_views(data_config, option, resize_to, channels),
   )
 
 
-def _views(data_config, option, image_size, image_hw, channels) -> tuple[_View, ...]:
+def _views(data_config, option, resize_to, channels) -> tuple[_View, ...]:
   view_names(data_config)
   views = []
   for spec in data_config.views:
@@ -420,7 +573,7 @@ def _views(data_config, option, image_size, image_hw, channels) -> tuple[_View, 
         name=spec["name"],
         augmentation=preprocess.get_augmentation(
             spec["augment"] or option("augment"),
-            image_size=None if image_size is None else image_hw,
+            image_size=resize_to,
             pad=option("pad"), flip=option("flip")),
         edge=augment.compose(spec["edge_augment"], channels),
         same_crop=bool(spec["same_crop"])))
@@ -433,15 +586,17 @@ def get_info(
   """Class count, preprocessed image shape and split sizes of a dataset.
 
   Args:
-    name: a dataset name (with the defaults of `default_data_config`), or a data
-      config.
+    name: a dataset name or 'folder:PATH' (with the defaults of
+      `default_data_config`), or a data config.
     data_dir: TFDS data directory when `name` is a string (None -> TFDS default).
 
   Returns:
     The dataset's `DatasetInfo`.
 
   Raises:
-    ValueError: unknown dataset name, or a TFDS dataset not prepared in `data_dir`.
+    ValueError: unknown dataset name, a TFDS dataset not prepared in `data_dir`, or
+      a folder that is missing, lacks a split or holds images of varying size without
+      `image_size`.
   """
   if isinstance(name, str):
     config = default_data_config()
