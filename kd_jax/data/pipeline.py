@@ -149,6 +149,8 @@ def default_data_config() -> ml_collections.ConfigDict:
       validation_fraction must be 0).
     image_size: side of the square model input; None -> native size (224 for
       imagenet2012; a folder's sampled size, an error if they differ).
+    channels: 1 or 3 to convert the images (RGB to luma, gray to RGB), e.g. to feed a
+      folder of PNGs to a model of grayscale digits; None -> the data's own.
     augment: 'none' | 'cifar' | 'imagenet' (see `preprocess`); None -> dataset default
       ('cifar' for kd_digits and CIFAR, 'imagenet' for imagenet2012).
     pad: 'cifar' crop padding in pixels; None -> 1 for kd_digits, 4 otherwise.
@@ -181,6 +183,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   config.validation_fraction = 0.0
   config.validation_split = config_dict.placeholder(str)
   config.image_size = config_dict.placeholder(int)
+  config.channels = config_dict.placeholder(int)
   config.augment = config_dict.placeholder(str)
   config.pad = config_dict.placeholder(int)
   config.flip = config_dict.placeholder(bool)
@@ -317,7 +320,17 @@ class _FolderSample:
 _FOLDER_SAMPLES: dict[str, _FolderSample] = {}  # By digest of the sampled files.
 
 
-def _folder_sample(builder: tfds.core.DatasetBuilder, split: str) -> _FolderSample:
+def _with_channels(decode: Callable[[tf.Tensor], tf.Tensor], declared: int,
+                   channels: int) -> Callable[[tf.Tensor], tf.Tensor]:
+  """`decode` followed by the conversion to `channels` (RGB to luma, gray to RGB)."""
+  if channels == declared:
+    return decode
+  convert = tf.image.rgb_to_grayscale if channels == 1 else tf.image.grayscale_to_rgb
+  return lambda blob: convert(decode(blob))
+
+
+def _folder_sample(builder: tfds.core.DatasetBuilder, split: str,
+                   channels: int) -> _FolderSample:
   """Size, per-channel mean and std of the first `_FOLDER_SAMPLE` images of `split`
   in file order: a bounded, deterministic sample. Decoded once per content (cached by
   the digest of the files), as every pipeline of a run resolves its data again."""
@@ -327,9 +340,10 @@ def _folder_sample(builder: tfds.core.DatasetBuilder, split: str) -> _FolderSamp
   digest = hashlib.sha256()
   for blob in encoded:
     digest.update(len(blob).to_bytes(8, "little") + blob)
-  key = digest.hexdigest()
+  key = f"{digest.hexdigest()}/{channels}"
   if key not in _FOLDER_SAMPLES:
-    decode = builder.info.features[_supervised_keys(builder)[0]].decode_example
+    feature = builder.info.features[_supervised_keys(builder)[0]]
+    decode = _with_channels(feature.decode_example, feature.shape[-1], channels)
 
     def summary(blob):
       image = decode(blob)
@@ -470,6 +484,11 @@ def _source(data_config: DataConfig) -> _Source:
   image_key, label_key = _supervised_keys(builder)
   features = builder.info.features
   declared_shape = tuple(features[image_key].shape)
+  channels = data_config.get("channels") or declared_shape[-1]
+  if channels != declared_shape[-1] and (channels not in (1, 3)
+                                         or declared_shape[-1] not in (1, 3)):
+    raise ValueError(f"data.channels={channels} is not available for {name} (images "
+                     f"of {declared_shape[-1]} channels); use 1 or 3, or leave it unset")
   table = _DATASET_DEFAULTS.get(builder.name, _GENERIC_DEFAULTS)
   eval_split = data_config.eval_split or table.get("eval_split") or (
       "test" if "test" in builder.info.splits or not builder.info.splits
@@ -482,7 +501,7 @@ def _source(data_config: DataConfig) -> _Source:
       split = eval_split if key == "eval_split" else data_config[key]
       if split:
         _check_folder_split(builder, name, split, key)
-    sample = _folder_sample(builder, data_config.train_split)
+    sample = _folder_sample(builder, data_config.train_split, channels)
     defaults = _folder_defaults(name, sample, data_config.train_split,
                                 data_config.image_size)
 
@@ -513,7 +532,6 @@ def _source(data_config: DataConfig) -> _Source:
   fixed_shape = None not in declared_shape
   native_shape = declared_shape if sample is None else (
       *(sample.image_hw or (None, None)), declared_shape[-1])
-  channels = native_shape[-1]
   image_size = option("image_size")
   if image_size is not None:
     image_hw = (image_size, image_size)
@@ -547,7 +565,8 @@ def _source(data_config: DataConfig) -> _Source:
           num_validation=num_validation,
           validation_split=validation_split,
       ),
-      decode=features[image_key].decode_example,
+      decode=_with_channels(features[image_key].decode_example, declared_shape[-1],
+                            channels),
       augmentation=preprocess.get_augmentation(
           option("augment"),
           image_size=resize_to,
