@@ -132,11 +132,9 @@ def test_domain_configs_fail_in_one_line():
 # --- end to end ---------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("teacher"))
-  experiment.train_teacher(_config(), workdir)
-  return workdir
+@pytest.fixture
+def teacher_dir(tiny_teacher):
+  return tiny_teacher
 
 
 def test_corruption_target_end_to_end_and_resume(teacher_dir, tmp_path):

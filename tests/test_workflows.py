@@ -311,12 +311,9 @@ def test_class_splits_regroup_kd_digits():
 # --- end to end ---------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-  """A tiny resnet8 teacher shared by the end-to-end runs."""
-  workdir = str(tmp_path_factory.mktemp("teacher"))
-  experiment.train_teacher(_config("heads"), workdir)
-  return workdir
+@pytest.fixture
+def teacher_dir(tiny_teacher):
+  return tiny_teacher
 
 
 def _run(name, teacher_dir, workdir):
