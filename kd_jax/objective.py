@@ -91,6 +91,9 @@ class Method:
   from_teacher: Mapping[str, Callable[[Any], Any]] = dataclasses.field(
       default_factory=dict)
   pretraining: Pretraining | None = None  # a part trained before the phase (FT)
+  # Compares the student with itself on a second view (the term's `target_view`), not
+  # with the teacher: domain alignment (CORAL, MMD) between source and target images.
+  aligns_views: bool = False
 
   @property
   def is_module(self) -> bool:
@@ -115,7 +118,7 @@ METHODS: Registry[Method] = Registry("distillation method",
 def register(name: str, fn: Any, inputs: str, needs_labels: bool = False,
              per_example: Any = None,
              from_teacher: Mapping[str, Callable[[Any], Any]] | None = None,
-             pretraining: Pretraining | None = None) -> None:
+             pretraining: Pretraining | None = None, aligns_views: bool = False) -> None:
   """Makes `fn` usable as `method=name` in a config's `distill.terms`.
 
   `fn(student, teacher, [labels,] **hyper) -> scalar` for a pure loss, or a Flax
@@ -123,11 +126,12 @@ def register(name: str, fn: Any, inputs: str, needs_labels: bool = False,
   `per_example`, with the same arguments, returns the `[B]` values whose mean is
   `fn`'s; self-paced weights apply to the terms that have one. `pretraining`: a part
   of a module method trained by a phase of its own first (`Pretraining`).
+  `aligns_views`: `fn(student on student_view, student on target_view)`, no teacher.
   """
   if inputs not in INPUTS:
     raise ValueError(f"inputs must be one of {', '.join(INPUTS)}; got {inputs!r}")
   METHODS.register(name, Method(fn, inputs, needs_labels, per_example,
-                                dict(from_teacher or {}), pretraining))
+                                dict(from_teacher or {}), pretraining, aligns_views))
 
 
 def _teacher_classifier(params: Any) -> Any:
@@ -178,6 +182,12 @@ register("factor_transfer", losses.FactorTransfer, FEATURES, pretraining=Pretrai
     part="paraphraser", collection=losses.PARAPHRASER,
     recipe=dict(optimizer="sgd", epochs=30.0, schedule="constant", warmup_epochs=0.0)))
 register("dist_plus", losses.dist_plus, EMBEDDING_LOGITS)
+# Domain adaptation (kd_jax/workflows/domain.py): self-training on the teacher's
+# confident predictions, and source/target alignment of the student's features.
+register("pseudo_label", losses.pseudo_label, LOGITS,
+         per_example=losses.pseudo_label_per_example)
+register("coral", losses.coral, EMBEDDING, aligns_views=True)
+register("mmd", losses.mmd, EMBEDDING, aligns_views=True)
 
 # The keys of a `distill.terms` entry other than its method's hyper-parameters, with
 # their defaults (teacher_tap None: the student's tap; name None: the method's name,
@@ -187,7 +197,7 @@ TERM_DEFAULTS = dict(method=None, weight=1.0, schedule="constant", warmup_epochs
                      decay_epochs=(), student_tap=None, teacher_tap=None, name=None,
                      adapter=None, temperature_schedule="constant",
                      final_temperature=None, student_view=None, teacher_view=None,
-                     pretrain=None)
+                     target_view=None, pretrain=None)
 MAIN_VIEW = "image"  # the batch's own image (`kd_jax.data`: other views are `view/<name>`)
 TEMPERATURE_SCHEDULES = ("constant", "linear", "cosine")
 ADAPTERS = ("conv1x1", "linear")
@@ -367,14 +377,19 @@ class Term(nn.Module):
   student_view: str = MAIN_VIEW
   teacher_view: str = MAIN_VIEW
   pretrain: Mapping[str, Any] | None = None  # the pre-training phase's recipe keys
+  target_view: str | None = None  # the student's second view (`Method.aligns_views`)
 
   @nn.compact
   def __call__(self, s_logits, s_taps, t_logits, t_taps, labels, index, train: bool,
                step=None, example_weights=None):
+    if self.method.aligns_views:  # the student's own outputs on the target view
+      t_logits, t_taps = (view_of(s_logits, self.target_view),
+                          view_of(s_taps, self.target_view))
+    else:
+      t_logits, t_taps = (view_of(t_logits, self.teacher_view),
+                          view_of(t_taps, self.teacher_view))
     s_logits, s_taps = (view_of(s_logits, self.student_view),
                         view_of(s_taps, self.student_view))
-    t_logits, t_taps = (view_of(t_logits, self.teacher_view),
-                        view_of(t_taps, self.teacher_view))
     if self.method.inputs == LOGITS:
       s, t = s_logits, t_logits
     elif self.method.inputs == MULTI:
@@ -424,18 +439,20 @@ class Objective:
 
   @property
   def needs_teacher(self) -> bool:
-    return bool(self.terms)
+    return any(not t.method.aligns_views for t in self.terms)
 
   @property
   def student_views(self) -> tuple[str, ...]:
     """The views the student runs on: the CE's and the terms', main view first."""
     return tuple(dict.fromkeys((MAIN_VIEW, *self.ce_views,
-                                *(t.student_view for t in self.terms))))
+                                *(t.student_view for t in self.terms),
+                                *(t.target_view for t in self.terms if t.target_view))))
 
   @property
   def teacher_views(self) -> tuple[str, ...]:
-    """The views the teacher runs on (none without terms)."""
-    return tuple(dict.fromkeys(t.teacher_view for t in self.terms))
+    """The views the teacher runs on (none without teacher terms)."""
+    return tuple(dict.fromkeys(t.teacher_view for t in self.terms
+                               if not t.method.aligns_views))
 
   def init(self, rng, s_logits, s_taps, t_logits, t_taps, labels, index) -> dict:
     """Variables of every term, keyed by term name inside each collection."""
@@ -548,6 +565,15 @@ def build(distill_config: Mapping[str, Any], *, total_steps: int,
           total_steps=total_steps)
       if temperature is None:
         raise ValueError(f"{where}: temperature_schedule needs final_temperature")
+    if method.aligns_views != bool(spec["target_view"]):
+      raise ValueError(
+          f"{where}: {method_name} compares the student on two views: set target_view, "
+          "e.g. target_view='target'" if method.aligns_views else
+          f"{where}: {method_name} compares the student with the teacher; remove "
+          "target_view (coral and mmd take one)")
+    if method.aligns_views and (adapter or spec["teacher_tap"] not in (None, student_tap)):
+      raise ValueError(f"{where}: {method_name} compares the student with itself; "
+                       "remove adapter and teacher_tap")
     if spec["pretrain"] is not None and method.pretraining is None:
       raise ValueError(f"{where}: {method_name} has no pre-training phase; remove pretrain")
     student_view = spec["student_view"] or distill["student_view"]
@@ -558,7 +584,8 @@ def build(distill_config: Mapping[str, Any], *, total_steps: int,
                       adapter=adapter, num_train=num_train, temperature=temperature,
                       student_view=student_view, teacher_view=teacher_view,
                       steps_per_epoch=max(1, steps_per_epoch),
-                      pretrain=dict(spec["pretrain"] or {})))
+                      pretrain=dict(spec["pretrain"] or {}),
+                      target_view=spec["target_view"]))
   ce_views = tuple(distill["ce_views"])
   if not ce_views:
     raise ValueError("distill.ce_views names no view; use ('image',) and set "
@@ -604,13 +631,14 @@ def resolve(objective: Objective, student_taps: Mapping[str, Any],
     if term.method.inputs == LOGITS:
       resolved.append(term)
       continue
-    for names, taps, model in ((term.student_tap, student_taps, student_name),
-                               (term.teacher_tap, teacher_taps, teacher_name)):
+    checks = ((term.student_tap, student_taps, student_name),
+              (term.teacher_tap, teacher_taps, teacher_name))
+    for names, taps, model in checks[:1] if term.method.aligns_views else checks:
       for tap in (names if term.method.inputs == MULTI else (names,)):
         if tap not in taps:
           raise ValueError(f"term {term.name_}: {model} has no tap {tap!r}; "
                            f"its taps: {', '.join(sorted(taps))}")
-    if term.method.inputs == MULTI:
+    if term.method.inputs == MULTI or term.method.aligns_views:
       resolved.append(term)
       continue
     s = tuple(student_taps[term.student_tap].shape)

@@ -120,7 +120,9 @@ def train_phase(config: ml_collections.ConfigDict, *, phase: str, model, train_c
                 model_meta: Mapping[str, Any] | None = None,
                 optimizer_transform: Callable[[optax.GradientTransformation],
                                               optax.GradientTransformation] | None = None,
-                batch_stats_mask: Any = None) -> PhaseResult:
+                batch_stats_mask: Any = None,
+                extra_views: Mapping[str, ml_collections.ConfigDict] | None = None
+                ) -> PhaseResult:
   """Trains `model` for one phase (resuming from its checkpoints) and evaluates it.
 
   `init_variables` (host variables of `model`) replace its random initialisation,
@@ -129,6 +131,10 @@ def train_phase(config: ml_collections.ConfigDict, *, phase: str, model, train_c
   `optimizer_transform` wraps the recipe's optimizer (e.g. a mask of the trainable
   parameters, or a penalty's gradient added to the gradients); `batch_stats_mask`
   (bools over the student's batch statistics) freezes the statistics where False.
+  `extra_views` ({view name: data config}) draws a training stream of another dataset
+  beside the run's: its images join each batch as `view/<name>`, its labels are
+  dropped (e.g. unlabelled target-domain images), each stream with its own epochs from
+  the same step, so a resumed phase sees the same pairs.
 
   With `curriculum`, batches are drawn by the curriculum sampler and its fraction and
   batch difficulty are logged with the train metrics.
@@ -156,11 +162,12 @@ def train_phase(config: ml_collections.ConfigDict, *, phase: str, model, train_c
   if optimizer_transform is not None:
     optimizer = optimizer_transform(optimizer)
   input_shape = tuple(info.image_shape)
-  if objective.needs_teacher:
+  if objective.terms:
     x = jnp.zeros((2, *input_shape))
     s_taps = jax.eval_shape(lambda: model.init_with_output(
         jax.random.key(0), x, train=False)[0][1])
-    t_taps = jax.eval_shape(lambda: teacher.apply(teacher_variables, x, train=False)[1])
+    t_taps = jax.eval_shape(lambda: teacher.apply(teacher_variables, x, train=False)[1]
+                            ) if objective.needs_teacher else {}
     objective = objective_lib.resolve(objective, s_taps, t_taps, config.student.name,
                                       config.teacher.name,
                                       teacher_params=parallel.to_host(teacher_variables["params"]))
@@ -237,6 +244,11 @@ def train_phase(config: ml_collections.ConfigDict, *, phase: str, model, train_c
       """Global batches from `step` on (with cached teacher logits), prefetched."""
       batches = data_lib.train_iterator(train_data, global_batch_size=batch, seed=seed,
                                         start_step=step, curriculum=curriculum)
+      if extra_views:
+        batches = _with_views(batches, {
+            name: data_lib.train_iterator(view_data, global_batch_size=batch,
+                                          seed=seed + 1 + i, start_step=step)
+            for i, (name, view_data) in enumerate(sorted(extra_views.items()))})
       if cached_logits is not None:
         batches = teacher_cache.attach(batches, cached_logits)
       return parallel.prefetch_to_device(batches, mesh)
@@ -390,6 +402,13 @@ def pretrain_parts(config: ml_collections.ConfigDict, *, phase: str,
     parts.setdefault(spec.collection, {})[term.name_] = {  # Term's module is `method`
         "method": {"params": result.variables["params"][spec.part]}}
   return parts
+
+
+def _with_views(batches, streams):
+  """`batches` with the images of each stream in `streams` added as `view/<name>`."""
+  for batch in batches:
+    yield {**batch, **{f"view/{name}": next(stream)["image"]
+                       for name, stream in streams.items()}}
 
 
 def _select_best(best: ckpt_lib.BestCheckpointer, state, phase: str,

@@ -34,3 +34,9 @@ def finished_run(tmp_path_factory):
             f"--workdir={workdir}"])
   with open(os.path.join(workdir, "summary.json")) as f:
     return workdir, json.load(f)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(finished_run):
+  """A tiny resnet8 teacher (the shared run's workdir) for `teacher.checkpoint`."""
+  return finished_run[0]

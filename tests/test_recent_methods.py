@@ -12,11 +12,9 @@ from kd_jax import configs, experiment, losses, models, objective, parallel, tra
 from kd_jax.experiments import digits_recent
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("teacher"))
-  experiment.train_teacher(configs.experiment_config("digits", "tiny"), workdir)
-  return workdir
+@pytest.fixture
+def teacher_dir(tiny_teacher):
+  return tiny_teacher
 
 
 @pytest.mark.parametrize("method", [m for m in digits_recent.METHODS if m != "kd"])

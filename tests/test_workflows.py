@@ -18,7 +18,7 @@ import tensorflow_datasets as tfds
 
 from kd_jax import configs, experiment, losses, workflows
 from kd_jax.models import create
-from kd_jax.workflows import continual, domain, heads
+from kd_jax.workflows import continual, heads
 
 EXPERIMENTS = configs.EXPERIMENTS_DIR
 IMAGE_SHAPE = (8, 8, 1)
@@ -269,14 +269,6 @@ def test_bad_workflow_configs_fail_in_one_line():
   config.workflow = "nope"
   with pytest.raises(ValueError, match="unknown workflow 'nope'; .*--config.workflow"):
     workflows.run(config, "unused")
-  config = _config("domain")
-  config.domain.distill.ce_weight = 0.1
-  with pytest.raises(ValueError, match="domain.distill.ce_weight=0"):
-    domain.check_config(config)
-  config.domain.distill.ce_weight = 0.0
-  config.domain.distill.terms = [dict(method="dkd", weight=1.0)]
-  with pytest.raises(ValueError, match="no labels"):
-    domain.check_config(config)
   config = _config("continual")
   config.continual.tasks = ((0, 1, 2, 3, 4), (4, 5))
   with pytest.raises(ValueError, match="disjoint"):
@@ -319,12 +311,9 @@ def test_class_splits_regroup_kd_digits():
 # --- end to end ---------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-  """A tiny resnet8 teacher shared by the end-to-end runs."""
-  workdir = str(tmp_path_factory.mktemp("teacher"))
-  experiment.train_teacher(_config("heads"), workdir)
-  return workdir
+@pytest.fixture
+def teacher_dir(tiny_teacher):
+  return tiny_teacher
 
 
 def _run(name, teacher_dir, workdir):
@@ -362,20 +351,6 @@ def test_heads_end_to_end(teacher_dir, tmp_path):
     assert single["outputs"] == [task] and single["max_abs_logit_diff"] < 1e-4
     assert abs(single["accuracy"][task] - tflite["accuracy"][task]) <= 1 / 359
     assert os.path.exists(single["path"])
-
-
-def test_domain_end_to_end_and_resume(teacher_dir, tmp_path):
-  _, summary = _run("domain", teacher_dir, tmp_path)
-  accuracy = summary["accuracy"]
-  assert summary["target"] == "motion_blur@3"
-  # Source accuracy two ways: the workflow's evaluation and each phase's own.
-  distilled = _phase_metrics(tmp_path, "distilled")
-  assert accuracy["distilled"]["source"] == distilled["accuracy"]
-  assert accuracy["adapted"]["source"] == _phase_metrics(tmp_path, "adapted")["accuracy"]
-  assert accuracy["adapted"]["target"] != accuracy["distilled"]["target"]
-  # Rerun: every phase is found finished, the same numbers come back.
-  _, again = _run("domain", teacher_dir, tmp_path)
-  assert again["accuracy"] == accuracy
 
 
 def test_continual_end_to_end(teacher_dir, tmp_path):

@@ -9,6 +9,10 @@ Methods with learned parameters or state (VID, CRD, ReviewKD, ClassPrior) are
 Flax modules called as `module(student, teacher, labels=..., index=..., train=...)`;
 their parameters train with the student and their state lives in the train state.
 """
+from kd_jax.losses._domain import coral
+from kd_jax.losses._domain import mmd
+from kd_jax.losses._domain import pseudo_label
+from kd_jax.losses._domain import pseudo_label_per_example
 from kd_jax.losses._feature import attention_transfer
 from kd_jax.losses._feature import fitnet
 from kd_jax.losses._feature import nst
@@ -73,6 +77,7 @@ __all__ = [
     "attention_transfer",
     "batch_standardize",
     "contrast_loss",
+    "coral",
     "correlation_congruence",
     "cross_entropy",
     "cross_entropy_per_example",
@@ -93,9 +98,12 @@ __all__ = [
     "lskd",
     "lskd_per_example",
     "mlkd",
+    "mmd",
     "nkd",
     "nst",
     "pkt",
+    "pseudo_label",
+    "pseudo_label_per_example",
     "rkd",
     "similarity_preserving",
     "skd_direction",
