@@ -43,6 +43,7 @@ import numpy as np
 import optax
 
 from kd_jax import losses
+from kd_jax import models
 from kd_jax.registry import Registry, section
 
 # What a method compares: the two logits vectors, a pair of taps (feature maps), a
@@ -608,8 +609,9 @@ def resolve(objective: Objective, student_taps: Mapping[str, Any],
                                (term.teacher_tap, teacher_taps, teacher_name)):
       for tap in (names if term.method.inputs == MULTI else (names,)):
         if tap not in taps:
+          kind = "module paths" if models.is_external(model) else "taps"
           raise ValueError(f"term {term.name_}: {model} has no tap {tap!r}; "
-                           f"its taps: {', '.join(sorted(taps))}")
+                           f"its {kind}: {', '.join(sorted(taps))}")
     if term.method.inputs == MULTI:
       resolved.append(term)
       continue

@@ -88,7 +88,9 @@ def resolve_candidates(config: ml_collections.ConfigDict) -> list[Candidate]:
   for name in _names(config.candidates):
     folder = _saved_model_folder(name) if os.path.isdir(name) else None
     if folder is None:
-      if name not in models.available():
+      if models.is_external(name):
+        models.check_name(name, "candidates")
+      elif name not in models.available():
         raise ValueError(f"candidate {name!r} is neither a model nor a folder with a "
                          f"saved model (model.json + variables); known models: "
                          f"{', '.join(models.available())}")
