@@ -83,7 +83,7 @@ def _inner_layers(model: nn.Module) -> List[_InnerLayer]:
   raise ValueError(f"channel pruning supports ResNets of BasicBlocks and WideResNets "
                    f"(resnet8 ... resnet110, resnet8x4, resnet32x4, resnet18, resnet34, "
                    f"wrn_*); got {getattr(model, 'factory', type(model).__name__)}, "
-                   "choose one of those models or set edge.prune.enabled=False")
+                   "choose one of those models")
 
 
 def _get(tree: Any, path: Path) -> Any:
