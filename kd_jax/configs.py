@@ -256,11 +256,8 @@ def validate(config: ml_collections.ConfigDict, *, deep: bool = False
   from kd_jax import data, export, models, objective, parallel, phase, train, workflows
   from kd_jax.data import augment, curriculum
   from kd_jax.edge import phases as edge_phases
-  for key in ("teacher.name", "student.name"):
-    name = config[key.split(".")[0]].name
-    if name not in models.available():
-      raise ValueError(f"{key}={name!r} is not a known model; known models: "
-                       f"{', '.join(models.available())}")
+  for which in ("teacher", "student"):
+    models.check_name(config[which].name, f"{which}.name", config[which].kwargs)
   train.check_recipe(config.train, "train")
   train.check_recipe(config.teacher.train, "teacher.train")
   for where, overrides in override_blocks(config, "train"):

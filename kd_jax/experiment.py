@@ -100,6 +100,8 @@ def check_run(config: ml_collections.ConfigDict, workdir: str,
   teacher_dir = rundir.teacher_source(config, workdir)
   teacher_ready = ckpt_lib.has_variables(teacher_dir)
   imported = pretrained.is_checkpoint_file(config.teacher.checkpoint)
+  if imported:
+    pretrained.family(config.teacher.name)
   if imported and not teacher_ready:
     if not os.path.isfile(config.teacher.checkpoint):
       raise FileNotFoundError(f"teacher checkpoint {config.teacher.checkpoint!r} not found; "

@@ -43,6 +43,7 @@ import numpy as np
 import optax
 
 from kd_jax import losses
+from kd_jax import models
 from kd_jax.registry import Registry, section
 
 # What a method compares: the two logits vectors, a pair of taps (feature maps), a
@@ -636,8 +637,9 @@ def resolve(objective: Objective, student_taps: Mapping[str, Any],
     for names, taps, model in checks[:1] if term.method.aligns_views else checks:
       for tap in (names if term.method.inputs == MULTI else (names,)):
         if tap not in taps:
+          kind = "module paths" if models.is_external(model) else "taps"
           raise ValueError(f"term {term.name_}: {model} has no tap {tap!r}; "
-                           f"its taps: {', '.join(sorted(taps))}")
+                           f"its {kind}: {', '.join(sorted(taps))}")
     if term.method.inputs == MULTI or term.method.aligns_views:
       resolved.append(term)
       continue

@@ -97,9 +97,11 @@ def training_data(config: ml_collections.ConfigDict, which: str) -> ml_collectio
 
 
 def variables_like(model, input_shape) -> Any:
-  """Shapes and dtypes of `model`'s variables for one example of `input_shape`."""
-  return jax.eval_shape(lambda: model.init(jax.random.key(0),
-                                           jnp.zeros((1, *input_shape)), train=False))
+  """Shapes and dtypes of `model`'s variables for one example of `input_shape`, with
+  the (empty) `batch_stats` that a phase saves for a model without BatchNorm."""
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                                jnp.zeros((1, *input_shape)), train=False))
+  return {"batch_stats": {}, **variables}
 
 
 def curriculum_metrics(curriculum: curriculum_lib.Curriculum, step: int,

@@ -119,6 +119,10 @@ def family(model: str) -> str:
   Raises:
     ValueError: for a model without a PyTorch reference (or an unknown name).
   """
+  if models.is_external(model):
+    raise ValueError(f"teacher.checkpoint: PyTorch / safetensors weights load into zoo "
+                     f"models only, not teacher.name={model!r}; load them in your factory "
+                     "or train the teacher in this run")
   models.create(model, 1)  # an unknown name fails here with the closest known name
   for prefix, name in _FAMILIES:
     if model.startswith(prefix):

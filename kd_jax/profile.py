@@ -149,7 +149,9 @@ def resolve_candidates(config: ml_collections.ConfigDict) -> list[Candidate]:
     if folder is not None:
       candidates.append(_folder_candidate(name, folder, config))
       continue
-    if name not in models.available():
+    if models.is_external(name):
+      models.check_name(name, "candidates")
+    elif name not in models.available():
       raise ValueError(f"candidate {name!r} is neither a model, a folder with a saved "
                        f"model (model.json + variables) nor MODEL=FILE.pth; known "
                        f"models: {', '.join(models.available())}")

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
 
 from kd_jax import experiment, losses
 from kd_jax import objective as objective_lib
@@ -158,3 +160,39 @@ def test_corruption_target_end_to_end_and_resume(teacher_dir, tmp_path):
   # Rerun: every phase is found finished, the same numbers come back.
   again = experiment.distill(config, str(tmp_path))
   assert again["accuracy"] == accuracy
+
+
+def _render_digits(root, counts=(("train", 240), ("test", 120))):
+  """The bundled digits rendered differently: inverted (dark strokes on white), moved
+  one pixel right, as RGB PNGs in `root/<split>/<class>/`."""
+  for split, count in counts:
+    examples = tfds.as_numpy(tfds.builder("kd_digits").as_dataset(split).take(count))
+    for i, example in enumerate(examples):
+      image = np.roll(255 - example["image"][..., 0], 1, axis=1)
+      folder = os.path.join(root, split, str(int(example["label"])))
+      os.makedirs(folder, exist_ok=True)
+      tf.io.write_file(os.path.join(folder, f"{i}.png"),
+                       tf.io.encode_png(np.repeat(image[..., None], 3, axis=-1)))
+
+
+def test_folder_target_end_to_end(teacher_dir, tmp_path):
+  target = tmp_path / "rendered"
+  _render_digits(str(target))
+  config = _config()
+  config.teacher.checkpoint = teacher_dir
+  config.domain.target = f"folder:{target}"
+  config.domain.methods = ("kd", "pseudo_label", "mmd", "adabn")
+  summary = experiment.distill(config, str(tmp_path / "run"))
+  accuracy = summary["accuracy"]
+  assert summary["target"] == f"folder:{target}"
+  assert set(accuracy) == {"teacher", "teacher_adabn", "distilled", "kd", "pseudo_label",
+                           "mmd", "adabn"}
+  # The target's accuracy is measured on its own 120 test images.
+  for model in accuracy.values():
+    assert round(model["target"] * 120, 6) == round(model["target"] * 120)
+  # Every method trained on the target stream: its phase saw the target view.
+  with open(tmp_path / "run" / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  mmd_steps = [r for r in records if r.get("phase") == "adapted_mmd" and "mmd/embedding" in r]
+  assert mmd_steps and all(np.isfinite(r["mmd/embedding"]) for r in mmd_steps)
+  assert accuracy["adabn"]["target"] != accuracy["distilled"]["target"]

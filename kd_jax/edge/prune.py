@@ -82,7 +82,8 @@ def _inner_layers(model: nn.Module) -> List[_InnerLayer]:
             for b in model.block_names()]
   raise ValueError(f"channel pruning supports ResNets of BasicBlocks and WideResNets "
                    f"(resnet8 ... resnet110, resnet8x4, resnet32x4, resnet18, resnet34, "
-                   f"wrn_*); got {type(model).__name__}, choose one of those models")
+                   f"wrn_*); got {getattr(model, 'factory', type(model).__name__)}, "
+                   "choose one of those models")
 
 
 def _get(tree: Any, path: Path) -> Any:

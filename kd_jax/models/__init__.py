@@ -14,6 +14,9 @@ Example::
                                         mutable=["batch_stats"])
 
 Every model takes NHWC float images and returns ``(logits, taps)``; see `Classifier`.
+A name of the form ``package.module:factory`` builds the user's own linen module
+instead, wrapped to return ``(logits, taps)`` with taps by module path (see
+`kd_jax.models.external`).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from typing import Callable, List
 import flax.linen as nn
 import jax
 
+from kd_jax.models import external
 from kd_jax.models.layers import Classifier, portable
 from kd_jax.models.mobilenetv2 import MobileNetV2
 from kd_jax.models.resnet import BasicBlock, Bottleneck, ResNet
@@ -31,7 +35,7 @@ from kd_jax.models.vgg import CONFIGS as VGG_CONFIGS, VGG
 from kd_jax.models.wrn import WideResNet
 from kd_jax.registry import Registry
 
-__all__ = ["Classifier", "available", "create", "portable"]
+__all__ = ["Classifier", "available", "check_name", "create", "is_external", "portable"]
 
 
 def _cifar_resnet(depth: int, stem_width: int, stage_widths) -> Callable[..., nn.Module]:
@@ -72,12 +76,27 @@ def available() -> List[str]:
   return _REGISTRY.names()
 
 
+def is_external(name: str) -> bool:
+  """Whether ``name`` is an import path (``package.module:factory``), not a zoo name."""
+  return external.is_import_path(name)
+
+
+def check_name(name: str, key: str, kwargs=None) -> None:
+  """One-line ValueError naming config key ``key`` unless `create` accepts ``name``
+  (and an external factory takes ``kwargs``)."""
+  if is_external(name):
+    external.check(name, kwargs or {}, key)
+  elif name not in available():
+    raise ValueError(f"{key}={name!r} is not a known model; known models: "
+                     f"{', '.join(available())}, or an import path package.module:factory")
+
+
 def create(name: str, num_classes: int, *, cpu_ops: bool | None = None,
            **kw) -> nn.Module:
   """Builds the model ``name``.
 
   Args:
-    name: one of `available()`.
+    name: one of `available()`, or ``package.module:factory`` (`external.create`).
     num_classes: size of the logits.
     cpu_ops: the module's ``cpu_ops`` field (`kd_jax.models.cpu_ops`); None picks
       True when JAX's default backend is the CPU, else False. The choice is a field of
@@ -88,8 +107,10 @@ def create(name: str, num_classes: int, *, cpu_ops: bool | None = None,
     An unbound Flax module; ``apply(variables, x, train=False) -> (logits, taps)``.
 
   Raises:
-    ValueError: for an unknown name.
+    ValueError: for an unknown name, or an import path that does not import.
   """
+  if is_external(name):
+    return external.create(name, num_classes, cpu_ops=cpu_ops, **kw)
   factory = _REGISTRY.get(name)
   if cpu_ops is None:
     cpu_ops = jax.default_backend() == "cpu"

@@ -189,8 +189,8 @@ def adabn(model, variables: Any, data_config: ml_collections.ConfigDict, *,
           batch_size: int, corruption: tuple[str, int] | None = None) -> Any:
   """`variables` with BatchNorm statistics re-estimated on the training images of
   `data_config` (evaluation preprocessing, file order, under `corruption` if given):
-  the mean over full batches of each batch's statistics (AdaBN). Every process reads
-  all the images, so all agree."""
+  the mean over full batches (of the adaptation phases' batch size) of each batch's
+  statistics (AdaBN). Every process reads all the images, so all agree."""
   step = jax.jit(lambda v, x: batch_statistics(model, v, x))
   total, count = None, 0
   for batch in data_lib.eval_iterator(data_config, batch_size=batch_size, split="train",
@@ -203,7 +203,7 @@ def adabn(model, variables: Any, data_config: ml_collections.ConfigDict, *,
     count += 1
   if count == 0:
     raise ValueError(f"the training split of {data_config.name} has fewer than "
-                     f"{batch_size} images; lower eval_batch_size for AdaBN")
+                     f"{batch_size} images; lower domain.train.batch_size for AdaBN")
   return {**variables, "batch_stats": jax.tree.map(lambda t: t / count, total)}
 
 
@@ -248,8 +248,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   models = [("teacher", teacher_accuracy, context.teacher.variables),
             ("distilled", student_accuracy, source.variables)]
   if "adabn" in block.methods:
+    batch_size = phase_lib.student_recipe(config, block.train)["batch_size"]
     models += [(name, accuracy_of, adabn(model, variables, target_train,
-                                         batch_size=config.eval_batch_size,
+                                         batch_size=batch_size,
                                          corruption=corruption))
                for name, accuracy_of, model, variables in (
                    ("teacher_adabn", teacher_accuracy, teacher, context.teacher.variables),
