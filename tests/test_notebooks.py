@@ -12,7 +12,7 @@ pytest.importorskip("matplotlib")
 
 NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                          "notebooks")
-NAMES = ["quickstart.ipynb", "custom_method.ipynb", "edge.ipynb"]
+NAMES = ["quickstart.ipynb", "custom_method.ipynb", "edge.ipynb", "bring_your_own.ipynb"]
 KERNEL = "kd-jax-test"
 
 
