@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from kd_jax import configs, data, experiment, models, pretrained, rundir
+from tests import digit_folders
 from tests import external_models as user
 
 CNN = "tests.external_models:tiny_cnn"
@@ -112,6 +113,10 @@ def test_torch_weights_need_a_zoo_model():
 
 def test_distill_between_two_user_modules(tmp_path):
   config = _tiny_config()
+  # On an image folder written here: RGB PNGs of the digits read as grayscale.
+  config.data.name = f"folder:{digit_folders.write_digits(tmp_path / 'images')}"
+  config.data.channels, config.data.flip = 1, False
+  config.student.train_split = None
   config.teacher.name, config.teacher.kwargs = CNN, {"width": 4}
   config.student.name, config.student.kwargs = MLP, {"hidden": 8}
   config.teacher.train.epochs = 0.5
@@ -126,7 +131,7 @@ def test_distill_between_two_user_modules(tmp_path):
       dict(method="fitnet", weight=1.0, student_tap="features", teacher_tap="layer1",
            adapter="conv1x1"),
       dict(method="pkt", weight=1.0)]  # on the embeddings
-  workdir = str(tmp_path)
+  workdir = str(tmp_path / "run")
   summary = experiment.distill(config, workdir)
   for key in ("teacher_accuracy", "distilled_accuracy"):
     assert math.isfinite(summary[key])
