@@ -3,7 +3,7 @@
   distill            (the default, `workflow` unset) teacher, vanilla and distilled
                      student, edge phases, TFLite export (`distill`)
   heads              decoupled task heads on a shared distilled trunk (`heads`)
-  domain_adaptation  distillation on an unlabelled, corrupted target domain (`domain`)
+  domain_adaptation  adapting the student to an unlabelled target domain (`domain`)
   continual          a deployed student fine-tuned on new classes with a distillation
                      anchor against forgetting (`continual`)
 
