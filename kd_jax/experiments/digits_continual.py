@@ -3,13 +3,16 @@
 The wrn_16_2 teacher knows all ten digits. The resnet8 student is distilled (CE + KD,
 experiments/digits.py's objective and recipe, 20 epochs) on the training images of
 digits 0-3 only: the deployed model. Three updates follow, each trained for 10 epochs
-on half of the training images of two new digits (about 65 images), in eight
+on the first half of the training images of two new digits (about 72 images), in eight
 sequences (kd_jax/workflows/continual.py): plain fine-tuning, Learning without
 Forgetting, KD to the teacher, a 60-image replay buffer and online EWC, all training
 every parameter, and LwF training only the classifier, only BatchNorm (+ classifier)
 or only the last stage (+ classifier). `summary.json` gives each sequence's accuracy
 matrix, average accuracy, backward and forward transfer, and the bytes each update
-trained and ships.
+trained and ships. The same sequences run domain-incremental with
+--config.continual.mode=domain: clean digits deployed, then motion blur and Gaussian
+noise (severity 3) over all ten digits (replay is class-incremental only: drop it from
+--config.continual.runs).
 
 Run (about 10 minutes on 2 CPU cores with a reused teacher: add
 --config.teacher.checkpoint=DIR, DIR from `kd-jax train-teacher --workdir=DIR`):
