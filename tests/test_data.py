@@ -598,7 +598,8 @@ def test_subset_holds_exactly_the_chosen_examples(digits_config, array_record_co
   steps = len(kept) // batch + 1  # across an epoch boundary
   stream = train_batches(subset, steps, global_batch_size=batch)
   for b in stream:
-    np.testing.assert_array_equal(as_uint8(b["image"]), as_uint8(train["image"][b["index"]]))
+    np.testing.assert_array_equal(as_uint8(b["image"]),
+                                  as_uint8(train["image"][b["index"]]))
   # Random-access sources (in memory; ArrayRecord read by index, the positions from a
   # file) and resume agree.
   np.save(tmp_path / "positions.npy", np.array(positions))

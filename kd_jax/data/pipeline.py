@@ -30,6 +30,8 @@ The guarantees then differ (docs/scaling.md):
 
 Each training example carries `index`, its position in the training split in file
 order (before shuffling): the row of per-example state such as CRD's memory bank.
+A subset (`data.examples`, `data.classes`) is a split of its own: its examples in file
+order, counted and indexed within it.
 Each host batch is decoded and augmented as one tf.data element (`tf.map_fn` over its
 examples): per-element tf.data overhead, not augmentation, dominates for small images.
 
