@@ -570,3 +570,56 @@ def test_named_validation_split_and_bad_validation_settings(digits_config):
   config.validation_fraction = 0.0
   with pytest.raises(ValueError, match="has no validation split; set data.validation"):
     next(data.eval_iterator(config, batch_size=32, split="validation"))
+
+
+# --- subsets: data.examples, data.classes -------------------------------------------
+
+
+def test_subset_holds_exactly_the_chosen_examples(digits_config, array_record_config,
+                                                  tmp_path):
+  labels = data.train_labels(digits_config)
+  assert len(labels) == 1438 and np.bincount(labels)[3] == 146
+  positions = [0, 5, 17, 200, 201, 700, 1437] + list(range(300, 360))
+  kept = [p for p in sorted(positions) if labels[p] in (1, 3, 7)]
+  subset = raw_pixels(with_fields(digits_config, augment="none", examples=positions,
+                                  classes=(1, 3, 7)))
+  info = data.get_info(subset)
+  assert info.num_train == len(kept)
+  assert info.num_eval == sum(1 for e in tfds.as_numpy(tfds.builder(
+      "kd_digits", data_dir=digits_config.data_dir).as_dataset("test"))
+                              if e["label"] in (1, 3, 7))
+  # The training examples in file order are those positions; `index` counts within
+  # the subset.
+  (train,) = data.eval_iterator(subset, batch_size=len(kept), split="train",
+                                process_index=0, process_count=1)
+  np.testing.assert_array_equal(as_uint8(train["image"]),
+                                train_split_images(digits_config)[kept])
+  batch = BATCH // 16
+  steps = len(kept) // batch + 1  # across an epoch boundary
+  stream = train_batches(subset, steps, global_batch_size=batch)
+  for b in stream:
+    np.testing.assert_array_equal(as_uint8(b["image"]),
+                                  as_uint8(train["image"][b["index"]]))
+  # Random-access sources (in memory; ArrayRecord read by index, the positions from a
+  # file) and resume agree.
+  np.save(tmp_path / "positions.npy", np.array(positions))
+  by_index = with_fields(subset, cache=False, data_dir=array_record_config.data_dir,
+                         examples=str(tmp_path / "positions.npy"))
+  assert_batches_equal(train_batches(by_index, 2, global_batch_size=batch,
+                                     start_step=steps - 2), stream[-2:])
+  evals = [list(data.eval_iterator(c, batch_size=BATCH, process_index=0, process_count=1))
+           for c in (subset, with_fields(subset, data_dir=array_record_config.data_dir))]
+  assert_batches_equal(*evals)
+  assert {int(l) for b in evals[0] for l, m in zip(b["label"], b["mask"]) if m} == {1, 3, 7}
+
+
+def test_bad_subsets_fail_in_one_line(digits_config, tmp_path):
+  (tmp_path / "p.json").write_text("[4, 4]")
+  for fields, message in [
+      (dict(examples=(1, 1)), "distinct non-negative positions.*fix data.examples"),
+      (dict(examples=str(tmp_path / "p.json")), "distinct non-negative"),
+      (dict(examples=(2, 1438)), "reaches position 1438 but train has 1438 examples"),
+      (dict(examples=(0,), classes=(9,)), "keep no example of train; change them")]:
+    with pytest.raises(ValueError, match=message) as error:
+      data.get_info(with_fields(digits_config, **fields))
+    assert "\n" not in str(error.value)

@@ -17,8 +17,10 @@ import pytest
 import tensorflow_datasets as tfds
 
 from kd_jax import configs, experiment, losses, workflows
+from kd_jax import data as data_lib
 from kd_jax.models import create
 from kd_jax.workflows import continual, heads
+from tests import digit_folders
 
 EXPERIMENTS = configs.EXPERIMENTS_DIR
 IMAGE_SHAPE = (8, 8, 1)
@@ -180,9 +182,11 @@ def test_reservoir_is_uniform_and_seeded():
   assert np.all(np.abs(counts - 1000) < 5 * 27.4), counts
 
 
-def test_replay_split_merges_consecutive_indices():
-  examples = [(0, 1), (0, 2), (0, 3), (0, 7), (2, 0)]
-  assert continual.split_of(examples) == "train_0[1:4]+train_0[7:8]+train_2[0:1]"
+def test_first_percent_takes_each_class_in_file_order():
+  labels = np.array([3, 1, 3, 3, 1, 0, 3])
+  # Class 3 at 0, 2, 3, 6: half is 0, 2; class 1 at 1, 4: half is 1.
+  assert continual.first_percent(labels, (3, 1), 50) == [0, 1, 2]
+  assert continual.first_percent(labels, (0,), 10) == [5]  # at least one
 
 
 def test_transfer_metrics_by_hand():
@@ -294,20 +298,6 @@ def test_bad_workflow_configs_fail_in_one_line():
     heads.check_config(config)
 
 
-def test_class_splits_regroup_kd_digits():
-  assert continual.class_split("train", (5, 6), 20) == "train_5[:20%]+train_6[:20%]"
-  by_class = continual.by_class_data(_config("continual"))
-  assert by_class.mean == (0.30553,) and by_class.augment == "cifar"
-  builder = tfds.builder("kd_digits_by_class")
-  digits = tfds.builder("kd_digits")
-  for split in ("train", "test"):
-    counts = np.bincount([int(e["label"]) for e in tfds.as_numpy(digits.as_dataset(split))],
-                         minlength=10)
-    for c in (0, 7):
-      labels = [int(e["label"]) for e in tfds.as_numpy(builder.as_dataset(f"{split}_{c}"))]
-      assert labels == [c] * counts[c]
-
-
 # --- end to end ---------------------------------------------------------------------
 
 
@@ -360,6 +350,11 @@ def test_continual_end_to_end(teacher_dir, tmp_path):
   tasks = [tuple(t) for t in config.continual.tasks]
   tests = [sum(1 for e in tfds.as_numpy(tfds.builder("kd_digits").as_dataset("test"))
                if int(e["label"]) in t) for t in tasks]
+  # Each update trained on its own classes' images: the first half of each, in file
+  # order (+ replay).
+  labels = data_lib.train_labels(config.data)
+  first = summary["runs"]["lwf:all"]["updates"][0]
+  assert first["train_images"] == sum((labels == c).sum() // 2 for c in tasks[1])
   assert set(summary["runs"]) == {"lwf:all", "replay:head", "ewc:last_stage",
                                   "teacher:batchnorm"}
   assert summary["run"] == "lwf:all"
@@ -392,7 +387,8 @@ def test_continual_end_to_end(teacher_dir, tmp_path):
   with open(os.path.join(tmp_path, "update1_replay_head", "replay.json")) as f:
     replay = json.load(f)
   assert len(replay["examples"]) == head["replay_images"] == config.continual.replay_size
-  assert {c for c, _ in replay["examples"]} <= set(tasks[0])
+  labels = data_lib.train_labels(config.data)
+  assert set(labels[replay["examples"]]) <= set(tasks[0])
   # Every update of a last-stage run leaves the stem and the first stages unchanged.
   delta = np.load(os.path.join(tmp_path, "update2_ewc_last_stage", "delta.npz"))
   assert delta.files and all(k.split("/")[1] in ("stage3_block0", "classifier")
@@ -400,3 +396,73 @@ def test_continual_end_to_end(teacher_dir, tmp_path):
   # Rerun: every phase is found finished and the same figures come back.
   again = experiment.distill(config, str(tmp_path))
   assert again["runs"] == summary["runs"]
+
+
+def _tiny_continual(teacher_dir, **block):
+  config = _config("continual")
+  config.teacher.checkpoint = teacher_dir
+  config.continual.update(block)
+  return config
+
+
+def test_class_incremental_on_an_image_folder(teacher_dir, tmp_path):
+  root = digit_folders.write_digits(tmp_path / "digits", counts=(("train", 200),
+                                                                 ("test", 60)))
+  tasks = ((0, 1, 2, 3), (4, 5, 6), (7, 8, 9))
+  config = _tiny_continual(teacher_dir, tasks=tasks, runs=("replay:all",), replay_size=8)
+  config.data.update(name=f"folder:{root}", channels=1, flip=False)
+  labels = data_lib.train_labels(config.data)
+  # An earlier attempt's buffer of update 1 is read back, not drawn again.
+  written = [int(p) for p in np.flatnonzero(np.isin(labels, tasks[0]))[:5]]
+  os.makedirs(tmp_path / "run" / "update1_replay_all")
+  with open(tmp_path / "run" / "update1_replay_all" / "replay.json", "w") as f:
+    json.dump({"capacity": 8, "seen": 0, "examples": written}, f)
+  summary = experiment.distill(config, str(tmp_path / "run"))
+  assert summary["tasks"] == [list(t) for t in tasks] and summary["mode"] == "class"
+  assert np.asarray(summary["accuracy_matrix"]).shape == (3, 3)
+  updates = summary["updates"]
+  # Update i trained on the first half of each of its classes' images (+ replay).
+  for update, t in zip(updates, tasks[1:]):
+    assert update["train_images"] == sum((labels == c).sum() // 2 for c in t)
+  assert updates[0]["replay_images"] == 5
+  with open(tmp_path / "run" / "update2_replay_all" / "replay.json") as f:
+    replay = json.load(f)["examples"]
+  assert updates[1]["replay_images"] == len(replay) == 8
+  assert set(labels[replay]) <= set(tasks[0] + tasks[1])
+  # The deployed model's test accuracy on task 0 counts the folder's test images of it.
+  test = tfds.builder("kd_digits").as_dataset("test").take(60)
+  tests = sum(1 for e in tfds.as_numpy(test) if int(e["label"]) in tasks[0])
+  r00 = summary["accuracy_matrix"][0][0]
+  assert round(r00 * tests, 6) == round(r00 * tests)
+
+
+def test_domain_incremental_over_corruptions(teacher_dir, tmp_path):
+  domains = ("none", "motion_blur@3", "gaussian_noise@3")
+  config = _tiny_continual(teacher_dir, mode="domain", domains=domains,
+                           runs=("lwf:head",))
+  summary = experiment.distill(config, str(tmp_path))
+  assert summary["mode"] == "domain" and summary["tasks"] == list(domains)
+  matrix = np.asarray(summary["accuracy_matrix"])
+  assert matrix.shape == (3, 3)
+  assert matrix[0, 0] == _phase_metrics(tmp_path, "base")["accuracy"]  # clean test
+  assert summary["backward_transfer"] == pytest.approx(
+      np.mean([matrix[2, j] - matrix[j, j] for j in range(2)]))
+  # Every domain has all classes: an update trains on half of each class's images.
+  labels = data_lib.train_labels(config.data)
+  assert summary["updates"][0]["train_images"] == sum(
+      (labels == c).sum() // 2 for c in range(10))
+  # Each column is its domain's test split under the corruption.
+  assert len(set(matrix[0])) == 3
+
+
+def test_bad_continual_blocks_fail_in_one_line():
+  for block, message in [
+      (dict(mode="task"), "continual.mode must be one of class, domain"),
+      (dict(mode="domain", domains=("none", "blur@3")), "'blur@3' is not OP@SEVERITY"),
+      (dict(mode="domain", domains=("none",)), "at least two domains"),
+      (dict(mode="domain", runs=("replay:all",)), "replay needs continual.mode='class'")]:
+    config = _config("continual")
+    config.continual.update(block)
+    with pytest.raises(ValueError, match=message) as error:
+      continual.check_config(config)
+    assert "\n" not in str(error.value)

@@ -24,6 +24,7 @@ from kd_jax.data.pipeline import get_info
 from kd_jax.data.pipeline import representative_images
 from kd_jax.data.pipeline import train_dataset
 from kd_jax.data.pipeline import train_iterator
+from kd_jax.data.pipeline import train_labels
 
 __all__ = [
     "DatasetInfo",
@@ -41,4 +42,5 @@ __all__ = [
     "representative_images",
     "train_dataset",
     "train_iterator",
+    "train_labels",
 ]

@@ -30,6 +30,8 @@ The guarantees then differ (docs/scaling.md):
 
 Each training example carries `index`, its position in the training split in file
 order (before shuffling): the row of per-example state such as CRD's memory bank.
+A subset (`data.examples`, `data.classes`) is a split of its own: its examples in file
+order, counted and indexed within it.
 Each host batch is decoded and augmented as one tf.data element (`tf.map_fn` over its
 examples): per-element tf.data overhead, not augmentation, dominates for small images.
 
@@ -54,6 +56,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 import dataclasses
 import hashlib
+import json
 import math
 import os
 from typing import Optional, Union
@@ -174,6 +177,11 @@ def default_data_config() -> ml_collections.ConfigDict:
       paired view: e.g. the clean image behind a corrupted one) instead of the view's
       own. Batches carry `view/<name>`; the objective says which view the teacher and
       the student see (`distill.teacher_view`, a term's `student_view`, ...).
+    examples: keep only these positions of `train_split` (file order, counted before
+      the validation hold-out): a tuple of ints, or the path of a .npy or .json list
+      of them; kept in file order. None -> all.
+    classes: keep only the examples of these labels, in every split (labels are not
+      renumbered); None -> all.
   """
   config = ml_collections.ConfigDict()
   config.name = "kd_digits"
@@ -194,6 +202,8 @@ def default_data_config() -> ml_collections.ConfigDict:
   config.cache = config_dict.FieldReference("auto", field_type=object)
   config.edge_augment = ()
   config.views = ()
+  config.examples = config_dict.FieldReference(None, field_type=object)
+  config.classes = config_dict.placeholder(tuple)
   return config
 
 
@@ -258,6 +268,9 @@ class _Source:
   cache_decoded: bool  # ... decoded (only possible when all images have one shape).
   shuffle_buffer: int
   views: tuple[_View, ...] = ()
+  # The kept positions of the train, eval and validation splits (`data.examples`,
+  # `data.classes`); None: the whole split.
+  kept: dict[str, Optional[np.ndarray]] = dataclasses.field(default_factory=dict)
 
 
 def _builder(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBuilder:
@@ -436,6 +449,69 @@ def _read_folder_split(builder: tfds.ImageFolder, split):
   return examples, num_examples
 
 
+_LABELS: dict[tuple[str, str], np.ndarray] = {}  # By (dataset, split).
+
+
+def _split_labels(builder: tfds.core.DatasetBuilder, split: str) -> np.ndarray:
+  """The labels (int64 [N]) of a split in file order, read once per process."""
+  key = (os.path.join(str(builder.data_dir), builder.name), str(split))
+  if key not in _LABELS:
+    examples, _ = _read_split(builder, split)
+    _LABELS[key] = np.array([label for _, label in examples.with_options(
+        _options()).as_numpy_iterator()], np.int64)
+  return _LABELS[key]
+
+
+def _configured_examples(value) -> Optional[np.ndarray]:
+  """`data.examples` as sorted unique positions (int64), or None."""
+  if value is None:
+    return None
+  if isinstance(value, str):
+    if value.endswith(".npy"):
+      with tf.io.gfile.GFile(value, "rb") as f:
+        value = np.load(f)
+    else:
+      with tf.io.gfile.GFile(value) as f:
+        value = json.load(f)
+  positions = np.asarray(value, np.int64).reshape(-1)
+  if len(np.unique(positions)) != len(positions) or (positions < 0).any():
+    raise ValueError("data.examples must list distinct non-negative positions of the "
+                     "train split; fix data.examples")
+  return np.sort(positions)
+
+
+def _kept(builder: tfds.core.DatasetBuilder, split: str, examples: Optional[np.ndarray],
+          classes: Optional[Sequence[int]]) -> Optional[np.ndarray]:
+  """The positions of `split` (file order) among `examples` whose label is in
+  `classes`; None (either filter unset) means all."""
+  if examples is None and classes is None:
+    return None
+  size = _read_split(builder, split)[1]
+  if examples is not None and examples.size and examples[-1] >= size:
+    raise ValueError(f"data.examples reaches position {examples[-1]} but {split} has "
+                     f"{size} examples; fix data.examples")
+  if classes is None:
+    return examples
+  keep = np.isin(_split_labels(builder, split), np.asarray(classes, np.int64))
+  return np.flatnonzero(keep) if examples is None else examples[keep[examples]]
+
+
+def _read_kept(builder: tfds.core.DatasetBuilder, split: str,
+               kept: Optional[np.ndarray]):
+  """`_read_split` restricted to the positions `kept` (None: all), in file order;
+  an ArrayRecord split reads only those records."""
+  if kept is None:
+    return _read_split(builder, split)
+  if _is_array_record(builder):
+    lookup = _record_lookup(_data_source(builder, split), *_supervised_keys(builder))
+    ds = tf.data.Dataset.from_tensor_slices(kept).batch(_READ_BLOCK).map(lookup).unbatch()
+    return ds, len(kept)
+  examples, size = _read_split(builder, split)
+  mask = tf.constant(np.isin(np.arange(size), kept))
+  ds = examples.enumerate().filter(lambda i, _: mask[i]).map(lambda _, ex: ex)
+  return ds, len(kept)
+
+
 def _is_array_record(builder: tfds.core.DatasetBuilder) -> bool:
   """Whether `builder` is prepared as ArrayRecord (random access by index)."""
   return builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD
@@ -509,8 +585,17 @@ def _source(data_config: DataConfig) -> _Source:
     value = data_config[key]
     return defaults.get(key) if value is None else value
 
-  num_train = _read_split(builder, data_config.train_split)[1]
-  num_eval = _read_split(builder, eval_split)[1]
+  classes = data_config.get("classes")
+  kept = {"train": _kept(builder, data_config.train_split,
+                         _configured_examples(data_config.get("examples")), classes),
+          "eval": _kept(builder, eval_split, None, classes),
+          "validation": None if not data_config.validation_split else _kept(
+              builder, data_config.validation_split, None, classes)}
+  num_train = _read_kept(builder, data_config.train_split, kept["train"])[1]
+  num_eval = _read_kept(builder, eval_split, kept["eval"])[1]
+  if not num_train:
+    raise ValueError(f"data.examples and data.classes keep no example of "
+                     f"{data_config.train_split}; change them")
   fraction = float(data_config.validation_fraction)
   validation_split = data_config.validation_split
   if not 0.0 <= fraction < 1.0:
@@ -519,7 +604,7 @@ def _source(data_config: DataConfig) -> _Source:
     raise ValueError("set one of data.validation_split and data.validation_fraction, "
                      "not both")
   if validation_split:
-    num_validation = _read_split(builder, validation_split)[1]
+    num_validation = _read_kept(builder, validation_split, kept["validation"])[1]
   else:
     num_validation = int(round(fraction * num_train))
     num_train -= num_validation
@@ -580,6 +665,7 @@ def _source(data_config: DataConfig) -> _Source:
       cache_decoded=cache and fixed_shape,
       shuffle_buffer=shuffle_buffer,
       views=_views(data_config, option, resize_to, channels),
+      kept=kept,
   )
 
 
@@ -597,6 +683,13 @@ def _views(data_config, option, resize_to, channels) -> tuple[_View, ...]:
         edge=augment.compose(spec["edge_augment"], channels),
         same_crop=bool(spec["same_crop"])))
   return tuple(views)
+
+
+def train_labels(data_config: DataConfig) -> np.ndarray:
+  """The labels (int64 [N]) of every example of `data.train_split` in file order:
+  entry p is the label of position p, as `data.examples` counts them."""
+  return _split_labels(_builder(data_config.name, data_config.data_dir),
+                       data_config.train_split)
 
 
 def get_info(
@@ -726,17 +819,18 @@ def _split_examples(source: _Source, split: str) -> tuple[tf.data.Dataset, int]:
   'validation' or 'eval'."""
   info = source.info
   if split == "eval":
-    return _read_split(source.builder, info.eval_split)
+    return _read_kept(source.builder, info.eval_split, source.kept["eval"])
   if split == "validation":
     if not info.num_validation:
       raise ValueError("this run has no validation split; set data.validation_fraction "
                        "or data.validation_split")
     if info.validation_split:
-      return _read_split(source.builder, info.validation_split)
-    examples, _ = _read_split(source.builder, info.train_split)
+      return _read_kept(source.builder, info.validation_split,
+                        source.kept["validation"])
+    examples, _ = _read_kept(source.builder, info.train_split, source.kept["train"])
     return examples.skip(info.num_train), info.num_validation
   if split == "train":
-    examples, _ = _read_split(source.builder, info.train_split)
+    examples, _ = _read_kept(source.builder, info.train_split, source.kept["train"])
     return examples.take(info.num_train), info.num_train
   raise ValueError(f"split must be 'train', 'validation' or 'eval', got {split!r}")
 
@@ -766,7 +860,11 @@ def _train_lookup(source: _Source, *, in_memory_fallback: bool = False):
             source.cache_decoded)
   if _is_array_record(source.builder):
     records = _data_source(source.builder, source.info.train_split)
-    return _record_lookup(records, *_supervised_keys(source.builder)), False
+    read = _record_lookup(records, *_supervised_keys(source.builder))
+    kept = source.kept["train"]
+    if kept is None:
+      return read, False
+    return (lambda indices: read(tf.gather(kept, indices))), False  # Subset -> split.
   return None
 
 
@@ -781,6 +879,8 @@ def _host_range(source: _Source, start: int, count: int) -> tf.data.Dataset:
     examples, _ = _read_split(builder, tfds.core.ReadInstruction(
         whole.splitname, from_=first, to=first + count, unit="abs"))
   except (ValueError, TypeError, KeyError):  # A split spec TFDS cannot slice further.
+    examples = None
+  if examples is None or source.kept["train"] is not None:  # A subset: filtered.
     examples = _split_examples(source, "train")[0].skip(start).take(count)
   return examples.enumerate().map(
       lambda i, example: (*example, tf.cast(i + start, tf.int32)))

@@ -1,13 +1,25 @@
 """Continual updates: a deployed student learns a sequence of new tasks without
 forgetting the old ones, through updates that can be lightweight.
 
-`continual.tasks` is a sequence of class sets over the dataset (class-incremental: the
-classifier keeps all the dataset's classes throughout and no task identity is given at
-test time). Task 0 is what the deployed model knows: the student is distilled on its
-training images (phase `base`). Every later task is one update, trained on
-`continual.new_percent` % of each of its classes' training images, starting from the
-model the previous update produced. No update sees an earlier task's images, except
-through the replay buffer.
+The tasks are one of two kinds (`continual.mode`), over any dataset (a TFDS name or
+`folder:PATH`):
+
+  class    `continual.tasks` is a sequence of class sets (class-incremental: the
+           classifier keeps all the dataset's classes throughout, labels are the
+           dataset's own and no task identity is given at test time); a task's images
+           are the training examples of its classes (`data.classes`), its test images
+           the eval split's;
+  domain   `continual.domains` is a sequence of domains over all classes
+           (domain-incremental): 'none' (the source), 'OP@SEVERITY', the source under
+           that `kd_jax.data.augment` corruption (training images and test split
+           alike, e.g. 'motion_blur@3'), or another dataset of the same classes (a TFDS
+           name or 'folder:PATH', resized to the source's input).
+
+Task 0 is what the deployed model knows: the student is distilled on its training
+images (phase `base`). Every later task is one update, trained on
+`continual.new_percent` % of each class's training images of the task (the first ones
+in file order, `data.examples`), starting from the model the previous update produced.
+No update sees an earlier task's images, except through the replay buffer.
 
 Each entry of `continual.runs` is one sequence of updates, `STRATEGY:TRAINABLE`:
 
@@ -20,7 +32,9 @@ Each entry of `continual.runs` is one sequence of updates, `STRATEGY:TRAINABLE`:
     teacher  CE + w · KD to the teacher (which knows every class);
     replay   CE on the new images plus a bounded buffer of earlier tasks' training
              images, kept by reservoir sampling over every image seen so far
-             (`replay_size` images; written to the update's folder as replay.json);
+             (`replay_size` positions in the training split; written to the update's
+             folder as replay.json and read back on a rerun; class mode only, as one
+             update's images share one domain);
     ewc      CE + online Elastic Weight Consolidation: the gradient of
                  (λ/2) Σ_i F_i (θ_i − θ*_i)²
              is added to the student's gradients (θ* the previous model, F the sum of
@@ -37,7 +51,8 @@ Each entry of `continual.runs` is one sequence of updates, `STRATEGY:TRAINABLE`:
     last_stage  the last stage of the backbone and the classifier.
   The classifier is trained in every subset, because the new classes' logits live there.
 
-After every update each model is evaluated on every task's test images: row i of the
+After every update each model is evaluated on every task's test images (in domain
+mode: each domain's test split, under its corruption): row i of the
 accuracy matrix R holds the accuracies after update i (row 0: the deployed model), and
 
   average accuracy    ACC = mean_j R[T-1, j]
@@ -51,10 +66,6 @@ and the summary gives its bytes next to the trained parameters' and the full mod
 `summary.json` holds every run under `runs`, and the first run's figures at the top
 level (`accuracy_matrix`, `average_accuracy`, `backward_transfer`, `forward_transfer`,
 `delta_bytes`, `updates`).
-
-Class subsets come from `kd_digits_by_class`, the `kd_digits` splits regrouped per
-class (splits `train_<c>`, `test_<c>`), so a subset is TFDS split syntax such as
-`train_5[:20%]+train_6[:20%]`.
 
 References: Li and Hoiem, Learning without Forgetting, ECCV 2016; Kirkpatrick et al.,
 Overcoming catastrophic forgetting in neural networks, PNAS 2017; Schwarz et al.,
@@ -76,7 +87,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
 
 from kd_jax import data as data_lib
@@ -87,11 +97,10 @@ from kd_jax import parallel
 from kd_jax import phase as phase_lib
 from kd_jax import rundir
 from kd_jax import train as train_lib
-from kd_jax.data import kd_digits
-from kd_jax.data import pipeline
 from kd_jax.workflows import common
 
 BASE = "base"
+MODES = ("class", "domain")
 STRATEGIES = ("none", "lwf", "teacher", "replay", "ewc")
 TRAINABLE = ("all", "head", "batchnorm", "last_stage")
 
@@ -122,51 +131,16 @@ def lwf(student_logits: jax.typing.ArrayLike, teacher_logits: jax.typing.ArrayLi
 objective_lib.register("lwf", lwf, objective_lib.LOGITS)
 
 
-class KdDigitsByClass(kd_digits.KdDigits):
-  """`kd_digits` regrouped per class: splits `train_<c>` and `test_<c>`, c = 0..9."""
-
-  RELEASE_NOTES = {"1.0.0": "kd_digits 1.0.0 split per class."}
-
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    del dl_manager  # The data ships with scikit-learn.
-    images, labels, splits = self._arrays()
-    return {f"{name}_{c}": self._generate_examples(images, labels,
-                                                   indices[labels[indices] == c])
-            for name, indices in splits.items() for c in range(10)}
-
-
-def class_split(split: str, classes: Sequence[int], percent: int = 100) -> str:
-  """TFDS split syntax for the first `percent` % of each class of `split`."""
-  part = "" if percent == 100 else f"[:{percent}%]"
-  return "+".join(f"{split}_{c}{part}" for c in classes)
-
-
-def by_class_data(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """`config.data` on `kd_digits_by_class` (prepared on first use), all classes.
-
-  Preprocessed as `kd_digits` is: the pipeline looks dataset defaults up by name, so
-  `kd_digits`' are pinned here.
-  """
-  builder = tfds.builder(KdDigitsByClass.name, data_dir=config.data.data_dir)
-  if not builder.is_prepared():
-    builder.download_and_prepare()
-  data = config.data.copy_and_resolve_references()
-  data.name = KdDigitsByClass.name
-  data.train_split = class_split("train", range(10))
-  data.eval_split = class_split("test", range(10))
-  for key, value in pipeline.dataset_defaults(kd_digits.KdDigits.name).items():
-    if data[key] is None:
-      data[key] = value
-  return data
-
-
-# The `continual` block of an experiment config: task 0 (`tasks[0]`) is what the
-# deployed student knows; every later task is an update trained on `new_percent`% of
-# the training images of its classes, in every sequence of `runs` (STRATEGY:TRAINABLE,
-# see the module docstring); `anchor_weight` and `temperature` weigh the lwf and
-# teacher anchors, `replay_size` bounds the replay buffer (images), `ewc_strength` is
-# EWC's λ; `train` overrides keys of the student's recipe for the updates.
-DEFAULTS = dict(tasks=((0, 1, 2, 3), (4, 5), (6, 7), (8, 9)), new_percent=50,
+# The `continual` block of an experiment config: `mode` 'class' (the tasks are the
+# class sets of `tasks`) or 'domain' (the tasks are `domains`: 'none', 'OP@SEVERITY'
+# or a dataset name); task 0 is what the deployed student knows; every later task is
+# an update trained on `new_percent`% of each class's training images of the task, in
+# every sequence of `runs` (STRATEGY:TRAINABLE, see the module docstring);
+# `anchor_weight` and `temperature` weigh the lwf and teacher anchors, `replay_size`
+# bounds the replay buffer (images), `ewc_strength` is EWC's λ; `train` overrides keys
+# of the student's recipe for the updates.
+DEFAULTS = dict(mode="class", tasks=((0, 1, 2, 3), (4, 5), (6, 7), (8, 9)),
+                domains=("none", "motion_blur@3", "gaussian_noise@3"), new_percent=50,
                 runs=("lwf:all", "none:all", "teacher:all", "replay:all", "ewc:all",
                       "lwf:head", "lwf:batchnorm", "lwf:last_stage"),
                 anchor_weight=1.0, temperature=2.0, replay_size=60, ewc_strength=100.0,
@@ -189,18 +163,41 @@ def parse_run(spec: str) -> tuple[str, str]:
   return strategy, trainable
 
 
+def parse_domain(spec: str) -> tuple[str | None, tuple[str, int] | None]:
+  """A domain as (dataset name or None for the source, corruption or None):
+  'none' -> (None, None), 'motion_blur@3' -> (None, ('motion_blur', 3)),
+  'folder:PATH' -> ('folder:PATH', None)."""
+  op, at, severity = str(spec).partition("@")
+  if str(spec) == "none":
+    return None, None
+  if not at:
+    return str(spec), None
+  if op not in data_lib.augment.OPS or not severity.isdigit():
+    raise ValueError(f"continual.domains entry {spec!r} is not OP@SEVERITY with an op of "
+                     f"{', '.join(data_lib.augment.OPS)}")
+  data_lib.augment.parse([{"op": op, "severity": int(severity)}])
+  return None, (op, int(severity))
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
   """One-line errors for a `continual` block the workflow cannot run."""
   block = config.continual
-  if config.data.name != kd_digits.KdDigits.name:
-    raise ValueError("the continual workflow splits kd_digits by class; set "
-                     "data.name=kd_digits")
-  tasks = [list(t) for t in block.tasks]
-  flat = [c for t in tasks for c in t]
-  if (len(tasks) < 2 or not all(tasks) or len(set(flat)) != len(flat)
-      or not set(flat) <= set(range(10))):
-    raise ValueError(f"continual.tasks {tasks} must be at least two disjoint, non-empty "
-                     "sets of digits 0..9 (the deployed task, then one per update)")
+  if block.mode not in MODES:
+    raise ValueError(f"continual.mode must be one of {', '.join(MODES)}, got "
+                     f"{block.mode!r}")
+  if block.mode == "class":
+    tasks = [list(t) for t in block.tasks]
+    flat = [c for t in tasks for c in t]
+    if (len(tasks) < 2 or not all(tasks) or len(set(flat)) != len(flat)
+        or min(flat) < 0):
+      raise ValueError(f"continual.tasks {tasks} must be at least two disjoint, non-empty "
+                       "sets of class labels (the deployed task, then one per update)")
+  else:
+    if len(block.domains) < 2:
+      raise ValueError(f"continual.domains {list(block.domains)} must name at least two "
+                       "domains (the deployed one, then one per update)")
+    for spec in block.domains:
+      parse_domain(spec)
   if not 0 < int(block.new_percent) <= 100:
     raise ValueError(f"continual.new_percent must be in 1..100, got {block.new_percent}")
   if not block.runs:
@@ -209,6 +206,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   names = [parse_run(spec) for spec in block.runs]
   if len(set(names)) != len(names):
     raise ValueError(f"continual.runs {list(block.runs)} names a sequence twice")
+  if block.mode == "domain" and any(strategy == "replay" for strategy, _ in names):
+    raise ValueError("continual.runs: replay needs continual.mode='class' (an update's "
+                     "images share one domain); remove it from continual.runs")
   if int(block.replay_size) < 1:
     raise ValueError(f"continual.replay_size must be at least 1, got {block.replay_size}")
   if float(block.ewc_strength) < 0:
@@ -343,29 +343,14 @@ def reservoir(stream: Sequence[Any], capacity: int, seed: int) -> list[Any]:
   return buffer
 
 
-def split_of(examples: Sequence[tuple[int, int]], split: str = "train") -> str:
-  """TFDS split syntax for (class, index in `<split>_<class>`) pairs, consecutive
-  indices merged into one slice."""
-  parts = []
-  for c in sorted({c for c, _ in examples}):
-    indices = sorted(i for k, i in examples if k == c)
-    start = prev = indices[0]
-    for i in indices[1:] + [None]:
-      if i is not None and i == prev + 1:
-        prev = i
-        continue
-      parts.append(f"{split}_{c}[{start}:{prev + 1}]")
-      if i is not None:
-        start = prev = i
-  return "+".join(parts)
-
-
-def _class_sizes(data: ml_collections.ConfigDict, classes: Sequence[int],
-                 percent: int) -> dict[int, int]:
-  """The number of training examples of each class in `train_<c>[:percent%]`."""
-  builder = tfds.builder(data.name, data_dir=data.data_dir)
-  part = "" if percent == 100 else f"[:{percent}%]"
-  return {c: builder.info.splits[f"train_{c}{part}"].num_examples for c in classes}
+def first_percent(labels: np.ndarray, classes: Sequence[int], percent: int) -> list[int]:
+  """The positions of the first `percent` % (rounded down, at least one) of each class
+  of `classes` in `labels` (file order), sorted."""
+  kept = []
+  for c in classes:
+    positions = np.flatnonzero(labels == c)
+    kept.extend(positions[:max(1, len(positions) * percent // 100)].tolist())
+  return sorted(kept)
 
 
 # --- the workflow -----------------------------------------------------------------------
@@ -399,6 +384,33 @@ def transfer(matrix: Sequence[Sequence[float]], baseline: Sequence[float]
                                              for j in range(1, last + 1)]))}
 
 
+def task_data(config: ml_collections.ConfigDict, info: data_lib.DatasetInfo
+              ) -> list[tuple[ml_collections.ConfigDict, tuple[str, int] | None]]:
+  """Per task, (its data config: training images and test split, its eval
+  corruption): the task's classes of `data` (class mode), or its domain."""
+  block = config.continual
+  if block.mode == "class":
+    tasks = [tuple(int(c) for c in t) for t in block.tasks]
+    if max(max(t) for t in tasks) >= info.num_classes:
+      raise ValueError(f"continual.tasks name a class beyond the {info.num_classes} "
+                       f"classes of {config.data.name}; change continual.tasks")
+    return [(common.derived(config.data, {"classes": t}), None) for t in tasks]
+  out = []
+  for spec in block.domains:
+    name, corruption = parse_domain(spec)
+    data = config.data.copy_and_resolve_references()
+    data.edge_augment = () if corruption is None else (
+        {"op": corruption[0], "prob": 1.0, "severity": corruption[1]},)
+    if name is not None:  # Another dataset, at the source's input size.
+      data.name, data.train_split, data.eval_split = name, "train", None
+      data.image_size, data.channels = info.image_shape[0], info.image_shape[-1]
+      if data_lib.get_info(data).num_classes != info.num_classes:
+        raise ValueError(f"continual.domains entry {name!r} has other classes than "
+                         f"{config.data.name}; name datasets of the same classes")
+    out.append((data, corruption))
+  return out
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """`workflow='continual'`: the phases of the module docstring; writes summary.json."""
   check_config(config)
@@ -408,38 +420,45 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   teacher = rundir.model(config, "teacher", info.num_classes)
   student = rundir.model(config, "student", info.num_classes)
   t_vars = context.teacher_variables
-  data = by_class_data(config)
-  tasks = [tuple(int(c) for c in t) for t in block.tasks]
-  base_config = common.derived(config, {
-      "data": data, "data.eval_split": class_split("test", tasks[0]),
-      "student.train_split": class_split("train", tasks[0]),
-      "student.validation_split": None})
+  tasks = task_data(config, info)
+  classes = [tuple(d.classes or range(info.num_classes)) for d, _ in tasks]
+  percent = int(block.new_percent)
+  # The training positions of each task (data.examples): all of task 0, then
+  # `new_percent`% of each class.
+  positions = [np.flatnonzero(np.isin(data_lib.train_labels(d), c)).tolist() if i == 0
+               else first_percent(data_lib.train_labels(d), c, percent)
+               for i, ((d, _), c) in enumerate(zip(tasks, classes))]
+  base_config = common.derived(config, {"data": tasks[0][0], "student.train_split": None,
+                                        "student.validation_split": None})
   deployed = phase_lib.train_phase(
       base_config, phase=BASE, model=student, train_config=config.train,
       distill_config=config.distill, teacher=teacher, teacher_variables=t_vars,
       **context.phase_args)
 
-  test_data = [common.derived(data, {"eval_split": class_split("test", t)}) for t in tasks]
   accuracy_of = common.accuracy_fn(student, context, config.eval_batch_size)
-  row_of = lambda variables: [accuracy_of(variables, d) for d in test_data]
+  row_of = lambda variables: [accuracy_of(variables, d, c) for d, c in tasks]
   fresh = jax.device_get(student.init(jax.random.key(config.seed),
                                       np.zeros((1, *info.image_shape), np.float32),
                                       train=False))
   baseline = row_of(fresh)
   deployed_row = row_of(deployed.variables)
-  teacher_row = [common.accuracy_fn(teacher, context, config.eval_batch_size)(
-      context.teacher.variables, d) for d in test_data]
+  teacher_accuracy = common.accuracy_fn(teacher, context, config.eval_batch_size)
+  teacher_row = [teacher_accuracy(context.teacher.variables, d, c) for d, c in tasks]
   recipe = phase_lib.student_recipe(config, block.train)
-  sizes = {t: _class_sizes(data, t, 100 if i == 0 else int(block.new_percent))
-           for i, t in enumerate(tasks)}
+
+  def update_data(i: int, replay: Sequence[int] = ()) -> ml_collections.ConfigDict:
+    """Task i's update images (and `replay` positions); its eval: the classes so far."""
+    seen = tuple(c for t in classes[:i + 1] for c in t)
+    return common.derived(tasks[i][0], {
+        "examples": tuple(sorted(set(positions[i]) | set(replay))),
+        "classes": seen if block.mode == "class" else None,
+        "validation_fraction": 0.0})
 
   def fisher_of(i: int, variables: Any) -> Any:
     """The Fisher information of `variables` on task i's training images."""
-    percent = 100 if i == 0 else int(block.new_percent)
-    task_data = common.derived(data, {"eval_split": class_split("train", tasks[i],
-                                                                percent)})
     return fisher_diagonal(student, variables, data_lib.eval_iterator(
-        task_data, batch_size=config.eval_batch_size))
+        update_data(i), batch_size=config.eval_batch_size, split="train",
+        corruption=tasks[i][1]))
 
   runs = {}
   for spec in block.runs:
@@ -449,23 +468,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     fisher = None
     masks = trainable_masks(previous, subset)
     for i in range(1, len(tasks)):
-      seen = tuple(c for t in tasks[:i] for c in t)
+      seen = tuple(sorted({c for t in classes[:i] for c in t}))
       phase = f"update{i}_{strategy}_{subset}"
-      split = class_split("train", tasks[i], int(block.new_percent))
-      replayed = 0
+      replay = []
       if strategy == "replay":
-        buffer = _replay_buffer(os.path.join(workdir, phase, "replay.json"), tasks[:i],
-                                sizes, int(block.replay_size), config.seed * 1000 + i)
-        split, replayed = f"{split}+{split_of(buffer)}", len(buffer)
+        replay = _replay_buffer(os.path.join(workdir, phase, "replay.json"),
+                                [p for t in positions[:i] for p in t],
+                                int(block.replay_size), config.seed * 1000 + i)
       transform = masked_optimizer(masks["params"])
       if strategy == "ewc":  # the penalty's gradient added before the masked optimizer
         step_fisher = fisher_of(i - 1, previous)
         fisher = step_fisher if fisher is None else jax.tree.map(np.add, fisher, step_fisher)
         transform = functools.partial(_after, ewc_gradient(
             fisher, previous["params"], float(block.ewc_strength)), transform)
-      update_config = common.derived(base_config, {
-          "data.eval_split": class_split("test", seen + tasks[i]),
-          "data.validation_fraction": 0.0, "student.train_split": split})
+      update_config = common.derived(base_config, {"data": update_data(i, replay)})
       anchor = ((student, parallel.replicate(previous, context.mesh))
                 if strategy == "lwf" else (teacher, t_vars))
       result = phase_lib.train_phase(
@@ -479,9 +495,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       trained = [np.asarray(x) for m, x in zip(jax.tree.leaves(masks["params"]),
                                                jax.tree.leaves(updated["params"])) if m]
       matrix.append(row_of(updated))
-      updates.append({"task": i, "classes": list(tasks[i]),
-                      "train_images": sum(sizes[tasks[i]].values()),
-                      "replay_images": replayed,
+      updates.append({"task": i, "classes": list(classes[i]),
+                      "train_images": len(positions[i]), "replay_images": len(replay),
                       "trained_parameters": int(sum(x.size for x in trained)),
                       "trained_bytes": int(sum(x.nbytes for x in trained)),
                       "delta_bytes": delta_bytes, "model_bytes": _nbytes(updated)})
@@ -491,9 +506,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                   "delta_bytes": [u["delta_bytes"] for u in updates], "updates": updates}
 
   first = runs[next(iter(runs))]
+  tasks_out = ([list(t) for t in classes] if block.mode == "class"
+               else list(block.domains))
   summary = {"workflow": "continual", "teacher": config.teacher.name,
-             "student": config.student.name, "tasks": [list(t) for t in tasks],
-             "new_percent": int(block.new_percent), "run": next(iter(runs)),
+             "student": config.student.name, "mode": block.mode, "tasks": tasks_out,
+             "new_percent": percent, "run": next(iter(runs)),
              **{k: first[k] for k in ("accuracy_matrix", "average_accuracy",
                                       "backward_transfer", "forward_transfer",
                                       "delta_bytes", "updates")},
@@ -502,19 +519,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return common.finish(context, summary)
 
 
-def _replay_buffer(path: str, tasks: Sequence[tuple[int, ...]],
-                   sizes: Mapping[tuple[int, ...], Mapping[int, int]], capacity: int,
-                   seed: int) -> list[tuple[int, int]]:
-  """The replay buffer of an update: read from `path` when an earlier attempt wrote it,
-  else drawn by reservoir sampling over the earlier tasks' training images (in task
-  order, each class in file order) and written there."""
+def _replay_buffer(path: str, stream: Sequence[int], capacity: int,
+                   seed: int) -> list[int]:
+  """The replay buffer of an update (positions in the training split): read from
+  `path` when an earlier attempt wrote it, else drawn by reservoir sampling over the
+  earlier tasks' training positions `stream` (task order, then file order) and
+  written there."""
   if os.path.exists(path):
     with open(path) as f:
-      return [tuple(e) for e in json.load(f)["examples"]]
-  stream = [(c, k) for t in tasks for c in t for k in range(sizes[t][c])]
+      return [int(p) for p in json.load(f)["examples"]]
   buffer = sorted(reservoir(stream, capacity, seed))
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     files.write_json(path, {"capacity": capacity, "seen": len(stream),
-                            "examples": [list(e) for e in buffer]})
+                            "examples": buffer})
   return buffer
