@@ -1,7 +1,7 @@
 """The mobile students (MobileNetV3, EfficientNet-Lite0) export to builtins-only TFLite.
 
 Each CIFAR variant is converted at 32x32 in fp32 and full int8; the fp32 logits match
-JAX's to 1e-4 relative to the largest logit (measured: below 1e-6).
+JAX's to 1e-4 of the largest logit (measured: 0.9 to 1.5e-6).
 """
 import functools
 
@@ -16,8 +16,9 @@ SHAPE = (32, 32, 3)
 
 
 def _random_variables(model, rng):
-  """Variables of ``model`` drawn with NumPy (no compiled init): He-scaled kernels and
-  BatchNorm statistics away from the identity, so folding them is exercised."""
+  """Variables of ``model`` drawn with NumPy (no compiled init): kernels of variance
+  1 / fan-in, so activations stay of order one through the depth, and BatchNorm
+  statistics away from the identity, so folding them is exercised."""
   shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
                           jax.ShapeDtypeStruct((1, *SHAPE), jnp.float32))
 
@@ -25,7 +26,7 @@ def _random_variables(model, rng):
     name = path[-1].key
     if name == "kernel":
       fan_in = int(np.prod(leaf.shape[:-1]))
-      return rng.normal(0, np.sqrt(2 / fan_in), leaf.shape).astype(np.float32)
+      return rng.normal(0, np.sqrt(1 / fan_in), leaf.shape).astype(np.float32)
     if name in ("scale", "var"):
       return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
     return rng.normal(0, 0.1, leaf.shape).astype(np.float32)
