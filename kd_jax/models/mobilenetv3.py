@@ -18,11 +18,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kd_jax.models.layers import (Classifier, ConvBN, ModuleDef, conv2d, global_avg_pool,
+from kd_jax.models.layers import (Classifier, ConvBN, ModuleDef, global_avg_pool,
                                   quant_point, small_normal, stage_taps)
 
 RE, HS = "relu", "hard_swish"
-ACTIVATIONS = {RE: nn.relu, HS: jax.nn.hard_swish, "relu6": jax.nn.relu6}
+ACTIVATIONS = {RE: nn.relu, HS: jax.nn.hard_swish}
 
 # One row per block: (kernel, expanded channels, output channels, squeeze-excitation,
 # activation, stride), the tables of torchvision's `_mobilenet_v3_conf` (the paper's
