@@ -10,11 +10,13 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from kd_jax import models
 
-IMAGENET = ("resnet18", "resnet34", "resnet50")
+IMAGENET = ("resnet18", "resnet34", "resnet50", "mobilenetv3_small",
+            "mobilenetv3_small_cifar", "mobilenetv3_large", "mobilenetv3_large_cifar",
+            "efficientnet_lite0", "efficientnet_lite0_cifar")
 
 # sum(p.numel() for p in model.parameters()) of the PyTorch reference definitions
-# (RepDistiller's models/ for CIFAR with num_classes=100, torchvision for ImageNet with
-# num_classes=1000).
+# (RepDistiller's models/ for CIFAR with num_classes=100, torchvision and timm for
+# ImageNet with num_classes=1000; a CIFAR stem changes strides only, not the count).
 REFERENCE_PARAMETER_COUNTS = {
     "resnet8": 83_892,
     "resnet14": 181_108,
@@ -69,6 +71,28 @@ REFERENCE_PARAMETER_COUNTS = {
     "resnet18": 11_689_512,
     "resnet34": 21_797_672,
     "resnet50": 25_557_032,
+    # torchvision's mobilenet_v3_small (its weights' meta["num_params"]: 2,542,856);
+    # BN = 2C, SE 1x1 convs with biases, squeeze width make_divisible(expanded / 4, 8).
+    #   stem       3x3x3x16 + 32                                          =       464
+    #   11 blocks  e.g. block0: dw 3x3x16 + 32, SE 16x8 + 8 + 8x16 + 16,
+    #              project 16x16 + 32 = 176 + 280 + 288 = 744; all eleven =   870_096
+    #   last conv  96x576 + 1_152                                         =    56_448
+    #   hidden     576x1024 + 1024                                        =   590_848
+    #   classifier 1024x1000 + 1000                                       = 1_025_000
+    #   total                                                             = 2_542_856
+    "mobilenetv3_small": 2_542_856,
+    "mobilenetv3_small_cifar": 2_542_856,
+    # torchvision's mobilenet_v3_large (meta["num_params"]: 5,483,032):
+    #   stem 464 + 15 blocks 2_815_968 + last conv 160x960 + 1_920 = 155_520
+    #   + hidden 960x1280 + 1280 = 1_230_080 + classifier 1280x1000 + 1000 = 1_281_000
+    "mobilenetv3_large": 5_483_032,
+    "mobilenetv3_large_cifar": 5_483_032,
+    # timm's efficientnet_lite0 (sum of its parameters' numel: 4,652,008):
+    #   stem 3x3x3x32 + 64 = 928; depthwise-separable block dw 3x3x32 + 64, project
+    #   32x16 + 32 = 896; 16 inverted residuals 2_957_024; head conv 320x1280 + 2_560
+    #   = 412_160; classifier 1280x1000 + 1000 = 1_281_000
+    "efficientnet_lite0": 4_652_008,
+    "efficientnet_lite0_cifar": 4_652_008,
 }
 
 
@@ -136,6 +160,12 @@ def test_resnet8_taps():
     ("ShuffleV1", [(16, 16, 240), (8, 8, 480), (4, 4, 960)], 960),
     ("ShuffleV2", [(16, 16, 116), (8, 8, 232), (4, 4, 464)], 1024),
     ("resnet32x4", [(32, 32, 64), (16, 16, 128), (8, 8, 256)], 256),
+    ("mobilenetv3_small_cifar", [(32, 32, 16), (16, 16, 24), (8, 8, 48), (4, 4, 96)],
+     1024),
+    ("mobilenetv3_large_cifar", [(32, 32, 24), (16, 16, 40), (8, 8, 112), (4, 4, 160)],
+     1280),
+    ("efficientnet_lite0_cifar", [(32, 32, 24), (16, 16, 40), (8, 8, 112), (4, 4, 320)],
+     1280),
 ])
 def test_cifar_taps(name, stage_shapes, embedding):
   _, taps = _abstract_apply(models.create(name, 100), (2, 32, 32, 3))
@@ -155,6 +185,33 @@ def test_imagenet_resnet50_taps():
     chex.assert_shape([taps[f"stage_{k}"], taps[f"preact_stage_{k}"]],
                       (1, size, size, width))
   chex.assert_shape(taps["embedding"], (1, 2048))
+
+
+@pytest.mark.parametrize("name, widths, embedding", [
+    ("mobilenetv3_small", (16, 24, 48, 96), 1024),
+    ("mobilenetv3_large", (24, 40, 112, 160), 1280),
+    ("efficientnet_lite0", (24, 40, 112, 320), 1280),
+])
+def test_mobile_students_stage_at_strides_4_to_32(name, widths, embedding):
+  logits, taps = _abstract_apply(models.create(name, 1000), (1, 224, 224, 3))
+  chex.assert_shape(logits, (1, 1000))
+  for k, (size, width) in enumerate(zip((56, 28, 14, 7), widths), start=1):
+    chex.assert_shape([taps[f"stage_{k}"], taps[f"preact_stage_{k}"]],
+                      (1, size, size, width))
+  chex.assert_shape(taps["embedding"], (1, embedding))
+
+
+def test_mobile_student_dropout_needs_a_rng_only_to_apply():
+  model = models.create("mobilenetv3_small_cifar", 10)
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  variables = model.init(jax.random.key(0), x)
+  dense = variables["params"]["classifier"]
+  (logits, taps), _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  np.testing.assert_allclose(logits, taps["embedding"] @ dense["kernel"] + dense["bias"],
+                             rtol=1e-5, atol=1e-6)
+  (dropped, taps), _ = model.apply(variables, x, train=True, mutable=["batch_stats"],
+                                   rngs={"dropout": jax.random.key(2)})
+  assert not np.allclose(dropped, taps["embedding"] @ dense["kernel"] + dense["bias"])
 
 
 @pytest.mark.parametrize("name", ["wrn_16_1", "MobileNetV2", "ShuffleV1", "ShuffleV2",

@@ -551,7 +551,11 @@ def test_models_without_reference_and_other_files_fail_clearly(tmp_path):
   torch.save({"epoch": 3, "optimizer": {"lr": 0.1}}, tmp_path / "no_weights.pth")
   with pytest.raises(ValueError, match="holds no state dict: a dict with keys"):
     pretrained.read_state_dict(str(tmp_path / "no_weights.pth"))
-  assert set(pretrained.importable()) == set(models.available())
+  mobile = {name for name in models.available() if name.startswith(("mobilenetv3",
+                                                                     "efficientnet"))}
+  assert set(pretrained.importable()) == set(models.available()) - mobile
+  with pytest.raises(ValueError, match="has no PyTorch reference to load weights from"):
+    pretrained.family("mobilenetv3_small")
   with pytest.raises(ValueError, match="unknown model 'resnet9'"):
     pretrained.family("resnet9")
 

@@ -3,7 +3,9 @@
 Flax linen reproductions of the PyTorch definitions of RepDistiller (Tian, Krishnan,
 Isola, "Contrastive Representation Distillation", ICLR 2020) for CIFAR, plus
 torchvision's ImageNet ResNets: same widths, depths, biases and BatchNorm placement,
-hence the same parameter counts.
+hence the same parameter counts. Mobile students: torchvision's MobileNetV3-Small and
+-Large and timm's EfficientNet-Lite0, each also with a stride-1 stem for 32x32 inputs
+(``*_cifar``, same parameters).
 
 Example::
 
@@ -27,8 +29,10 @@ import flax.linen as nn
 import jax
 
 from kd_jax.models import external
+from kd_jax.models.efficientnet_lite import EfficientNetLite0
 from kd_jax.models.layers import Classifier, portable
 from kd_jax.models.mobilenetv2 import MobileNetV2
+from kd_jax.models.mobilenetv3 import MobileNetV3
 from kd_jax.models.resnet import BasicBlock, Bottleneck, ResNet
 from kd_jax.models.shufflenet import ShuffleNetV1, ShuffleNetV2
 from kd_jax.models.vgg import CONFIGS as VGG_CONFIGS, VGG
@@ -67,6 +71,12 @@ for _name, _factory in {
     "resnet18": _imagenet_resnet(BasicBlock, (2, 2, 2, 2)),
     "resnet34": _imagenet_resnet(BasicBlock, (3, 4, 6, 3)),
     "resnet50": _imagenet_resnet(Bottleneck, (3, 4, 6, 3)),
+    **{f"mobilenetv3_{v}{suffix}": functools.partial(MobileNetV3, variant=v,
+                                                     cifar_stem=bool(suffix))
+       for v in ("small", "large") for suffix in ("", "_cifar")},
+    **{f"efficientnet_lite0{suffix}": functools.partial(EfficientNetLite0,
+                                                        cifar_stem=bool(suffix))
+       for suffix in ("", "_cifar")},
 }.items():
   _REGISTRY.register(_name, _factory)
 

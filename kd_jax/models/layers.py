@@ -49,12 +49,16 @@ class Classifier(nn.Module):
   dtype: Any = jnp.float32
   bn_axis_name: Optional[str] = None
   cpu_ops: bool = False
+  # BatchNorm's settings: PyTorch's defaults (momentum 0.1 on the new batch, i.e. Flax
+  # 0.9); a definition that sets its own overrides these class constants.
+  BN_MOMENTUM = 0.9
+  BN_EPSILON = 1e-5
 
   def norm(self, train: bool) -> ModuleDef:
-    """BatchNorm with PyTorch's defaults, in training or inference mode."""
+    """BatchNorm with the model's settings, in training or inference mode."""
     return functools.partial(
-        nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
-        dtype=self.dtype, axis_name=self.bn_axis_name)
+        nn.BatchNorm, use_running_average=not train, momentum=self.BN_MOMENTUM,
+        epsilon=self.BN_EPSILON, dtype=self.dtype, axis_name=self.bn_axis_name)
 
   def conv(self, kernel_init: Callable = kaiming_normal_fan_out) -> ModuleDef:
     """Bias-free convolution in the computation dtype."""
@@ -80,7 +84,7 @@ def conv2d(conv: ModuleDef, features: int, kernel_size: int, strides: int = 1,
 
 
 class ConvBN(nn.Module):
-  """Convolution, BatchNorm, then ReLU if ``relu``."""
+  """Convolution, BatchNorm, then ``activation`` (ReLU unless given) if ``relu``."""
   features: int
   kernel_size: int
   conv: ModuleDef
@@ -89,13 +93,14 @@ class ConvBN(nn.Module):
   groups: int = 1
   use_bias: bool = False
   relu: bool = True
+  activation: Callable[[jnp.ndarray], jnp.ndarray] = nn.relu
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     x = conv2d(self.conv, self.features, self.kernel_size, self.strides, self.groups,
                use_bias=self.use_bias, name="conv")(x)
     x = self.norm(name="bn")(x)
-    return nn.relu(x) if self.relu else x
+    return self.activation(x) if self.relu else x
 
 
 def portable(model: nn.Module) -> nn.Module:
