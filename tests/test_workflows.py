@@ -439,7 +439,7 @@ def test_class_incremental_on_an_image_folder(teacher_dir, tmp_path):
 def test_domain_incremental_over_corruptions(teacher_dir, tmp_path):
   domains = ("none", "motion_blur@3", "gaussian_noise@3")
   config = _tiny_continual(teacher_dir, mode="domain", domains=domains,
-                           runs=("lwf:head",))
+                           runs=("lwf:adapters",))
   summary = experiment.distill(config, str(tmp_path))
   assert summary["mode"] == "domain" and summary["tasks"] == list(domains)
   matrix = np.asarray(summary["accuracy_matrix"])
@@ -453,6 +453,13 @@ def test_domain_incremental_over_corruptions(teacher_dir, tmp_path):
       (labels == c).sum() // 2 for c in range(10))
   # Each column is its domain's test split under the corruption.
   assert len(set(matrix[0])) == 3
+  # An adapter update ships the adapters and the classifier; resnet8's three adapters
+  # hold 16² + 32² + 64² weights.
+  delta = np.load(os.path.join(tmp_path, "update1_lwf_adapters", "delta.npz"))
+  names = {k.split("/")[1] for k in delta.files}
+  assert names == {"adapter_stage1_block0", "adapter_stage2_block0",
+                   "adapter_stage3_block0", "classifier"}
+  assert summary["updates"][0]["trained_parameters"] == 5376 + 64 * 10 + 10
 
 
 def test_bad_continual_blocks_fail_in_one_line():

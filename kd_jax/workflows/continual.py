@@ -48,7 +48,10 @@ Each entry of `continual.runs` is one sequence of updates, `STRATEGY:TRAINABLE`:
     all         every parameter;
     head        the classifier only;
     batchnorm   BatchNorm scales, biases and statistics, and the classifier;
-    last_stage  the last stage of the backbone and the classifier.
+    last_stage  the last stage of the backbone and the classifier;
+    adapters    residual 1×1-conv adapters added after every block of the deployed
+                model, zero-initialised so that the update starts from it exactly
+                (`kd_jax.models.adapters`), and the classifier.
   The classifier is trained in every subset, because the new classes' logits live there.
 
 After every update each model is evaluated on every task's test images (in domain
@@ -97,12 +100,13 @@ from kd_jax import parallel
 from kd_jax import phase as phase_lib
 from kd_jax import rundir
 from kd_jax import train as train_lib
+from kd_jax.models import adapters
 from kd_jax.workflows import common
 
 BASE = "base"
 MODES = ("class", "domain")
 STRATEGIES = ("none", "lwf", "teacher", "replay", "ewc")
-TRAINABLE = ("all", "head", "batchnorm", "last_stage")
+TRAINABLE = ("all", "head", "batchnorm", "last_stage", "adapters")
 
 
 def lwf(student_logits: jax.typing.ArrayLike, teacher_logits: jax.typing.ArrayLike,
@@ -142,7 +146,7 @@ objective_lib.register("lwf", lwf, objective_lib.LOGITS)
 DEFAULTS = dict(mode="class", tasks=((0, 1, 2, 3), (4, 5), (6, 7), (8, 9)),
                 domains=("none", "motion_blur@3", "gaussian_noise@3"), new_percent=50,
                 runs=("lwf:all", "none:all", "teacher:all", "replay:all", "ewc:all",
-                      "lwf:head", "lwf:batchnorm", "lwf:last_stage"),
+                      "lwf:head", "lwf:batchnorm", "lwf:last_stage", "lwf:adapters"),
                 anchor_weight=1.0, temperature=2.0, replay_size=60, ewc_strength=100.0,
                 train=dict(epochs=10.0, learning_rate=0.01))
 
@@ -256,6 +260,8 @@ def trainable_masks(variables: Mapping[str, Any], subset: str) -> dict[str, Any]
       return False
     if subset == "last_stage":
       return path[0] in last
+    if subset == "adapters":
+      return path[0].startswith(adapters.PREFIX)
     return is_stat or path[:-1] in stats_paths  # batchnorm
 
   def mask(tree, is_stat):
@@ -454,9 +460,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "classes": seen if block.mode == "class" else None,
         "validation_fraction": 0.0})
 
-  def fisher_of(i: int, variables: Any) -> Any:
-    """The Fisher information of `variables` on task i's training images."""
-    return fisher_diagonal(student, variables, data_lib.eval_iterator(
+  def fisher_of(model, i: int, variables: Any) -> Any:
+    """The Fisher information of `model`'s `variables` on task i's training images."""
+    return fisher_diagonal(model, variables, data_lib.eval_iterator(
         update_data(i), batch_size=config.eval_batch_size, split="train",
         corruption=tasks[i][1]))
 
@@ -464,7 +470,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   for spec in block.runs:
     strategy, subset = parse_run(spec)
     name = f"{strategy}:{subset}"
-    previous, matrix, updates = deployed.variables, [deployed_row], []
+    model, previous, run_row = student, deployed.variables, row_of
+    if subset == "adapters":  # the deployed model with zero adapters: the same outputs
+      model = adapters.with_adapters(student, info.image_shape)
+      zero = jax.device_get(model.init(jax.random.key(0),
+                                       np.zeros((1, *info.image_shape), np.float32)))
+      previous = {**previous, "params": {**zero["params"], **previous["params"]}}
+      run_accuracy = common.accuracy_fn(model, context, config.eval_batch_size)
+      run_row = lambda variables: [run_accuracy(variables, d, c) for d, c in tasks]
+    matrix, updates = [deployed_row], []
     fisher = None
     masks = trainable_masks(previous, subset)
     for i in range(1, len(tasks)):
@@ -477,15 +491,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                 int(block.replay_size), config.seed * 1000 + i)
       transform = masked_optimizer(masks["params"])
       if strategy == "ewc":  # the penalty's gradient added before the masked optimizer
-        step_fisher = fisher_of(i - 1, previous)
+        step_fisher = fisher_of(model, i - 1, previous)
         fisher = step_fisher if fisher is None else jax.tree.map(np.add, fisher, step_fisher)
         transform = functools.partial(_after, ewc_gradient(
             fisher, previous["params"], float(block.ewc_strength)), transform)
       update_config = common.derived(base_config, {"data": update_data(i, replay)})
-      anchor = ((student, parallel.replicate(previous, context.mesh))
+      anchor = ((model, parallel.replicate(previous, context.mesh))
                 if strategy == "lwf" else (teacher, t_vars))
       result = phase_lib.train_phase(
-          update_config, phase=phase, model=student, train_config=recipe,
+          update_config, phase=phase, model=model, train_config=recipe,
           distill_config=update_objective(strategy, block, seen), teacher=anchor[0],
           teacher_variables=anchor[1], init_variables=previous,
           optimizer_transform=transform, batch_stats_mask=masks["batch_stats"],
@@ -494,7 +508,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       delta_bytes = write_delta(os.path.join(workdir, phase, "delta.npz"), previous, updated)
       trained = [np.asarray(x) for m, x in zip(jax.tree.leaves(masks["params"]),
                                                jax.tree.leaves(updated["params"])) if m]
-      matrix.append(row_of(updated))
+      matrix.append(run_row(updated))
       updates.append({"task": i, "classes": list(classes[i]),
                       "train_images": len(positions[i]), "replay_images": len(replay),
                       "trained_parameters": int(sum(x.size for x in trained)),
