@@ -497,7 +497,8 @@ class Objective:
       mutable = [c for c in term_vars if c != "params"] if train else False
       out = term.clone(bn_axis_name=axis_name).apply(
           term_vars, s_logits, s_taps, t_logits, t_taps,
-          labels if term.labels is None else batch[term.labels], index, train=train,
+          labels if term.labels is None else _batch_labels(batch, term), index,
+          train=train,
           step=jnp.asarray(step), example_weights=weights,
           mutable=mutable)
       value, new = out if mutable is not False else (out, {})
@@ -508,6 +509,14 @@ class Objective:
       parts[term.name_] = value
       parts[f"{term.name_}_weighted"] = weighted
     return total, parts, updates
+
+
+def _batch_labels(batch: Mapping[str, Any] | None, term: Term) -> jax.Array:
+  """The labels a term with `labels` reads from the batch."""
+  if batch is None or term.labels not in batch:
+    raise ValueError(f"term {term.name_} reads labels {term.labels!r}, which the batches "
+                     "lack; add the feature to data.extra_labels")
+  return batch[term.labels]
 
 
 def build(distill_config: Mapping[str, Any], *, total_steps: int,

@@ -383,7 +383,8 @@ def test_mock_cifar100_batches_carry_the_coarse_labels():
   with tfds.testing.mock_data(num_examples=40):
     builder = tfds.builder("cifar100")
     coarse = {split: np.array([e["coarse_label"] for e in tfds.as_numpy(
-        builder.as_dataset(split=split, shuffle_files=False))]) for split in ("train", "test")}
+        builder.as_dataset(split=split, shuffle_files=False))])
+              for split in ("train", "test")}
     (batch,) = train_batches(config, 1, global_batch_size=16)
     eval_batches = list(data.host_eval_iterator(config, batch_size=16))
     assert len(data.label_names(config, "coarse_label")) == 20
@@ -397,8 +398,8 @@ def test_mock_cifar100_batches_carry_the_coarse_labels():
                                 coarse["train"][batch["index"]])
   assert batch["labels/coarse_label"].dtype == np.int32
   keep = np.concatenate([b["mask"] for b in eval_batches]) > 0
-  np.testing.assert_array_equal(
-      np.concatenate([b["labels/coarse_label"] for b in eval_batches])[keep], coarse["test"])
+  carried = np.concatenate([b["labels/coarse_label"] for b in eval_batches])
+  np.testing.assert_array_equal(carried[keep], coarse["test"])
 
 
 def test_mock_imagenet_crops_images_of_any_size():

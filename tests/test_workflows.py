@@ -404,14 +404,15 @@ def test_heads_feature_task_end_to_end(tmp_path):
   with tfds.testing.mock_data(num_examples=32):
     summary = experiment.distill(config, str(tmp_path))
   assert summary["features"] == {"coarse": "coarse_label"}
-  assert summary["tasks"]["coarse"] is None and summary["tasks"]["high"] == [0] * 50 + [1] * 50
+  assert summary["tasks"]["coarse"] is None
+  assert summary["tasks"]["high"] == [0] * 50 + [1] * 50
   accuracy = summary["accuracy"]
   assert accuracy["teacher"]["coarse"] is None  # no head and no map: no answer
   assert accuracy["added"]["coarse"] == accuracy["trunk"]["coarse"] is not None
   assert summary["trunk_max_abs_diff"] == 0.0
   tflite = summary["tflite"]
   assert tflite["outputs"] == ["coarse"] and tflite["max_abs_logit_diff"] < 1e-4
-  assert tflite["accuracy"]["coarse"] == pytest.approx(accuracy["added"]["coarse"], abs=1 / 32)
+  assert abs(tflite["accuracy"]["coarse"] - accuracy["added"]["coarse"]) <= 1 / 32
 
 
 def test_continual_end_to_end(teacher_dir, tmp_path):

@@ -1,14 +1,14 @@
 """Decoupled heads on digits: one distilled resnet8 trunk, a digit head and task heads.
 
 The wrn_16_2 teacher and the 20% labelled budget of experiments/digits.py; the tasks
-are declared below over the ten digits (kd_jax/workflows/heads.py):
-`parity` (even / odd) is trained with the trunk, `large` (digit >= 5) is added
-afterwards to the frozen trunk and trained alone (both label maps); `loops` (closed
-loops in the written digit: none, one or two, a map by class name) is declared for
-the tiny variant, which adds it too. Phases: teacher, the single-head distilled student (baseline), the
-trunk with the parity head (CE + KD + FitNet on stage_2 + grouped KD of the head),
-the added head (grouped KD only, 30 epochs), and one fp32 TFLite model of the trunk
-with the digit and large heads (`<workdir>/export/heads_digit+large_fp32.tflite`).
+are declared below over the ten digits (kd_jax/workflows/heads.py): `parity` (even /
+odd) is trained with the trunk, `large` (digit >= 5) is added afterwards to the
+frozen trunk and trained alone (both label maps); `loops` (closed loops in the
+written digit: none, one or two, a map by class name) is declared for the tiny
+variant, which adds it too. Phases: teacher, the single-head distilled student
+(baseline), the trunk with the parity head (CE + KD + FitNet on stage_2 + grouped KD
+of the head), the added head (grouped KD only, 30 epochs), and one fp32 TFLite model
+of the trunk with the digit and large heads (`<workdir>/export/heads_digit+large_fp32.tflite`).
 `summary.json` gives each model's accuracy on the three tasks.
 
 Run (about 5 minutes on 2 CPU cores with a reused teacher: add

@@ -318,8 +318,8 @@ def _declared_task(config: ml_collections.ConfigDict, name: str, spec: Any,
                                            key=f"heads.tasks.{name}.feature")),
                   feature=feature)
     if set(spec) != {"map"}:
-      raise ValueError(f"heads.tasks.{name} must be a label map (a tuple), "
-                       f"dict(feature=NAME) or dict(map={{class: task class}}), got {spec}")
+      raise ValueError(f"heads.tasks.{name} must be a label map (a tuple), dict("
+                       f"feature=NAME) or dict(map={{class: task class}}), got {spec}")
     spec = name_map(dict(spec["map"]), class_names, name)
   groups = list(spec)
   if (len(groups) != len(class_names) or not all(isinstance(g, int) for g in groups)
