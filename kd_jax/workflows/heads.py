@@ -454,13 +454,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                                  context.writer, context.teacher)
   teacher = WithLogitsTap(rundir.model(config, "teacher", info.num_classes))
   t_vars = context.teacher_variables
-  joint, added = head_specs(config, block.joint, tasks), head_specs(config, block.added,
-                                                                    tasks)
-  weights = (float(block.weight), float(block.temperature), float(block.label_weight))
+  joint = head_specs(config, block.joint, tasks)
+  added = head_specs(config, block.added, tasks)
+  settings = (float(block.weight), float(block.temperature), float(block.label_weight))
 
   trunk_model = MultiHeadStudent(student, joint)
   distill = config.distill.to_dict()
-  distill["terms"] = list(distill["terms"]) + head_terms(joint, *weights)
+  distill["terms"] = list(distill["terms"]) + head_terms(joint, *settings)
   trunk = phase_lib.train_phase(
       config, phase="trunk", model=trunk_model, train_config=config.train,
       distill_config=distill, teacher=teacher, teacher_variables=t_vars,
@@ -469,7 +469,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   new_heads = phase_lib.train_phase(
       config, phase="added", model=added_model,
       train_config=phase_lib.student_recipe(config, block.train),
-      distill_config={"ce_weight": 0.0, "terms": head_terms(added, *weights)},
+      distill_config={"ce_weight": 0.0, "terms": head_terms(added, *settings)},
       teacher=teacher, teacher_variables=t_vars, **context.phase_args)
 
   full_model = MultiHeadStudent(student.clone(dtype=jnp.float32), joint + added)
