@@ -395,7 +395,7 @@ def test_heads_feature_task_end_to_end(tmp_path):
   # Mock CIFAR-100: a head on its coarse_label (random here, so no map: trained from
   # its labels alone) with the trunk, a head by class name added on the frozen trunk.
   config = _config("heads")
-  config.data.name = "cifar100"
+  config.data.update(name="cifar100", image_size=8)  # small images: a quick run
   config.student.update(train_split="train[:50%]", validation_split="train[50%:75%]")
   config.teacher.train.batch_size = config.train.batch_size = 8
   config.heads.tasks = dict(coarse=dict(feature="coarse_label"),
