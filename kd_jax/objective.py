@@ -193,12 +193,14 @@ register("mmd", losses.mmd, EMBEDDING, aligns_views=True)
 # The keys of a `distill.terms` entry other than its method's hyper-parameters, with
 # their defaults (teacher_tap None: the student's tap; name None: the method's name,
 # with the tap of a feature term; pretrain: recipe keys of the pre-training phase of a
-# method that has one, e.g. dict(epochs=1.0, learning_rate=0.01)).
+# method that has one, e.g. dict(epochs=1.0, learning_rate=0.01); labels: the batch key
+# of a label-using term's labels, None: 'label', e.g. 'labels/coarse_label' for a
+# `data.extra_labels` feature).
 TERM_DEFAULTS = dict(method=None, weight=1.0, schedule="constant", warmup_epochs=0.0,
                      decay_epochs=(), student_tap=None, teacher_tap=None, name=None,
                      adapter=None, temperature_schedule="constant",
                      final_temperature=None, student_view=None, teacher_view=None,
-                     target_view=None, pretrain=None)
+                     target_view=None, pretrain=None, labels=None)
 MAIN_VIEW = "image"  # the batch's own image (`kd_jax.data`: other views are `view/<name>`)
 TEMPERATURE_SCHEDULES = ("constant", "linear", "cosine")
 ADAPTERS = ("conv1x1", "linear")
@@ -379,6 +381,7 @@ class Term(nn.Module):
   teacher_view: str = MAIN_VIEW
   pretrain: Mapping[str, Any] | None = None  # the pre-training phase's recipe keys
   target_view: str | None = None  # the student's second view (`Method.aligns_views`)
+  labels: str | None = None  # the batch key of its labels (None: the batch's labels)
 
   @nn.compact
   def __call__(self, s_logits, s_taps, t_logits, t_taps, labels, index, train: bool,
@@ -466,8 +469,10 @@ class Objective:
     return variables
 
   def __call__(self, step, variables, s_logits, s_taps, t_logits, t_taps, labels,
-               index=None, *, train: bool = True, axis_name: str | None = None):
-    """Returns (total, parts, updated non-param collections)."""
+               index=None, *, train: bool = True, axis_name: str | None = None,
+               batch: Mapping[str, Any] | None = None):
+    """Returns (total, parts, updated non-param collections); a term with `labels`
+    reads them from `batch`."""
     weights, self_paced_parts = None, {}
     if self.self_paced is None:
       ce = functools.reduce(operator.add, [
@@ -491,7 +496,9 @@ class Objective:
                    if term.name_ in tree}
       mutable = [c for c in term_vars if c != "params"] if train else False
       out = term.clone(bn_axis_name=axis_name).apply(
-          term_vars, s_logits, s_taps, t_logits, t_taps, labels, index, train=train,
+          term_vars, s_logits, s_taps, t_logits, t_taps,
+          labels if term.labels is None else _batch_labels(batch, term), index,
+          train=train,
           step=jnp.asarray(step), example_weights=weights,
           mutable=mutable)
       value, new = out if mutable is not False else (out, {})
@@ -502,6 +509,14 @@ class Objective:
       parts[term.name_] = value
       parts[f"{term.name_}_weighted"] = weighted
     return total, parts, updates
+
+
+def _batch_labels(batch: Mapping[str, Any] | None, term: Term) -> jax.Array:
+  """The labels a term with `labels` reads from the batch."""
+  if batch is None or term.labels not in batch:
+    raise ValueError(f"term {term.name_} reads labels {term.labels!r}, which the batches "
+                     "lack; add the feature to data.extra_labels")
+  return batch[term.labels]
 
 
 def build(distill_config: Mapping[str, Any], *, total_steps: int,
@@ -577,6 +592,8 @@ def build(distill_config: Mapping[str, Any], *, total_steps: int,
                        "remove adapter and teacher_tap")
     if spec["pretrain"] is not None and method.pretraining is None:
       raise ValueError(f"{where}: {method_name} has no pre-training phase; remove pretrain")
+    if spec["labels"] is not None and not method.needs_labels:
+      raise ValueError(f"{where}: {method_name} uses no labels; remove labels")
     student_view = spec["student_view"] or distill["student_view"]
     teacher_view = spec["teacher_view"] or distill["teacher_view"] or student_view
     terms.append(Term(name, method, weight,
@@ -586,7 +603,7 @@ def build(distill_config: Mapping[str, Any], *, total_steps: int,
                       student_view=student_view, teacher_view=teacher_view,
                       steps_per_epoch=max(1, steps_per_epoch),
                       pretrain=dict(spec["pretrain"] or {}),
-                      target_view=spec["target_view"]))
+                      target_view=spec["target_view"], labels=spec["labels"]))
   ce_views = tuple(distill["ce_views"])
   if not ce_views:
     raise ValueError("distill.ce_views names no view; use ('image',) and set "

@@ -358,7 +358,7 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None,
       term_vars = {"params": params.get("terms", {}), **state.term_state}
       loss, parts, term_state = objective(
           state.step, term_vars, s_logits, s_taps, t_logits, t_taps, labels,
-          batch.get("index"), train=True, axis_name=axis)
+          batch.get("index"), train=True, axis_name=axis, batch=batch)
       main_logits = (s_logits[objective_lib.MAIN_VIEW] if multi_view else s_logits)
       return loss, (parts, main_logits, new_bs, term_state)
 

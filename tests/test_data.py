@@ -377,6 +377,31 @@ def test_mock_cifar10_flows_through_the_pipelines():
   assert sum(b["mask"].sum() for b in eval_batches) == 100
 
 
+def test_mock_cifar100_batches_carry_the_coarse_labels():
+  config = with_fields(data.default_data_config(), name="cifar100",
+                       extra_labels=("coarse_label",))
+  with tfds.testing.mock_data(num_examples=40):
+    builder = tfds.builder("cifar100")
+    coarse = {split: np.array([e["coarse_label"] for e in tfds.as_numpy(
+        builder.as_dataset(split=split, shuffle_files=False))])
+              for split in ("train", "test")}
+    (batch,) = train_batches(config, 1, global_batch_size=16)
+    eval_batches = list(data.host_eval_iterator(config, batch_size=16))
+    assert len(data.label_names(config, "coarse_label")) == 20
+    assert len(data.label_names(config)) == 100
+    with pytest.raises(ValueError, match="cifar100 has no label feature fine_label "
+                       r"\(its ClassLabel features beside 'label': coarse_label\); "
+                       "change data.extra_labels$"):
+      data.get_info(with_fields(config, extra_labels=("fine_label",)))
+  # The example at `index` (file order) carries its own coarse label.
+  np.testing.assert_array_equal(batch["labels/coarse_label"],
+                                coarse["train"][batch["index"]])
+  assert batch["labels/coarse_label"].dtype == np.int32
+  keep = np.concatenate([b["mask"] for b in eval_batches]) > 0
+  carried = np.concatenate([b["labels/coarse_label"] for b in eval_batches])
+  np.testing.assert_array_equal(carried[keep], coarse["test"])
+
+
 def test_mock_imagenet_crops_images_of_any_size():
   config = with_fields(data.default_data_config(), name="imagenet2012", image_size=24)
   with tfds.testing.mock_data(num_examples=20):

@@ -24,6 +24,7 @@ from tests import digit_folders
 
 EXPERIMENTS = configs.EXPERIMENTS_DIR
 IMAGE_SHAPE = (8, 8, 1)
+PARITY, LARGE = (heads.Task.of_map(heads.TASKS[name]) for name in ("parity", "large"))
 
 
 def _config(name, variant="tiny"):
@@ -221,10 +222,38 @@ def test_task_predictions_sum_probabilities_per_group():
   assert heads.task_predictions(logits, heads.TASKS["large"])[0] == 0
 
 
+def test_name_map_numbers_task_classes_in_sorted_order():
+  # Classes cat, dog, owl -> mammal, mammal, bird; bird < mammal: task classes 1, 1, 0.
+  mapping = {"owl": "bird", "cat": "mammal", "dog": "mammal"}
+  assert heads.name_map(mapping, ("cat", "dog", "owl"), "animal") == (1, 1, 0)
+  with pytest.raises(ValueError, match=r"heads.tasks.animal.map names unknown classes "
+                     r"\['cow'\]; the classes are cat, dog, owl$"):
+    heads.name_map({**mapping, "cow": "mammal"}, ("cat", "dog", "owl"), "animal")
+  with pytest.raises(ValueError, match=r"leaves out classes \['owl'\]"):
+    heads.name_map({"cat": "mammal", "dog": "mammal"}, ("cat", "dog", "owl"), "animal")
+
+
+def test_feature_tasks_get_a_map_only_where_the_feature_follows_the_class():
+  labels = np.array([0, 1, 2, 1, 0])
+  assert heads.groups_of(labels, np.array([1, 0, 1, 0, 1]), 3) == (1, 0, 1)
+  assert heads.groups_of(labels, np.array([1, 0, 1, 1, 1]), 3) is None  # class 1: 0 and 1
+  assert heads.groups_of(labels, np.array([1, 0, 1, 0, 1]), 4) is None  # class 3 unseen
+  coarse = heads.Task(3, feature="coarse_label")
+  batch = {"label": labels, "labels/coarse_label": np.array([2, 0, 1, 0, 2])}
+  np.testing.assert_array_equal(coarse.labels(batch), [2, 0, 1, 0, 2])
+  np.testing.assert_array_equal(PARITY.labels(batch), [0, 1, 0, 1, 0])
+  terms = heads.head_terms([heads.HeadSpec("coarse", coarse, "stage_3")], 1.0, 4.0, 0.5)
+  assert [(t["method"], t.get("labels")) for t in terms] == [
+      ("task_ce", "labels/coarse_label")]
+  terms = heads.head_terms([heads.HeadSpec("coarse", coarse._replace(groups=(0, 1, 2)),
+                                           "stage_3")], 1.0, 4.0, 0.5)
+  assert [t["method"] for t in terms] == ["grouped_kd", "task_ce"]
+
+
 def test_multi_head_student_keeps_the_zoo_variables_and_outputs():
   trunk = create("resnet8", 10)
   variables = trunk.init(jax.random.key(0), jnp.zeros((1, *IMAGE_SHAPE)))
-  model = heads.MultiHeadStudent(trunk, (heads.HeadSpec("parity", heads.TASKS["parity"], "stage_3"),))
+  model = heads.MultiHeadStudent(trunk, (heads.HeadSpec("parity", PARITY, "stage_3"),))
   full = model.init(jax.random.key(0), jnp.zeros((1, *IMAGE_SHAPE)))
   assert set(full["params"]) == set(variables["params"]) | {"head_parity"}
   full = heads.merge_variables(variables, {"params": {"head_parity":
@@ -237,10 +266,10 @@ def test_multi_head_student_keeps_the_zoo_variables_and_outputs():
 
 def test_frozen_trunk_gets_no_gradient():
   trunk = heads.MultiHeadStudent(create("resnet8", 10),
-                                 (heads.HeadSpec("parity", heads.TASKS["parity"], "stage_3"),))
+                                 (heads.HeadSpec("parity", PARITY, "stage_3"),))
   trunk_vars = trunk.init(jax.random.key(0), jnp.zeros((1, *IMAGE_SHAPE)))
   model = heads.HeadsOnFrozenTrunk(trunk, trunk_vars,
-                                   (heads.HeadSpec("large", heads.TASKS["large"], "stage_2", 4),))
+                                   (heads.HeadSpec("large", LARGE, "stage_2", 4),))
   variables = model.init(jax.random.key(1), jnp.zeros((1, *IMAGE_SHAPE)))
   assert set(variables["params"]) == {"head_large"}  # the trunk is not a variable
   images = jax.random.normal(jax.random.key(2), (4, *IMAGE_SHAPE))
@@ -254,7 +283,7 @@ def test_frozen_trunk_gets_no_gradient():
 def test_export_output_layout():
   outputs = np.arange(14.0)[None]
   parts = heads.split_outputs(outputs, ("digit", "parity", "large"),
-                              {"digit": None, **heads.TASKS}, 10)
+                              {"digit": heads.Task(10), "parity": PARITY, "large": LARGE})
   np.testing.assert_array_equal(parts["digit"], outputs[:, :10])
   np.testing.assert_array_equal(parts["large"], outputs[:, 12:])
 
@@ -295,6 +324,15 @@ def test_bad_workflow_configs_fail_in_one_line():
                             loops=heads.TASKS["parity"])
   with pytest.raises(ValueError, match="heads.tasks.large must map each of the 10 "
                      "classes of kd_digits"):
+    heads.check_config(config)
+  config = _config("heads")
+  config.heads.tasks.loops = dict(feature="coarse_label")
+  with pytest.raises(ValueError, match="kd_digits has no label feature coarse_label "
+                     r"\(its ClassLabel features beside 'label': none\); change "
+                     "heads.tasks.loops.feature$"):
+    heads.check_config(config)
+  config.heads.tasks.loops = dict(map={"0": "one"}, feature="label")
+  with pytest.raises(ValueError, match="heads.tasks.loops must be a label map"):
     heads.check_config(config)
 
 
@@ -341,6 +379,30 @@ def test_heads_end_to_end(teacher_dir, tmp_path):
     assert single["outputs"] == [task] and single["max_abs_logit_diff"] < 1e-4
     assert abs(single["accuracy"][task] - tflite["accuracy"][task]) <= 1 / 359
     assert os.path.exists(single["path"])
+
+
+def test_heads_feature_task_end_to_end(tmp_path):
+  # Mock CIFAR-100: a head on its coarse_label (random here, so no map: trained from
+  # its labels alone) with the trunk, a head by class name added on the frozen trunk.
+  config = _config("heads")
+  config.data.update(name="cifar100", image_size=8)  # small images: a quick run
+  config.student.update(train_split="train[:50%]", validation_split="train[50%:75%]")
+  config.teacher.train.batch_size = config.train.batch_size = 8
+  config.heads.tasks = dict(coarse=dict(feature="coarse_label"),
+                            high=dict(map={str(c): str(c >= 50) for c in range(100)}))
+  config.heads.update(base="fine", joint=("coarse",), added=("high",), export=("coarse",))
+  with tfds.testing.mock_data(num_examples=32):
+    summary = experiment.distill(config, str(tmp_path))
+  assert summary["features"] == {"coarse": "coarse_label"}
+  assert summary["tasks"]["coarse"] is None
+  assert summary["tasks"]["high"] == [0] * 50 + [1] * 50
+  accuracy = summary["accuracy"]
+  assert accuracy["teacher"]["coarse"] is None  # no head and no map: no answer
+  assert accuracy["added"]["coarse"] == accuracy["trunk"]["coarse"] is not None
+  assert summary["trunk_max_abs_diff"] == 0.0
+  tflite = summary["tflite"]
+  assert tflite["outputs"] == ["coarse"] and tflite["max_abs_logit_diff"] < 1e-4
+  assert abs(tflite["accuracy"]["coarse"] - accuracy["added"]["coarse"]) <= 1 / 32
 
 
 def test_continual_end_to_end(teacher_dir, tmp_path):

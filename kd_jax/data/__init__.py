@@ -21,6 +21,8 @@ from kd_jax.data.pipeline import eval_iterator
 from kd_jax.data.pipeline import host_eval_iterator
 from kd_jax.data.pipeline import view_names
 from kd_jax.data.pipeline import get_info
+from kd_jax.data.pipeline import label_key
+from kd_jax.data.pipeline import label_names
 from kd_jax.data.pipeline import representative_images
 from kd_jax.data.pipeline import train_dataset
 from kd_jax.data.pipeline import train_iterator
@@ -38,6 +40,8 @@ __all__ = [
     "view_names",
     "get_info",
     "kd_digits",
+    "label_key",
+    "label_names",
     "preprocess",
     "representative_images",
     "train_dataset",

@@ -182,6 +182,9 @@ def default_data_config() -> ml_collections.ConfigDict:
       of them; kept in file order. None -> all.
     classes: keep only the examples of these labels, in every split (labels are not
       renumbered); None -> all.
+    extra_labels: names of ClassLabel features of a TFDS dataset carried beside the
+      label, as `labels/<name>` (int32 [b], `label_key`) in training and eval batches,
+      e.g. ('coarse_label',) on cifar100; () -> none.
   """
   config = ml_collections.ConfigDict()
   config.name = "kd_digits"
@@ -204,6 +207,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   config.views = ()
   config.examples = config_dict.FieldReference(None, field_type=object)
   config.classes = config_dict.placeholder(tuple)
+  config.extra_labels = ()
   return config
 
 
@@ -271,6 +275,45 @@ class _Source:
   # The kept positions of the train, eval and validation splits (`data.examples`,
   # `data.classes`); None: the whole split.
   kept: dict[str, Optional[np.ndarray]] = dataclasses.field(default_factory=dict)
+  extra_labels: tuple[str, ...] = ()  # Label features carried as `labels/<name>`.
+
+
+def label_key(feature: str) -> str:
+  """The batch key of the label feature `feature` (`data.extra_labels`)."""
+  return f"labels/{feature}"
+
+
+def label_names(data_config: DataConfig, feature: Optional[str] = None,
+                key: str = "data.extra_labels") -> tuple[str, ...]:
+  """The class names of the label, or of the label feature `feature` (a TFDS
+  ClassLabel's names, a folder's class subfolders; '0', '1', ... where unnamed); an
+  unknown feature is an error naming the config `key`."""
+  builder = _builder(data_config.name, data_config.data_dir)
+  name = _supervised_keys(builder)[1] if feature is None else _label_features(
+      builder, data_config.name, (feature,), key)[0]
+  return tuple(builder.info.features[name].names)
+
+
+def _label_features(builder: tfds.core.DatasetBuilder, name: str,
+                    features: Sequence[str],
+                    key: str = "data.extra_labels") -> tuple[str, ...]:
+  """`features`, checked to be ClassLabel features of `builder` beside its label."""
+  label = _supervised_keys(builder)[1]
+  available = [key for key, feature in builder.info.features.items()
+               if isinstance(feature, tfds.features.ClassLabel) and key != label]
+  unknown = [f for f in features if f not in available]
+  if unknown:
+    raise ValueError(f"{name} has no label feature {', '.join(unknown)} (its ClassLabel "
+                     f"features beside {label!r}: {', '.join(available) or 'none'}); "
+                     f"change {key}")
+  return tuple(features)
+
+
+def _labels(example, label_key: str, extra: Sequence[str]):
+  """An example's label, or its label and `extra` label features stacked ([1 + n])."""
+  if not extra:
+    return example[label_key]
+  return tf.stack([tf.cast(example[key], tf.int64) for key in (label_key, *extra)], -1)
 
 
 def _builder(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBuilder:
@@ -396,14 +439,16 @@ def _supervised_keys(builder: tfds.core.DatasetBuilder) -> tuple[str, str]:
   return builder.info.supervised_keys or ("image", "label")
 
 
-def _read_split(builder: tfds.core.DatasetBuilder, split: str):
-  """(undecoded `(image, label)` pairs of a split in file order, number of examples)."""
+def _read_split(builder: tfds.core.DatasetBuilder, split: str,
+                extra: Sequence[str] = ()):
+  """(undecoded `(image, label)` pairs of a split in file order, number of examples);
+  with `extra` label features, `label` is the label and them stacked (`_labels`)."""
   image_key, label_key = _supervised_keys(builder)
   if isinstance(builder, tfds.ImageFolder):
     return _read_folder_split(builder, split)
   if _is_array_record(builder):
     records = _data_source(builder, split)
-    lookup = _record_lookup(records, image_key, label_key)
+    lookup = _record_lookup(records, image_key, (label_key, *extra))
     ds = tf.data.Dataset.range(len(records)).batch(_READ_BLOCK).map(
         lookup).unbatch()
     return ds, len(records)
@@ -425,7 +470,7 @@ def _read_split(builder: tfds.core.DatasetBuilder, split: str):
   num_examples = int(ds.cardinality())
   if num_examples < 0:
     num_examples = builder.info.splits[split].num_examples
-  return ds.map(lambda ex: (ex[image_key], ex[label_key])), num_examples
+  return ds.map(lambda ex: (ex[image_key], _labels(ex, label_key, extra))), num_examples
 
 
 def _read_folder_split(builder: tfds.ImageFolder, split):
@@ -497,16 +542,17 @@ def _kept(builder: tfds.core.DatasetBuilder, split: str, examples: Optional[np.n
 
 
 def _read_kept(builder: tfds.core.DatasetBuilder, split: str,
-               kept: Optional[np.ndarray]):
+               kept: Optional[np.ndarray], extra: Sequence[str] = ()):
   """`_read_split` restricted to the positions `kept` (None: all), in file order;
   an ArrayRecord split reads only those records."""
   if kept is None:
-    return _read_split(builder, split)
+    return _read_split(builder, split, extra)
   if _is_array_record(builder):
-    lookup = _record_lookup(_data_source(builder, split), *_supervised_keys(builder))
+    image_key, label_key = _supervised_keys(builder)
+    lookup = _record_lookup(_data_source(builder, split), image_key, (label_key, *extra))
     ds = tf.data.Dataset.from_tensor_slices(kept).batch(_READ_BLOCK).map(lookup).unbatch()
     return ds, len(kept)
-  examples, size = _read_split(builder, split)
+  examples, size = _read_split(builder, split, extra)
   mask = tf.constant(np.isin(np.arange(size), kept))
   ds = examples.enumerate().filter(lambda i, _: mask[i]).map(lambda _, ex: ex)
   return ds, len(kept)
@@ -524,20 +570,23 @@ def _data_source(builder: tfds.core.DatasetBuilder, split: str):
       split=split, decoders={image_key: tfds.decode.SkipDecoding()})
 
 
-def _record_lookup(records, image_key: str, label_key: str):
+def _record_lookup(records, image_key: str, label_keys: Sequence[str]):
   """`lookup(indices) -> (encoded images, labels)`: the records at `indices` (int64
-  [n]) of a data source, read inside tf.data (only those records are read)."""
+  [n]) of a data source, read inside tf.data (only those records are read); labels
+  [n], or [n, k] for k > 1 `label_keys` (`_labels`)."""
 
   def read(indices):
     examples = records.__getitems__(indices.tolist())
     return (np.array([ex[image_key] for ex in examples], dtype=object),
-            np.array([ex[label_key] for ex in examples], dtype=np.int64))
+            np.array([[ex[key] for key in label_keys] if len(label_keys) > 1
+                      else ex[label_keys[0]] for ex in examples], dtype=np.int64))
 
   def lookup(indices):
     images, labels = tf.numpy_function(read, [indices], (tf.string, tf.int64),
                                        stateful=False)
     images.set_shape(indices.shape)
-    labels.set_shape(indices.shape)
+    labels.set_shape(indices.shape.concatenate(
+        [len(label_keys)] if len(label_keys) > 1 else []))
     return images, labels
 
   return lookup
@@ -666,6 +715,7 @@ def _source(data_config: DataConfig) -> _Source:
       shuffle_buffer=shuffle_buffer,
       views=_views(data_config, option, resize_to, channels),
       kept=kept,
+      extra_labels=_label_features(builder, name, data_config.get("extra_labels", ())),
   )
 
 
@@ -791,10 +841,12 @@ def _preprocess_batch(source: _Source, images, labels, *, decoded: bool, train: 
     )
     return preprocess.normalize(out, source.mean, source.std)
 
+  labels = tf.cast(labels, tf.int32)
   batch = {
       MAIN_VIEW: batch_of(source.augmentation, source.edge if train else corruption,
                           seeds),
-      "label": tf.cast(labels, tf.int32),
+      "label": labels[:, 0] if source.extra_labels else labels,
+      **{label_key(f): labels[:, i + 1] for i, f in enumerate(source.extra_labels)},
   }
   if train:
     for i, view in enumerate(source.views):
@@ -819,18 +871,21 @@ def _split_examples(source: _Source, split: str) -> tuple[tf.data.Dataset, int]:
   'validation' or 'eval'."""
   info = source.info
   if split == "eval":
-    return _read_kept(source.builder, info.eval_split, source.kept["eval"])
+    return _read_kept(source.builder, info.eval_split, source.kept["eval"],
+                      source.extra_labels)
   if split == "validation":
     if not info.num_validation:
       raise ValueError("this run has no validation split; set data.validation_fraction "
                        "or data.validation_split")
     if info.validation_split:
       return _read_kept(source.builder, info.validation_split,
-                        source.kept["validation"])
-    examples, _ = _read_kept(source.builder, info.train_split, source.kept["train"])
+                        source.kept["validation"], source.extra_labels)
+    examples, _ = _read_kept(source.builder, info.train_split, source.kept["train"],
+                             source.extra_labels)
     return examples.skip(info.num_train), info.num_validation
   if split == "train":
-    examples, _ = _read_kept(source.builder, info.train_split, source.kept["train"])
+    examples, _ = _read_kept(source.builder, info.train_split, source.kept["train"],
+                             source.extra_labels)
     return examples.take(info.num_train), info.num_train
   raise ValueError(f"split must be 'train', 'validation' or 'eval', got {split!r}")
 
@@ -860,7 +915,8 @@ def _train_lookup(source: _Source, *, in_memory_fallback: bool = False):
             source.cache_decoded)
   if _is_array_record(source.builder):
     records = _data_source(source.builder, source.info.train_split)
-    read = _record_lookup(records, *_supervised_keys(source.builder))
+    image_key, label_key = _supervised_keys(source.builder)
+    read = _record_lookup(records, image_key, (label_key, *source.extra_labels))
     kept = source.kept["train"]
     if kept is None:
       return read, False
@@ -877,7 +933,7 @@ def _host_range(source: _Source, start: int, count: int) -> tf.data.Dataset:
         builder.info.splits)
     first = (whole.from_ or 0) + start
     examples, _ = _read_split(builder, tfds.core.ReadInstruction(
-        whole.splitname, from_=first, to=first + count, unit="abs"))
+        whole.splitname, from_=first, to=first + count, unit="abs"), source.extra_labels)
   except (ValueError, TypeError, KeyError):  # A split spec TFDS cannot slice further.
     examples = None
   if examples is None or source.kept["train"] is not None:  # A subset: filtered.
@@ -1073,6 +1129,7 @@ def eval_datasets(
       "image": tf.zeros((per_host, *source.info.image_shape), tf.float32),
       "label": tf.zeros([per_host], tf.int32),
       "mask": tf.zeros([per_host], tf.float32),
+      **{label_key(f): tf.zeros([per_host], tf.int32) for f in source.extra_labels},
   }).repeat(num_steps - own_chunks)
   own = examples.batch(per_host).enumerate().filter(
       lambda chunk, _: chunk % process_count == process_index)
@@ -1090,8 +1147,8 @@ def eval_datasets(
                                                            positions))
       padding = [[0, per_host - num_real]]
       return {
-          "image": tf.pad(batch["image"], padding + [[0, 0]] * 3),
-          "label": tf.pad(batch["label"], padding),
+          **{key: tf.pad(value, padding + [[0, 0]] * (value.shape.rank - 1))
+             for key, value in batch.items()},
           "mask": tf.pad(tf.ones([num_real], tf.float32), padding),
       }
 

@@ -1,13 +1,14 @@
 """Decoupled heads on digits: one distilled resnet8 trunk, a digit head and task heads.
 
 The wrn_16_2 teacher and the 20% labelled budget of experiments/digits.py; the tasks
-are declared below as label maps over the ten digits (kd_jax/workflows/heads.py):
-`parity` (even / odd) is trained with the trunk, `large` (digit >= 5) is added
-afterwards to the frozen trunk and trained alone; `loops` (closed loops in the
-written digit: 0, 1 or 2) is declared for the tiny variant, which adds it too. Phases: teacher, the single-head distilled student (baseline), the
-trunk with the parity head (CE + KD + FitNet on stage_2 + grouped KD of the head),
-the added head (grouped KD only, 30 epochs), and one fp32 TFLite model of the trunk
-with the digit and large heads (`<workdir>/export/heads_digit+large_fp32.tflite`).
+are declared below over the ten digits (kd_jax/workflows/heads.py): `parity` (even /
+odd) is trained with the trunk, `large` (digit >= 5) is added afterwards to the
+frozen trunk and trained alone (both label maps); `loops` (closed loops in the
+written digit: none, one or two, a map by class name) is declared for the tiny
+variant, which adds it too. Phases: teacher, the single-head distilled student
+(baseline), the trunk with the parity head (CE + KD + FitNet on stage_2 + grouped KD
+of the head), the added head (grouped KD only, 30 epochs), and one fp32 TFLite model
+of the trunk with the digit and large heads (`<workdir>/export/heads_digit+large_fp32.tflite`).
 `summary.json` gives each model's accuracy on the three tasks.
 
 Run (about 5 minutes on 2 CPU cores with a reused teacher: add
@@ -33,9 +34,11 @@ def get_config(variant: str = ""):
   # The heads block's defaults (kd_jax/workflows/heads.py): heads on stage_3, `parity`
   # trained with the trunk, `large` added afterwards for 30 epochs, the digit and large
   # heads exported.
-  c.heads.tasks = dict(parity=(0, 1, 0, 1, 0, 1, 0, 1, 0, 1),
-                       large=(0, 0, 0, 0, 0, 1, 1, 1, 1, 1),
-                       loops=(1, 0, 0, 0, 1, 0, 1, 0, 2, 1))
+  c.heads.tasks = dict(
+      parity=(0, 1, 0, 1, 0, 1, 0, 1, 0, 1), large=(0, 0, 0, 0, 0, 1, 1, 1, 1, 1),
+      # By class name: 'none' < 'one' < 'two' number the task classes 0, 1, 2.
+      loops=dict(map={"0": "one", "1": "none", "2": "none", "3": "none", "4": "one",
+                      "5": "none", "6": "one", "7": "none", "8": "two", "9": "one"}))
   c.heads.update(base="digit", tap="stage_3", joint=("parity",), added=("large",),
                  export=("digit", "large"))
   if variant == "tiny":

@@ -1,18 +1,33 @@
 """Decoupled task heads: one distilled student trunk shared by several classifiers.
 
-A task is a label set derived from the dataset's classes by a label map declared in
-the config (`heads.tasks`: task name -> class c -> task class `map[c]`), e.g. the
-parity of a digit; the trunk's own classifier answers the base task (`heads.base`,
-'digit' on the digits). Each head reads one tap
-of the trunk (an NHWC stage output): an optional 1x1 conv-BN-ReLU, a global average
-pool and a dense layer (`kd_jax.edge.early_exit.ExitHead`); the trunk keeps its own
-classifier, the head of the base task ('digit'). A head learns from the teacher
-alone, no labels: the teacher's class probabilities summed within the task's groups
-are exactly its probabilities for the derived task, and the head matches them at
-temperature T (`grouped_kd`):
+A task (`heads.tasks`, task name -> declaration) is a label set, declared as
+  - a label map over the dataset's classes, class c -> task class `map[c]` (a tuple),
+    e.g. the parity of a digit;
+  - a map by class name, `dict(map={'cat': 'mammal', 'dog': 'mammal', 'owl': 'bird'})`
+    (a folder's class subfolders, a TFDS label's names), task classes numbered in the
+    sorted order of the names they get; converted to the label map once;
+  - a second label feature of the dataset, `dict(feature='coarse_label')` (a TFDS
+    ClassLabel beside the label, e.g. CIFAR-100's 20 superclasses): its classes are
+    the feature's, and the batches carry it (`data.extra_labels`, set by the workflow).
+    Where every class of the training split has one value of the feature, the
+    feature is a function of the class and that map is derived from the data
+    (CIFAR-100's coarse_label); otherwise the task has no map.
+The trunk's own classifier answers the base task (`heads.base`, 'digit' on the
+digits). Each head reads one tap of the trunk (an NHWC stage output): an optional 1x1
+conv-BN-ReLU, a global average pool and a dense layer
+(`kd_jax.edge.early_exit.ExitHead`); the trunk keeps its own classifier, the head of
+the base task ('digit'). A head of a task with a map learns from the teacher: the
+teacher's class probabilities summed within the task's groups are exactly its
+probabilities for the derived task, and the head matches them at temperature T
+(`grouped_kd`):
 
     P_t(g) = Σ_{c: map[c] = g} softmax(z_t / T)_c,
-    L      = T² · mean_b KL(P_t,b || softmax(z_head,b / T)).
+    L      = T² · mean_b KL(P_t,b || softmax(z_head,b / T));
+
+a head of a feature task also learns from the feature's labels (`task_ce`, weight
+`heads.label_weight`), and from them alone where the task has no map. A model without
+the head of a task answers it from its class probabilities summed per group, and has
+no answer (null accuracy) to a task without a map.
 
 The workflow (`run`, `workflow='heads'`), every phase resumable:
   1. teacher    loaded (`teacher.checkpoint`) or trained;
@@ -88,6 +103,17 @@ def grouped_kd(student_logits: jax.typing.ArrayLike, teacher_logits: jax.typing.
 objective_lib.register("grouped_kd", grouped_kd, objective_lib.FEATURES)
 
 
+def task_ce(student_logits: jax.typing.ArrayLike, teacher_logits: jax.typing.ArrayLike,
+            labels: jax.typing.ArrayLike) -> jax.Array:
+  """Cross-entropy of a head's logits with its task's labels (the term's `labels`);
+  the teacher's logits are unused."""
+  del teacher_logits
+  return losses.cross_entropy(student_logits, labels)
+
+
+objective_lib.register("task_ce", task_ce, objective_lib.FEATURES, needs_labels=True)
+
+
 def task_labels(labels: np.ndarray, label_map: Sequence[int] | None) -> np.ndarray:
   """The task labels of base-class `labels` under `label_map` (None: the base task)."""
   return np.asarray(labels) if label_map is None else np.asarray(label_map)[labels]
@@ -102,17 +128,62 @@ def task_predictions(logits: np.ndarray, label_map: Sequence[int] | None) -> np.
   return np.argmax(probs @ np.eye(max(label_map) + 1)[list(label_map)], -1)
 
 
+class Task(NamedTuple):
+  """A task's labels: its number of classes, its label map (class c -> task class
+  groups[c]; None: none) and the label feature holding them (None: the map's)."""
+  num_classes: int
+  groups: tuple[int, ...] | None = None
+  feature: str | None = None
+
+  @classmethod
+  def of_map(cls, groups: Sequence[int]) -> Task:
+    return cls(max(groups) + 1, tuple(groups))
+
+  def labels(self, batch: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The task labels of a batch."""
+    if self.feature is not None:
+      return np.asarray(batch[data_lib.label_key(self.feature)])
+    return task_labels(batch["label"], self.groups)
+
+
+def name_map(mapping: Mapping[str, Any], class_names: Sequence[str],
+             task: str) -> tuple[int, ...]:
+  """The label map of a map by class name: class c -> the index of its value among the
+  sorted distinct values."""
+  unknown = [name for name in mapping if name not in class_names]
+  if unknown:
+    raise ValueError(f"heads.tasks.{task}.map names unknown classes {unknown}; the "
+                     f"classes are {', '.join(class_names)}")
+  missing = [name for name in class_names if name not in mapping]
+  if missing:
+    raise ValueError(f"heads.tasks.{task}.map leaves out classes {missing}; map every "
+                     "class")
+  values = sorted({str(value) for value in mapping.values()})
+  return tuple(values.index(str(mapping[name])) for name in class_names)
+
+
+def groups_of(labels: np.ndarray, values: np.ndarray,
+              num_classes: int) -> tuple[int, ...] | None:
+  """The label map class c -> the one value its examples take; None where a class
+  takes several values or has no example."""
+  pairs = set(zip(np.asarray(labels).tolist(), np.asarray(values).tolist()))
+  groups = dict(pairs)
+  if len(groups) != len(pairs) or len(groups) != num_classes:
+    return None
+  return tuple(groups[c] for c in range(num_classes))
+
+
 class HeadSpec(NamedTuple):
-  """One task head: its task, its label map (class c -> task class groups[c]), the
-  trunk tap it reads and its 1x1 conv width (0: none)."""
+  """One task head: its task's name and labels, the trunk tap it reads and its 1x1
+  conv width (0: none)."""
   task: str
-  groups: tuple[int, ...]
+  labels: Task
   tap: str
   hidden: int = 0
 
   @property
   def num_classes(self) -> int:
-    return max(self.groups) + 1
+    return self.labels.num_classes
 
 
 def _heads(specs: Sequence[HeadSpec], dtype, bn_axis_name) -> dict[str, nn.Module]:
@@ -201,12 +272,22 @@ def merge_variables(*trees: Mapping[str, Any]) -> dict[str, Any]:
   return merged
 
 
-def head_terms(specs: Sequence[HeadSpec], weight: float,
-               temperature: float) -> list[dict[str, Any]]:
-  """One `grouped_kd` objective term per head, against the teacher's logits."""
-  return [dict(method="grouped_kd", name=f"head/{spec.task}", weight=weight,
-               student_tap=f"head/{spec.task}", teacher_tap=LOGITS_TAP,
-               groups=tuple(spec.groups), temperature=temperature) for spec in specs]
+def head_terms(specs: Sequence[HeadSpec], weight: float, temperature: float,
+               label_weight: float) -> list[dict[str, Any]]:
+  """The objective terms of the heads: `grouped_kd` against the teacher's logits for
+  a task with a map, `task_ce` (`head_ce/<task>`) with a feature task's labels."""
+  terms = []
+  for spec in specs:
+    tap, task = f"head/{spec.task}", spec.labels
+    if task.groups is not None:
+      terms.append(dict(method="grouped_kd", name=tap, weight=weight, student_tap=tap,
+                        teacher_tap=LOGITS_TAP, groups=task.groups,
+                        temperature=temperature))
+    if task.feature is not None:
+      terms.append(dict(method="task_ce", name=f"head_ce/{spec.task}",
+                        weight=label_weight, student_tap=tap, teacher_tap=LOGITS_TAP,
+                        labels=data_lib.label_key(task.feature)))
+  return terms
 
 
 def export_function(model: MultiHeadStudent, variables: Any, tasks: Sequence[str],
@@ -219,67 +300,113 @@ def export_function(model: MultiHeadStudent, variables: Any, tasks: Sequence[str
   return fn
 
 
-def split_outputs(outputs: np.ndarray, tasks: Sequence[str],
-                  task_maps: Mapping[str, Sequence[int] | None],
-                  num_classes: int) -> dict[str, np.ndarray]:
-  """The exported model's output split back into each task's logits."""
-  sizes = [num_classes if task_maps[task] is None else max(task_maps[task]) + 1
-           for task in tasks]
-  return dict(zip(tasks, np.split(outputs, np.cumsum(sizes)[:-1], axis=-1)))
+def split_outputs(outputs: np.ndarray, names: Sequence[str],
+                  tasks: Mapping[str, Task]) -> dict[str, np.ndarray]:
+  """The exported model's output split back into the logits of each task of `names`."""
+  sizes = [tasks[name].num_classes for name in names]
+  return dict(zip(names, np.split(outputs, np.cumsum(sizes)[:-1], axis=-1)))
 
 
-def task_maps_of(block: ml_collections.ConfigDict) -> dict[str, tuple[int, ...] | None]:
-  """The `heads` block's tasks: the base task (None: identity) first, then
-  `heads.tasks` in order."""
-  return {str(block.base): None,
-          **{str(name): tuple(int(c) for c in groups)
-             for name, groups in dict(block.tasks).items()}}
+def _declared_task(config: ml_collections.ConfigDict, name: str, spec: Any,
+                   class_names: Sequence[str]) -> Task:
+  """The task of one `heads.tasks` entry (a feature task's map left unknown)."""
+  if isinstance(spec, (dict, ml_collections.ConfigDict)):
+    spec = dict(spec)
+    if set(spec) == {"feature"}:
+      feature = str(spec["feature"])
+      return Task(len(data_lib.label_names(config.data, feature,
+                                           key=f"heads.tasks.{name}.feature")),
+                  feature=feature)
+    if set(spec) != {"map"}:
+      raise ValueError(f"heads.tasks.{name} must be a label map (a tuple), dict("
+                       f"feature=NAME) or dict(map={{class: task class}}), got {spec}")
+    spec = name_map(dict(spec["map"]), class_names, name)
+  groups = list(spec)
+  if (len(groups) != len(class_names) or not all(isinstance(g, int) for g in groups)
+      or sorted(set(groups)) != list(range(max(groups, default=-1) + 1))
+      or len(set(groups)) < 2):
+    raise ValueError(f"heads.tasks.{name} must map each of the {len(class_names)} "
+                     f"classes of {config.data.name} to a task class 0..G-1 (every one "
+                     f"used, G >= 2), got {groups}")
+  return Task.of_map(groups)
 
 
-def task_accuracies(predict, data_config, batch_size: int,
-                    task_maps: Mapping[str, Sequence[int] | None]) -> dict[str, float]:
+def tasks_of(config: ml_collections.ConfigDict) -> dict[str, Task]:
+  """The `heads` block's tasks: the base task (the identity map) first, then
+  `heads.tasks` in order; feature tasks without their map (`with_feature_maps`)."""
+  class_names = data_lib.label_names(config.data)
+  return {str(config.heads.base): Task.of_map(range(len(class_names))),
+          **{str(name): _declared_task(config, str(name), spec, class_names)
+             for name, spec in dict(config.heads.tasks).items()}}
+
+
+def with_feature_maps(data_config, batch_size: int,
+                      tasks: Mapping[str, Task]) -> dict[str, Task]:
+  """`tasks` with the map of each feature task whose feature is a function of the
+  class on the training split (`groups_of`); `data_config` carries the features."""
+  features = {task.feature for task in tasks.values() if task.feature is not None}
+  if not features:
+    return dict(tasks)
+  labels, values = [], {feature: [] for feature in features}
+  for batch in data_lib.host_eval_iterator(data_config, batch_size=batch_size,
+                                           split="train"):
+    keep = np.asarray(batch["mask"]) > 0
+    labels.append(np.asarray(batch["label"])[keep])
+    for feature in features:
+      values[feature].append(np.asarray(batch[data_lib.label_key(feature)])[keep])
+  labels = np.concatenate(labels)
+  num_classes = len(data_lib.label_names(data_config))
+  return {name: task if task.feature is None else task._replace(groups=groups_of(
+      labels, np.concatenate(values[task.feature]), num_classes))
+          for name, task in tasks.items()}
+
+
+def task_accuracies(predict, data_config, batch_size: int, tasks: Mapping[str, Task],
+                    base: str = BASE) -> dict[str, float | None]:
   """Accuracy on each task of `predict(images) -> {task: logits}` over the eval split.
 
-  A task `predict` has no head for is answered from the base task's logits
-  (`task_predictions`); `task_maps` names every task with its label map (None: base).
+  A task `predict` has no head for is answered from the `base` task's logits
+  (`task_predictions`), and has no accuracy (None) without a map.
   """
-  tasks = list(task_maps)
-  base = next((task for task, groups in task_maps.items() if groups is None), None)
   correct = dict.fromkeys(tasks, 0)
   count = 0
   for batch in data_lib.host_eval_iterator(data_config, batch_size=batch_size):
     keep = np.asarray(batch["mask"]) > 0
-    labels = np.asarray(batch["label"])[keep]
     outputs = predict(batch["image"])
-    for task in tasks:
-      if task in outputs:
-        predictions = np.argmax(np.asarray(outputs[task])[keep], -1)
+    for name, task in tasks.items():
+      if name in outputs:
+        predictions = np.argmax(np.asarray(outputs[name])[keep], -1)
+      elif task.groups is not None:
+        predictions = task_predictions(np.asarray(outputs[base])[keep], task.groups)
       else:
-        predictions = task_predictions(np.asarray(outputs[base])[keep], task_maps[task])
-      correct[task] += int(np.sum(predictions == task_labels(labels, task_maps[task])))
+        correct[name] = None
+        continue
+      correct[name] += int(np.sum(predictions == task.labels(batch)[keep]))
     count += int(keep.sum())
-  return {task: correct[task] / count for task in tasks}
+  return {name: None if correct[name] is None else correct[name] / count
+          for name in tasks}
 
 
-def head_specs(config: ml_collections.ConfigDict,
-               tasks: Sequence[str]) -> tuple[HeadSpec, ...]:
-  """The heads of `tasks` as the `heads` config block places them."""
-  maps = task_maps_of(config.heads)
-  return tuple(HeadSpec(task, maps[task], config.heads.tap, config.heads.hidden)
-               for task in tasks)
+def head_specs(config: ml_collections.ConfigDict, names: Sequence[str],
+               tasks: Mapping[str, Task]) -> tuple[HeadSpec, ...]:
+  """The heads of the tasks `names` as the `heads` config block places them."""
+  return tuple(HeadSpec(name, tasks[name], config.heads.tap, config.heads.hidden)
+               for name in names)
 
 
-# The `heads` block of an experiment config. `tasks` declares each task by its label
-# map over the dataset's classes (class c -> task class map[c], task classes 0..G-1),
-# `base` names the trunk's own classifier. Each head: GAP + dense on the trunk's
-# `tap` (hidden > 0: a 1x1 conv-BN-ReLU first), distilled with weight · grouped KD at
-# `temperature`; `joint` heads train with the trunk, `added` ones afterwards on the
-# frozen trunk (`train` overrides keys of the student's recipe for that phase), and
-# `export` names the heads of the exported TFLite model.
+# The `heads` block of an experiment config. `tasks` declares each task (module
+# docstring): a label map over the dataset's classes (class c -> task class map[c],
+# task classes 0..G-1), dict(map={class name: task class name}) or
+# dict(feature=NAME); `base` names the trunk's own classifier. Each head: GAP + dense
+# on the trunk's `tap` (hidden > 0: a 1x1 conv-BN-ReLU first), distilled with
+# weight · grouped KD at `temperature` where its task has a map, plus
+# label_weight · CE with a feature task's labels; `joint` heads train with the trunk,
+# `added` ones afterwards on the frozen trunk (`train` overrides keys of the student's
+# recipe for that phase), and `export` names the heads of the exported TFLite model.
 DEFAULTS = dict(tasks=dict(TASKS), base=BASE, tap="stage_3", hidden=0,
                 joint=("parity",), added=("large",),
                 export=("digit", "large"), weight=1.0, temperature=4.0,
-                train=dict(epochs=30.0, learning_rate=0.05))
+                label_weight=1.0, train=dict(epochs=30.0, learning_rate=0.05))
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -287,8 +414,9 @@ def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(copy.deepcopy(DEFAULTS))
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-  """One-line errors for a `heads` block the workflow cannot run."""
+def check_config(config: ml_collections.ConfigDict) -> dict[str, Task]:
+  """One-line errors for a `heads` block the workflow cannot run; its tasks
+  (`tasks_of`) otherwise."""
   block = config.heads
   joint, added = tuple(block.joint), tuple(block.added)
   declared = dict(block.tasks)
@@ -308,20 +436,17 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if exported or not block.export:
     raise ValueError(f"heads.export must name some of {[base, *joint, *added]}, "
                      f"got {list(block.export)}")
-  num_classes = data_lib.get_info(config.data).num_classes
-  for name, groups in declared.items():
-    groups = list(groups)
-    if (len(groups) != num_classes or not all(isinstance(g, int) for g in groups)
-        or sorted(set(groups)) != list(range(max(groups, default=-1) + 1))
-        or len(set(groups)) < 2):
-      raise ValueError(f"heads.tasks.{name} must map each of the {num_classes} classes "
-                       f"of {config.data.name} to a task class 0..G-1 (every one used, "
-                       f"G >= 2), got {groups}")
+  return tasks_of(config)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """`workflow='heads'`: the phases of the module docstring; writes summary.json."""
-  check_config(config)
+  tasks = check_config(config)
+  config = copy.deepcopy(config)
+  config.data.extra_labels = tuple(dict.fromkeys((
+      *config.data.extra_labels,
+      *(task.feature for task in tasks.values() if task.feature is not None))))
+  tasks = with_feature_maps(config.data, config.eval_batch_size, tasks)
   block = config.heads
   context = common.start(config, workdir)
   info = context.info
@@ -329,12 +454,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                                  context.writer, context.teacher)
   teacher = WithLogitsTap(rundir.model(config, "teacher", info.num_classes))
   t_vars = context.teacher_variables
-  joint, added = head_specs(config, block.joint), head_specs(config, block.added)
-  weight, temperature = float(block.weight), float(block.temperature)
+  joint = head_specs(config, block.joint, tasks)
+  added = head_specs(config, block.added, tasks)
+  settings = (float(block.weight), float(block.temperature), float(block.label_weight))
 
   trunk_model = MultiHeadStudent(student, joint)
   distill = config.distill.to_dict()
-  distill["terms"] = list(distill["terms"]) + head_terms(joint, weight, temperature)
+  distill["terms"] = list(distill["terms"]) + head_terms(joint, *settings)
   trunk = phase_lib.train_phase(
       config, phase="trunk", model=trunk_model, train_config=config.train,
       distill_config=distill, teacher=teacher, teacher_variables=t_vars,
@@ -343,12 +469,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   new_heads = phase_lib.train_phase(
       config, phase="added", model=added_model,
       train_config=phase_lib.student_recipe(config, block.train),
-      distill_config={"ce_weight": 0.0, "terms": head_terms(added, weight, temperature)},
+      distill_config={"ce_weight": 0.0, "terms": head_terms(added, *settings)},
       teacher=teacher, teacher_variables=t_vars, **context.phase_args)
 
   full_model = MultiHeadStudent(student.clone(dtype=jnp.float32), joint + added)
   full_variables = merge_variables(trunk.variables, new_heads.variables)
-  tasks = task_maps_of(block)
   base = str(block.base)
   batch_size = config.eval_batch_size
 
@@ -364,18 +489,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   trunk_predict = predictor(trunk_model, trunk.variables, block.joint)
   full_predict = predictor(full_model, full_variables, (*block.joint, *block.added))
   accuracies = {
-      "teacher": task_accuracies(predictor(teacher, context.teacher.variables, ()),
-                                 config.data, batch_size, tasks),
-      "distilled": task_accuracies(predictor(student, single.variables, ()),
-                                   config.data, batch_size, tasks),
-      "trunk": task_accuracies(trunk_predict, config.data, batch_size, tasks),
-      "added": task_accuracies(full_predict, config.data, batch_size, tasks),
-  }
+      name: task_accuracies(predict, config.data, batch_size, tasks, base)
+      for name, predict in (
+          ("teacher", predictor(teacher, context.teacher.variables, ())),
+          ("distilled", predictor(student, single.variables, ())),
+          ("trunk", trunk_predict), ("added", full_predict))}
   summary = {
       "workflow": "heads", "teacher": config.teacher.name, "student": config.student.name,
       "joint_heads": list(block.joint), "added_heads": list(block.added),
-      "tasks": {name: (None if groups is None else list(groups))
-                for name, groups in tasks.items()},
+      "tasks": {name: (None if task.groups is None else list(task.groups))
+                for name, task in tasks.items()},
+      "features": {name: task.feature for name, task in tasks.items()
+                   if task.feature is not None},
       "accuracy": accuracies,
       # Adding heads must leave the trunk as it was: its logits and the joint heads'
       # on the test images, before and after, compared exactly.
@@ -401,11 +526,10 @@ def trunk_difference(before, after, data_config, batch_size: int) -> float:
 
 
 def export_heads(config: ml_collections.ConfigDict, workdir: str, model: MultiHeadStudent,
-                 variables: Any, tasks: tuple[str, ...], info,
-                 task_maps: Mapping[str, Sequence[int] | None],
-                 base: str = BASE) -> dict[str, Any]:
-  """The trunk with the heads of `tasks` as one fp32 TFLite model, and as one model
-  per task, measured.
+                 variables: Any, names: tuple[str, ...], info,
+                 tasks: Mapping[str, Task], base: str = BASE) -> dict[str, Any]:
+  """The trunk with the heads of the tasks `names` as one fp32 TFLite model, and as
+  one model per task, measured.
 
   Writes `<workdir>/export/heads_<task>+<task>_fp32.tflite` and
   `heads_<task>_fp32.tflite` per task; returns the multi-output model's path,
@@ -423,14 +547,13 @@ def export_heads(config: ml_collections.ConfigDict, workdir: str, model: MultiHe
         parity_images=images, latency_runs=config.export.latency_runs)
     with open(result["path"], "rb") as f:
       interpreter = export_lib.TFLiteModel(f.read())
-    maps = {name: task_maps[name] for name in names}
-    predict = lambda images: split_outputs(interpreter(images), names, maps,
-                                           info.num_classes)
+    predict = lambda images: split_outputs(interpreter(images), names, tasks)
     result.update(outputs=list(names), accuracy=task_accuracies(
-        predict, config.data, config.eval_batch_size, maps))
+        predict, config.data, config.eval_batch_size,
+        {name: tasks[name] for name in names}, base))
     return result
 
-  result = one(tasks)
-  if len(tasks) > 1:
-    result["per_task"] = {name: one((name,)) for name in tasks}
+  result = one(names)
+  if len(names) > 1:
+    result["per_task"] = {name: one((name,)) for name in names}
   return result
