@@ -40,9 +40,12 @@ class WithAdapters(nn.Module):
   ((top-level module name, output channels) pairs); returns what `model` returns."""
   model: nn.Module
   blocks: tuple[tuple[str, int], ...]
+  bn_axis_name: str | None = None  # passed on to `model` (cross-device BatchNorm)
 
   def setup(self):
-    nn.share_scope(self, self.model)
+    self.inner = (self.model if self.bn_axis_name is None
+                  else self.model.clone(bn_axis_name=self.bn_axis_name))
+    nn.share_scope(self, self.inner)
     self.adapters = {name: nn.Conv(channels, (1, 1), use_bias=False,
                                    kernel_init=nn.initializers.zeros,
                                    name=f"{PREFIX}{name}")
@@ -59,7 +62,7 @@ class WithAdapters(nn.Module):
       return out
 
     with nn.intercept_methods(add_adapter):
-      return self.model(x, train=train)
+      return self.inner(x, train=train)
 
 
 def with_adapters(model: nn.Module, input_shape: Sequence[int]) -> WithAdapters:
