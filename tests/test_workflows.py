@@ -315,6 +315,10 @@ def test_bad_workflow_configs_fail_in_one_line():
   with pytest.raises(ValueError, match="each task once"):
     heads.check_config(config)
   config = _config("heads")
+  config.heads.added = ()
+  with pytest.raises(ValueError, match="heads.added names no task"):
+    heads.check_config(config)
+  config = _config("heads")
   config.heads.added = ("shape",)
   with pytest.raises(ValueError, match=r"unknown tasks \['shape'\]; declare them in "
                      "heads.tasks"):

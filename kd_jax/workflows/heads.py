@@ -428,6 +428,9 @@ def check_config(config: ml_collections.ConfigDict) -> dict[str, Task]:
     if unknown:
       raise ValueError(f"heads.{key} names unknown tasks {unknown}; declare them in "
                        f"heads.tasks (declared: {', '.join(declared) or 'none'})")
+  if not added:
+    raise ValueError("heads.added names no task; the workflow adds at least one head to "
+                     "the frozen trunk, e.g. --config.heads.added=\"('large',)\"")
   if set(joint) & set(added) or len(set(joint + added)) != len(joint + added):
     raise ValueError(f"heads.joint {list(joint)} and heads.added {list(added)} must "
                      "name each task once")
