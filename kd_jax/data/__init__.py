@@ -26,6 +26,7 @@ from kd_jax.data.pipeline import label_names
 from kd_jax.data.pipeline import representative_images
 from kd_jax.data.pipeline import train_dataset
 from kd_jax.data.pipeline import train_iterator
+from kd_jax.data.pipeline import train_label_features
 from kd_jax.data.pipeline import train_labels
 
 __all__ = [
@@ -46,5 +47,6 @@ __all__ = [
     "representative_images",
     "train_dataset",
     "train_iterator",
+    "train_label_features",
     "train_labels",
 ]

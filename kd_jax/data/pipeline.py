@@ -497,11 +497,13 @@ def _read_folder_split(builder: tfds.ImageFolder, split):
 _LABELS: dict[tuple[str, str], np.ndarray] = {}  # By (dataset, split).
 
 
-def _split_labels(builder: tfds.core.DatasetBuilder, split: str) -> np.ndarray:
-  """The labels (int64 [N]) of a split in file order, read once per process."""
-  key = (os.path.join(str(builder.data_dir), builder.name), str(split))
+def _split_labels(builder: tfds.core.DatasetBuilder, split: str,
+                  extra: Sequence[str] = ()) -> np.ndarray:
+  """The labels (int64 [N], or [N, 1 + k] with `extra` label features) of a split in
+  file order, images left undecoded, read once per process."""
+  key = (os.path.join(str(builder.data_dir), builder.name), str(split), tuple(extra))
   if key not in _LABELS:
-    examples, _ = _read_split(builder, split)
+    examples, _ = _read_split(builder, split, extra)
     _LABELS[key] = np.array([label for _, label in examples.with_options(
         _options()).as_numpy_iterator()], np.int64)
   return _LABELS[key]
@@ -740,6 +742,15 @@ def train_labels(data_config: DataConfig) -> np.ndarray:
   entry p is the label of position p, as `data.examples` counts them."""
   return _split_labels(_builder(data_config.name, data_config.data_dir),
                        data_config.train_split)
+
+
+def train_label_features(data_config: DataConfig,
+                         features: Sequence[str]) -> np.ndarray:
+  """The label and the label `features` (`data.extra_labels` names) of every example of
+  `data.train_split` in file order: int64 [N, 1 + len(features)], images undecoded."""
+  builder = _builder(data_config.name, data_config.data_dir)
+  return _split_labels(builder, data_config.train_split,
+                       _label_features(builder, data_config.name, features))
 
 
 def get_info(

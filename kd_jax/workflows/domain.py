@@ -131,8 +131,7 @@ def target_data(config: ml_collections.ConfigDict,
   target.validation_fraction, target.validation_split = 0.0, None
   target.image_size = info.image_shape[0]
   target.edge_augment, target.views = (), ()
-  if "channels" in target:
-    target.channels = info.image_shape[-1]
+  target.channels = info.image_shape[-1]
   target_info = data_lib.get_info(target)
   if target_info.num_classes != info.num_classes:
     raise ValueError(f"domain.target {block.target!r} has {target_info.num_classes} "

@@ -340,24 +340,19 @@ def tasks_of(config: ml_collections.ConfigDict) -> dict[str, Task]:
              for name, spec in dict(config.heads.tasks).items()}}
 
 
-def with_feature_maps(data_config, batch_size: int,
-                      tasks: Mapping[str, Task]) -> dict[str, Task]:
+def with_feature_maps(data_config, tasks: Mapping[str, Task]) -> dict[str, Task]:
   """`tasks` with the map of each feature task whose feature is a function of the
   class on the training split (`groups_of`); `data_config` carries the features."""
   features = {task.feature for task in tasks.values() if task.feature is not None}
   if not features:
     return dict(tasks)
-  labels, values = [], {feature: [] for feature in features}
-  for batch in data_lib.host_eval_iterator(data_config, batch_size=batch_size,
-                                           split="train"):
-    keep = np.asarray(batch["mask"]) > 0
-    labels.append(np.asarray(batch["label"])[keep])
-    for feature in features:
-      values[feature].append(np.asarray(batch[data_lib.label_key(feature)])[keep])
-  labels = np.concatenate(labels)
+  features = sorted(features)
+  columns = data_lib.train_label_features(data_config, features)
+  labels = columns[:, 0]
+  values = {feature: columns[:, 1 + i] for i, feature in enumerate(features)}
   num_classes = len(data_lib.label_names(data_config))
   return {name: task if task.feature is None else task._replace(groups=groups_of(
-      labels, np.concatenate(values[task.feature]), num_classes))
+      labels, values[task.feature], num_classes))
           for name, task in tasks.items()}
 
 
@@ -449,7 +444,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   config.data.extra_labels = tuple(dict.fromkeys((
       *config.data.extra_labels,
       *(task.feature for task in tasks.values() if task.feature is not None))))
-  tasks = with_feature_maps(config.data, config.eval_batch_size, tasks)
+  tasks = with_feature_maps(config.data, tasks)
   block = config.heads
   context = common.start(config, workdir)
   info = context.info
