@@ -142,10 +142,66 @@ def test_check_deployment_writes_its_files(tmp_path):
   assert "Latency is the host's (measured on Test CPU (AVX2))" in text
 
 
-def test_export_command_refuses_a_bad_target_in_one_line(tmp_path, capsys):
+def test_target_is_an_export_flag(tmp_path, capsys):
   with pytest.raises(SystemExit) as exit_:
     cli.main(["kd-jax", "distill", f"--workdir={tmp_path}", "--target=phone"])
   assert exit_.value.code == 2
   assert capsys.readouterr().err.strip() == (
       "kd-jax: error: --target is for kd-jax export; for distill set "
       "--config.export.target.preset")
+
+
+@pytest.fixture
+def faked_run(tmp_path, monkeypatch):
+  """A workdir with the tiny digits config, whose `kd-jax export` writes `ROWS` instead
+  of converting a trained student (that path is `test_cli.py`'s)."""
+  from kd_jax import export, files
+  workdir = str(tmp_path / "run")
+  os.makedirs(workdir)
+  configs.save_run_config(configs.experiment_config("digits", "tiny"), workdir)
+  files.write_json(os.path.join(workdir, "summary.json"), {"tflite": {}})
+  monkeypatch.setattr(rundir, "load_phase", lambda *a: (None, {}))
+  monkeypatch.setattr(rundir, "export_student", lambda *a: {
+      k: dict(v, path=k) for k, v in ROWS.items() if k in ("fp32", "int8")})
+  monkeypatch.setattr(rundir, "write_export_table", lambda workdir, *a: export.write_table(
+      ROWS, os.path.join(workdir, "export")))
+  return workdir
+
+
+def test_export_command_checks_the_target(faked_run, capsys):
+  cli.main(["kd-jax", "export", f"--workdir={faked_run}", "--target=mcu",
+            "--config.export.target.energy_uj=15"])
+  printed = capsys.readouterr().out
+  text = open(os.path.join(faked_run, "export", "deploy.md")).read()
+  assert text in printed
+  assert "Budget: bytes ≤ 524,288 B, peak memory ≤ 262,144 B, energy ≤ 15 µJ." in text
+  with open(os.path.join(faked_run, "summary.json")) as f:
+    summary = json.load(f)
+  assert summary["deployment"]["pick"] == "cascade"  # the only row meeting all three
+  assert set(summary["tflite"]) == {"fp32", "int8"}
+  # Nothing fits: exit status 0 by default, 3 with export.target.strict.
+  cli.main(["kd-jax", "export", f"--workdir={faked_run}", "--target=mcu",
+            "--config.export.target.bytes=1000"])
+  assert "Nothing fits: no exported variant meets every limit" in capsys.readouterr().out
+  with pytest.raises(SystemExit) as exit_:
+    cli.main(["kd-jax", "export", f"--workdir={faked_run}", "--target=mcu",
+              "--config.export.target.bytes=1000", "--config.export.target.strict=true"])
+  assert exit_.value.code == 3
+  assert capsys.readouterr().err.strip().startswith(
+      "kd-jax: error: no exported variant fits export.target (export.target.strict is "
+      "set); see ")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target=watch"], "export.target.preset='watch' is unknown"),
+    (["--config.export.target.latency_ms=-2"], "export.target.latency_ms must be a "
+     "non-negative number"),
+    (["--config.export.target.latency=2"], "unknown config key 'latency'"),
+])
+def test_export_command_refuses_a_bad_target_in_one_line(faked_run, capsys, args,
+                                                          message):
+  with pytest.raises(SystemExit) as exit_:
+    cli.main(["kd-jax", "export", f"--workdir={faked_run}", *args])
+  assert exit_.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith(f"kd-jax: error: {message}") and "\n" not in err
