@@ -422,7 +422,8 @@ def markdown(rows: Sequence[Mapping[str, Any]], host: Mapping[str, Any],
 def pareto_panel(ax, rows: Sequence[Mapping[str, Any]], cost: str, *, xlabel: str,
                  ylabel: str, title: str) -> None:
   """One accuracy-against-cost panel: every row with both, labelled, and their Pareto
-  front (`pareto_front`) joined as a staircase; the cost axis is logarithmic."""
+  front (`pareto_front`) joined as a staircase; the cost axis is logarithmic where the
+  costs span more than a factor of 10."""
   known = [r for r in rows if r.get("accuracy") is not None and r.get(cost) is not None]
   ax.scatter([r[cost] for r in known], [r["accuracy"] for r in known], color="tab:blue")
   for r in known:
@@ -433,8 +434,12 @@ def pareto_panel(ax, rows: Sequence[Mapping[str, Any]], cost: str, *, xlabel: st
   if front:
     ax.step(*zip(*front), where="post", color="tab:orange", marker="o", markersize=11,
             markerfacecolor="none", label="Pareto front")
-  ax.set_xscale("log")
+  costs = [r[cost] for r in known]
+  if costs and min(costs) > 0 and max(costs) > 10 * min(costs):
+    ax.set_xscale("log")
   ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+  if front:
+    ax.legend(fontsize=8)
 
 
 def energy_label(kinds: Sequence[str]) -> str:
@@ -472,6 +477,7 @@ def plot_pareto(rows: Sequence[Mapping[str, Any]], recommend_config: Mapping[str
     by_latency.axvline(float(recommend_config["latency_budget_ms"]), color="gray",
                        linestyle="--", label="latency budget")
   for ax in (by_latency, by_energy):
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=8)
   fig.savefig(path, dpi=100)
   return True

@@ -514,15 +514,18 @@ def plot_export_pareto(rows: Mapping[str, Mapping[str, Any]], path: str) -> bool
   if not any(p["accuracy"] is not None for p in points):
     return False
   kinds = [r["energy"]["kind"] for r in rows.values() if r.get("energy")]
+  if len(set(kinds)) > 1:  # measured and estimated side by side: each point says which
+    energy_points = [dict(p, label=f"{p['label']} ({r['energy']['kind']})")
+                     if r.get("energy") else p for p, r in zip(points, rows.values())]
+  else:
+    energy_points = points
   fig = Figure(figsize=(12, 4.5), layout="constrained")
   by_latency, by_energy = fig.subplots(1, 2)
   profile.pareto_panel(by_latency, points, "latency_ms", xlabel="latency (ms, one "
                        "image, one thread)", ylabel="accuracy",
                        title="Exported variants: accuracy against latency")
-  profile.pareto_panel(by_energy, points, "energy_uj", xlabel=profile.energy_label(kinds),
-                       ylabel="accuracy", title="Exported variants: accuracy against "
-                       "energy")
-  for ax in (by_latency, by_energy):
-    ax.legend(fontsize=8)
+  profile.pareto_panel(by_energy, energy_points, "energy_uj",
+                       xlabel=profile.energy_label(kinds), ylabel="accuracy",
+                       title="Exported variants: accuracy against energy")
   fig.savefig(path, dpi=80)
   return True
