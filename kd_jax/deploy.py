@@ -60,6 +60,8 @@ from kd_jax import files
 
 # The limits, in table order; 0 or unset: no limit.
 LIMITS = ("latency_ms", "bytes", "memory_bytes", "energy_uj", "min_accuracy")
+_NAMES = dict(latency_ms="latency", bytes="bytes", memory_bytes="peak memory",
+              energy_uj="energy", min_accuracy="accuracy")
 LATENCY_KEYS = {"1": "latency_ms", "all": "latency_all_threads_ms"}
 PRESETS = {
     "mcu": dict(bytes=524_288, memory_bytes=262_144, energy_uj=1_000.0),
@@ -189,26 +191,26 @@ def check(rows: Mapping[str, Mapping[str, Any]], target: Mapping[str, Any],
   pick = None
   if fitting:
     def rank(label):
-      accuracy = rows[label].get("accuracy")
+      accuracy, size = rows[label].get("accuracy"), rows[label].get("bytes")
       return (math.inf if accuracy is None else -accuracy,
-              rows[label].get("bytes", math.inf))
+              math.inf if size is None else size)
     pick = min(fitting, key=rank)  # min keeps the first listed among equals
-    accuracy = rows[pick].get("accuracy")
+    accuracy, size = rows[pick].get("accuracy"), rows[pick].get("bytes")
     reason = (f"the most accurate of the {len(fitting)} variant"
               f"{'s' if len(fitting) > 1 else ''} meeting every limit (accuracy "
               f"{'not measured' if accuracy is None else f'{accuracy:.4f}'}, "
-              f"{rows[pick].get('bytes', 0):,} bytes; ties go to fewer bytes)")
+              f"{'size not measured' if size is None else f'{size:,} bytes'}; ties go "
+              "to fewer bytes)")
+  elif rows:
+    misses = []
+    for label in rows:
+      missed = [_miss(c) for c in checked[label]["checks"] if c["status"] != "meets"]
+      misses.append(f"{label} ({', '.join(missed)})")
+    reason = "no exported variant meets every limit: " + "; ".join(misses)
   else:
-    misses = [f"{label} ({', '.join(_miss(c) for c in checked[label]['checks'] if c['status'] != 'meets')})"
-              for label in rows]
-    reason = ("no exported variant meets every limit: " + "; ".join(misses)
-              if misses else "nothing was exported")
+    reason = "nothing was exported"
   return dict(target=limits, strict=bool(dict(target.items()).get("strict")),
               machines=machines, rows=checked, pick=pick, reason=reason)
-
-
-_NAMES = dict(latency_ms="latency", bytes="bytes", memory_bytes="peak memory",
-              energy_uj="energy", min_accuracy="accuracy")
 
 
 def _number(key: str, value: float) -> str:
