@@ -274,7 +274,8 @@ def markdown(result: Mapping[str, Any]) -> str:
     lines.append(f"| {label} | {'yes' if row['fits'] else 'no'} | "
                  + " | ".join(_cell(c) for c in row["checks"]) + " |")
   lines += ["", (f"Pick: **{result['pick']}**, {result['reason']}."
-                 if result["pick"] else f"Nothing fits: {result['reason']}.")]
+                 if result["pick"] else
+                 f"**Nothing fits.** {result['reason'][0].upper()}{result['reason'][1:]}.")]
   notes = []
   if "latency_ms" in limits:
     notes.append(f"Latency is the host's ({result['machines'] or 'machine not recorded'}),"

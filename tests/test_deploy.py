@@ -73,7 +73,7 @@ def test_nothing_fits_says_what_each_row_misses():
                          "20,000 B, accuracy ≥ 0.9900.")
   assert "| fp32 | no | ✗ 900,000 B measured > 20,000 B | ✗ 0.9700 < 0.9900 |" in text
   assert "| cascade | no | ✓ 10,000 B measured ≤ 20,000 B | ? not measured |" in text
-  assert "Nothing fits: no exported variant" in text
+  assert "**Nothing fits.** No exported variant meets every limit: fp32 (" in text
 
 
 def test_presets_and_overrides():
@@ -182,7 +182,7 @@ def test_export_command_checks_the_target(faked_run, capsys):
   # Nothing fits: exit status 0 by default, 3 with export.target.strict.
   cli.main(["kd-jax", "export", f"--workdir={faked_run}", "--target=mcu",
             "--config.export.target.bytes=1000"])
-  assert "Nothing fits: no exported variant meets every limit" in capsys.readouterr().out
+  assert "**Nothing fits.** No exported variant meets every limit" in capsys.readouterr().out
   with pytest.raises(SystemExit) as exit_:
     cli.main(["kd-jax", "export", f"--workdir={faked_run}", "--target=mcu",
               "--config.export.target.bytes=1000", "--config.export.target.strict=true"])
