@@ -3,7 +3,10 @@
   kd-jax distill       [--config=experiments/x.py[:variant]] [--workdir=DIR] [--config.a.b=v]
   kd-jax train-teacher [--config=...] [--workdir=DIR]
   kd-jax evaluate      --workdir=DIR [--robustness]
-  kd-jax export        --workdir=DIR
+  kd-jax export        --workdir=DIR [--target=mcu|phone|sbc] [--config.export.target.KEY=V]
+                       also checks the variants against a deployment budget
+                       (kd_jax/deploy.py): export/deploy.md, exit status 3 when none
+                       fits and export.target.strict is set
   kd-jax report        --workdir=DIR
   kd-jax reproduce     --workdir=DIR [--pairs=P,...] [--methods=M,...] [--tiny] [--seeds=N]
                        [--data_dir=DIR] [--export]
@@ -108,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     _fail(f"{got}{_USAGE}")
   command = argv[1]
   _prepare_environment()
+  from kd_jax import deploy as deploy_lib
   from kd_jax import preemption
   try:
     if command == "reproduce":
@@ -125,6 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     if not in_process:
       _quiet_libraries()
     _fail("interrupted; rerun the same command to resume from the last checkpoint", 130)
+  except deploy_lib.NothingFits as e:  # everything is written; the status says so
+    _fail(_one_line(e), 3)
   except (UsageError, *_USER_ERRORS) as e:
     if verbose:
       raise
@@ -236,6 +242,8 @@ def _run(command: str, argv: list[str]) -> None:
   flags.DEFINE_integer("peer_timeout_s", 100, "multi-host: a process that has not been "
                        "heard from for this long is declared dead and the others stop "
                        "with an error", flag_values=fv)
+  flags.DEFINE_string("target", None, "export: check the variants against this "
+                      "deployment budget preset (kd_jax/deploy.py PRESETS)", flag_values=fv)
   flags.DEFINE_bool("robustness", False, "evaluate: also accuracy under every edge "
                     "corruption at 5 severities", flag_values=fv)
   argv = [f"--config={configs.resolve_config_path(a[len('--config='):])}"
@@ -259,6 +267,9 @@ def _run(command: str, argv: list[str]) -> None:
     raise UsageError(_explain_config_failure(e, path, argv)) from None
   except Exception as e:  # whatever a config file's get_config raises
     raise UsageError(_explain_config_failure(e, path, argv)) from None
+  if fv.target is not None and command != "export":
+    raise UsageError(f"--target is for kd-jax export; for {command} set "
+                     "--config.export.target.preset")
   if fv.peer_timeout_s < 1:
     raise UsageError(f"--peer_timeout_s must be at least 1, got {fv.peer_timeout_s}")
   workdir = fv.workdir
@@ -281,6 +292,8 @@ def _run(command: str, argv: list[str]) -> None:
       raise UsageError(f"kd-jax {command} needs --workdir=DIR of a finished run")
     config = configs.load_run_config(workdir)
     config = _apply_overrides(command, config, overrides)
+    if fv.target is not None:
+      config.export.target.preset = fv.target
   else:
     workdir = workdir or os.path.join("runs", configs.config_name(fv["config"].config_filename))
     _check_workdir(workdir, command)

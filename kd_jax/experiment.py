@@ -19,6 +19,7 @@ import ml_collections
 from kd_jax import checkpoint as ckpt_lib
 from kd_jax import configs
 from kd_jax import data as data_lib
+from kd_jax import deploy
 from kd_jax import evaluate as eval_lib
 from kd_jax import files
 from kd_jax import parallel
@@ -164,7 +165,10 @@ def export_run(config, workdir: str,
                lock: rundir.WorkdirLock | None = None) -> dict[str, Any]:
   """`kd-jax export`: TFLite variants of a run's distilled student; updates summary.json.
 
-  Variants exported before and not exported again stay in summary.json.
+  Variants exported before and not exported again stay in summary.json. With a budget
+  in `export.target`, every row of the export table is checked against it
+  (`kd_jax.deploy`): `export/deploy.{md,json}`, summary.json's `deployment`, the
+  Markdown printed; with `export.target.strict`, `deploy.NothingFits` when no row fits.
   """
   config = configs.validate(config)
   info = data_lib.get_info(config.data)
@@ -173,15 +177,24 @@ def export_run(config, workdir: str,
   with _locked(workdir, "export", lock):
     results = rundir.export_student(config, workdir, model, variables, info)
     summary = rundir.read_summary(workdir)
-    if summary:
-      summary["tflite"] = {**summary.get("tflite", {}), **results}
-      rundir.write_summary(workdir, summary)
     distilled = phase_lib.PhaseResult(
         variables, summary.get("distilled_metrics") or {"accuracy": None})
     rundir.write_export_table(workdir, model, distilled, info, results)
+    deployment, text = rundir.check_deployment(config, workdir)
+    if summary:
+      summary["tflite"] = {**summary.get("tflite", {}), **results}
+      if deployment:
+        summary["deployment"] = deployment
+      rundir.write_summary(workdir, summary)
   for variant, r in results.items():
     log(f"{variant}: {r['bytes']} bytes, accuracy {r.get('accuracy', float('nan')):.4f}, "
          f"{r['latency_ms']:.3f} ms -> {r['path']}")
+  if deployment:
+    print(text, flush=True)
+    if deployment["strict"] and deployment["pick"] is None:
+      raise deploy.NothingFits(f"no exported variant fits export.target "
+                               f"(export.target.strict is set); see "
+                               f"{os.path.join(workdir, 'export', deploy.DEPLOY_MD)}")
   return results
 
 

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from kd_jax import deploy
 from kd_jax import energy as energy_lib
 from kd_jax import files
 from kd_jax import machine as machine_lib
@@ -56,8 +57,11 @@ DEFAULTS = dict(variants=("fp32", "int8"), num_calibration_images=256, latency_r
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """The `export` block of an experiment config, at its defaults."""
-  return ml_collections.ConfigDict(copy.deepcopy(DEFAULTS))
+  """The `export` block of an experiment config, at its defaults; `target` is the
+  deployment budget the exported variants are checked against (`kd_jax.deploy`)."""
+  config = ml_collections.ConfigDict(copy.deepcopy(DEFAULTS))
+  config.target = deploy.default_target()
+  return config
 
 
 def check_config(export_config: Mapping[str, Any]) -> None:
@@ -69,6 +73,7 @@ def check_config(export_config: Mapping[str, Any]) -> None:
   for key in ("num_calibration_images", "latency_runs"):
     if export_config[key] < 1:
       raise ValueError(f"export.{key} must be at least 1, got {export_config[key]}")
+  deploy.check_target(export_config["target"])
 
 _BUILTIN_OP_NAMES = {
     code: name

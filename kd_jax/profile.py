@@ -38,8 +38,8 @@ dataset, `input_shape` and `num_classes` must be the dataset's, and a saved mode
 have been trained on it.
 
 `run(config, workdir)` writes `<workdir>/profile.json`, `profile.md` (the table and the
-recommendation) and `pareto.png` (top-1 against latency, Pareto front marked). The
-recommendation follows `config.recommend.rule`:
+recommendation) and `pareto.png` (top-1 against latency and against energy per
+inference, Pareto fronts marked). The recommendation follows `config.recommend.rule`:
 
   best_accuracy_under_latency  the highest top-1 with `latency` ≤ `latency_budget_ms`
   fastest_above_accuracy       the lowest `latency` with top-1 ≥ `min_accuracy` (%)
@@ -302,16 +302,19 @@ def profile_model(model, variables: Any, input_shape: Sequence[int], *, batch_si
   return row
 
 
-def pareto_front(rows: Sequence[Mapping[str, Any]], latency: str) -> list[bool]:
-  """Whether each row is Pareto-optimal in (top-1 ↑, `<latency>_ms` ↓).
+def pareto_front(rows: Sequence[Mapping[str, Any]], cost: str) -> list[bool]:
+  """Whether each row is Pareto-optimal in (`accuracy` ↑, `cost` ↓).
 
-  Only rows with a top-1 compete; rows without one are never on the front.
+  `cost` is the row key of the cost: `tflite_int8_ms` (latency), `tflite_int8_uj`
+  (energy), ... Only rows with both an accuracy and that cost compete; the others are
+  never on the front.
   """
-  key = f"{latency}_ms"
-  known = [r for r in rows if r.get("accuracy") is not None]
-  return [r.get("accuracy") is not None and not any(
-      o["accuracy"] >= r["accuracy"] and o[key] <= r[key]
-      and (o["accuracy"] > r["accuracy"] or o[key] < r[key]) for o in known)
+  def known(r):
+    return r.get("accuracy") is not None and r.get(cost) is not None
+  rivals = [r for r in rows if known(r)]
+  return [known(r) and not any(
+      o["accuracy"] >= r["accuracy"] and o[cost] <= r[cost]
+      and (o["accuracy"] > r["accuracy"] or o[cost] < r[cost]) for o in rivals)
       for r in rows]
 
 
@@ -361,7 +364,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
         model, variables, input_shape, batch_size=config.batch_size,
         calibration=calibration, quantizations=tuple(config.quantizations),
         latency_runs=config.latency_runs, min_seconds=config.min_seconds)})
-  front = pareto_front(rows, config.recommend.latency)
+  front = pareto_front(rows, f"{config.recommend.latency}_ms")
   chosen, reason = recommend(rows, config.recommend)
   for i, row in enumerate(rows):
     row.update(pareto=front[i], recommended=i == chosen)
@@ -410,42 +413,71 @@ def markdown(rows: Sequence[Mapping[str, Any]], host: Mapping[str, Any],
     lines.append("| " + " | ".join(cells) + " |")
   lines += ["", f"Recommendation ({config.recommend.rule}): {reason}."]
   if plotted:
-    lines += ["", "![top-1 against latency](pareto.png)"]
+    lines += ["", "![top-1 against latency and energy](pareto.png)"]
   else:
     lines += ["", "No candidate has a top-1, so there is no Pareto plot."]
   return "\n".join(lines) + "\n"
 
 
+def pareto_panel(ax, rows: Sequence[Mapping[str, Any]], cost: str, *, xlabel: str,
+                 ylabel: str, title: str) -> None:
+  """One accuracy-against-cost panel: every row with both, labelled, and their Pareto
+  front (`pareto_front`) joined as a staircase; the cost axis is logarithmic where the
+  costs span more than a factor of 10."""
+  known = [r for r in rows if r.get("accuracy") is not None and r.get(cost) is not None]
+  ax.scatter([r[cost] for r in known], [r["accuracy"] for r in known], color="tab:blue")
+  for r in known:
+    ax.annotate(r["label"], (r[cost], r["accuracy"]), textcoords="offset points",
+                xytext=(5, 4), fontsize=8)
+  front = sorted((r[cost], r["accuracy"])
+                 for r, on in zip(known, pareto_front(known, cost)) if on)
+  if front:
+    ax.step(*zip(*front), where="post", color="tab:orange", marker="o", markersize=11,
+            markerfacecolor="none", label="Pareto front")
+  costs = [r[cost] for r in known]
+  if costs and min(costs) > 0 and max(costs) > 10 * min(costs):
+    ax.set_xscale("log")
+  ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+  if front:
+    ax.legend(fontsize=8)
+
+
+def energy_label(kinds: Sequence[str]) -> str:
+  """'µJ per inference, estimated' (or 'measured', or both): an energy axis's label."""
+  kinds = sorted(set(kinds))
+  return f"energy (µJ per inference, {' and '.join(kinds) or 'not measured'})"
+
+
 def plot_pareto(rows: Sequence[Mapping[str, Any]], recommend_config: Mapping[str, Any],
                 path: str) -> bool:
-  """Top-1 against latency, the Pareto front joined, the pick starred.
+  """Top-1 against latency and against energy per inference, of the TFLite variant
+  `recommend.latency` names; the Pareto fronts joined, the pick starred.
 
   Returns False (and draws nothing) when no row has a top-1.
   """
   latency = recommend_config["latency"]
-  key = f"{latency}_ms"
   known = [r for r in rows if r.get("accuracy") is not None]
   if not known:
     return False
-  fig = Figure(figsize=(6.5, 4.5), layout="constrained")
-  ax = fig.subplots()
-  ax.scatter([r[key] for r in known], [r["accuracy"] for r in known], color="tab:blue")
-  for r in known:
-    ax.annotate(r["label"], (r[key], r["accuracy"]), textcoords="offset points",
-                xytext=(5, 4), fontsize=8)
-  front = sorted((r[key], r["accuracy"]) for r in known if r.get("pareto"))
-  if front:
-    ax.step(*zip(*front), where="post", color="tab:orange", label="Pareto front")
+  what = latency.replace("tflite_", "TFLite ")
+  fig = Figure(figsize=(12, 4.5), layout="constrained")
+  by_latency, by_energy = fig.subplots(1, 2)
+  pareto_panel(by_latency, known, f"{latency}_ms", xlabel=f"{what} latency (ms, one "
+               "thread)", ylabel="top-1 (%)", title="Candidate teachers: top-1 against "
+               "latency")
+  kinds = [r[f"{latency}_energy"] for r in known if r.get(f"{latency}_energy")]
+  pareto_panel(by_energy, known, f"{latency}_uj", xlabel=f"{what} {energy_label(kinds)}",
+               ylabel="top-1 (%)", title="Candidate teachers: top-1 against energy")
   for r in known:
     if r.get("recommended"):
-      ax.scatter([r[key]], [r["accuracy"]], s=250, marker="*", color="tab:red",
-                 label="recommended", zorder=3)
+      for ax, key in ((by_latency, f"{latency}_ms"), (by_energy, f"{latency}_uj")):
+        ax.scatter([r[key]], [r["accuracy"]], s=250, marker="*", color="tab:red",
+                   label="recommended", zorder=3)
   if recommend_config["rule"] == "best_accuracy_under_latency":
-    ax.axvline(float(recommend_config["latency_budget_ms"]), color="gray", linestyle="--",
-               label="latency budget")
-  ax.set_xscale("log")
-  ax.set(xlabel=f"{latency.replace('tflite_', 'TFLite ')} latency (ms, one thread)",
-         ylabel="top-1 (%)", title="Candidate teachers: top-1 against latency")
-  ax.legend(fontsize=8)
+    by_latency.axvline(float(recommend_config["latency_budget_ms"]), color="gray",
+                       linestyle="--", label="latency budget")
+  for ax in (by_latency, by_energy):
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=8)
   fig.savefig(path, dpi=100)
   return True

@@ -6,7 +6,11 @@ once more over the eval split, and writes into the workdir:
 
   report.md              the phases and what is missing, the evaluation table (the
                          numbers of `metrics.jsonl`), the most confused class pairs and
-                         the TFLite export table
+                         the TFLite export table (energy labelled measured /
+                         estimated; the deployment check's pick, if any)
+  export_pareto.png      accuracy of every exported variant (export/export.json)
+                         against latency and against energy per inference, Pareto
+                         fronts marked
   training_curves.png    per phase: objective terms, accuracy, gradient norms, learning
                          rate and temperatures, as logged
   reliability.png        reliability diagrams (accuracy against confidence, 15 bins)
@@ -39,8 +43,9 @@ from kd_jax import files
 from kd_jax import data as data_lib
 from kd_jax import evaluate as eval_lib
 from kd_jax import export as export_lib
-from kd_jax import rundir
 from kd_jax import metric_writer
+from kd_jax import profile
+from kd_jax import rundir
 
 PHASES = (rundir.TEACHER, rundir.VANILLA, rundir.DISTILLED)
 LABELS = {rundir.TEACHER: "teacher", rundir.VANILLA: "vanilla student",
@@ -49,6 +54,7 @@ NUM_CONFUSED_PAIRS = 5
 EXAMPLES_PER_PAIR = 6
 NUM_ATTENTION_IMAGES = 4
 MAX_PCA_POINTS = 2000
+EXPORT_PARETO = "export_pareto.png"
 
 
 def write_report(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -75,7 +81,7 @@ def write_report(config: ml_collections.ConfigDict, workdir: str) -> str:
     lines.append("No training steps logged yet.")
   if outputs:
     lines += _model_output_sections(config, workdir, info, outputs, taps)
-  lines += ["", "## Export (TFLite)", ""] + _export_lines(summary)
+  lines += ["", "## Export (TFLite)", ""] + _export_lines(summary, workdir)
   text = "\n".join(lines) + "\n"
   files.write_atomic(os.path.join(workdir, "report.md"), text)
   print(text)
@@ -191,19 +197,37 @@ def _number(value: Any) -> str:
   return "—" if value is None else f"{value:.4f}"
 
 
-def _export_lines(summary) -> list[str]:
+def _energy(energy: Mapping[str, Any] | None) -> str:
+  """'12.8 estimated' (µJ): every energy figure says whether it was measured."""
+  return "—" if not energy else f"{energy['uj']:.3g} {energy['kind']}"
+
+
+def _export_lines(summary, workdir: str) -> list[str]:
   if summary is None:
     return ["Not exported yet: the run has not finished."]
   if not summary.get("tflite"):
     return ["Export is off for this run (`export.variants` is empty)."]
-  lines = ["| variant | bytes | accuracy | latency (ms, median) | max abs logit diff |",
-           "|---|---|---|---|---|"]
+  lines = ["| variant | bytes | accuracy | latency (ms, median) | energy (µJ per image) | "
+           "max abs logit diff |", "|---|---|---|---|---|---|"]
   for variant, r in summary["tflite"].items():
-    diff = r.get("max_abs_logit_diff")
+    diff, energy = r.get("max_abs_logit_diff"), r.get("energy")
     lines.append(f"| {variant} | {r['bytes']} | {_number(r.get('accuracy'))} | "
-                 f"{r['latency_ms']:.3f} | {'—' if diff is None else f'{diff:.2e}'} |")
-  lines += ["", f"Latency: one image, 1 thread, {export_lib.machines_line(summary['tflite'])}.",
-            "", f"Student fingerprint `{summary['student_fingerprint']}`; "
+                 f"{r['latency_ms']:.3f} | {_energy(energy)} | "
+                 f"{'—' if diff is None else f'{diff:.2e}'} |")
+  lines += ["", f"Latency: one image, 1 thread, {export_lib.machines_line(summary['tflite'])}."
+            " Energy: one image at 1 thread, `measured` (RAPL) or `estimated` (from the "
+            "graph, kd_jax/energy.py) as labelled."]
+  rows = _read_json(os.path.join(workdir, "export", "export.json")) or summary["tflite"]
+  if plot_export_pareto(rows, os.path.join(workdir, EXPORT_PARETO)):
+    lines += ["", f"Every exported variant ({len(rows)}, `export/export.md`), the Pareto "
+              "fronts joined:", "", f"![accuracy against latency and energy]({EXPORT_PARETO})"]
+  deployment = summary.get("deployment")
+  if deployment:
+    verdict = (f"pick **{deployment['pick']}**, {deployment['reason']}"
+               if deployment["pick"] else f"nothing fits: {deployment['reason']}")
+    lines += ["", f"Deployment check (`export/deploy.md`, target "
+              f"{deployment['target']['preset'] or 'custom'}): {verdict}."]
+  lines += ["", f"Student fingerprint `{summary['student_fingerprint']}`; "
             f"wall time {summary['wall_seconds']:.1f} s."]
   return lines
 
@@ -475,3 +499,33 @@ def plot_attention_maps(outputs, ids: np.ndarray, images: Mapping[int, np.ndarra
                 interpolation="bilinear", extent=(-0.5, width - 0.5, height - 0.5, -0.5))
       ax.set_title(f"{LABELS[phase]}\n{taps[phase]}", fontsize=8)
   fig.savefig(path, dpi=80)
+
+
+def plot_export_pareto(rows: Mapping[str, Mapping[str, Any]], path: str) -> bool:
+  """Accuracy of every exported variant against its latency (1 thread) and against its
+  energy per inference (labelled measured / estimated), each with its Pareto front
+  (`profile.pareto_panel`).
+
+  Returns False (and draws nothing) when no variant has an accuracy.
+  """
+  points = [dict(label=label, accuracy=r.get("accuracy"), latency_ms=r.get("latency_ms"),
+                 energy_uj=(r.get("energy") or {}).get("uj"))
+            for label, r in rows.items()]
+  if not any(p["accuracy"] is not None for p in points):
+    return False
+  kinds = [r["energy"]["kind"] for r in rows.values() if r.get("energy")]
+  if len(set(kinds)) > 1:  # measured and estimated side by side: each point says which
+    energy_points = [dict(p, label=f"{p['label']} ({r['energy']['kind']})")
+                     if r.get("energy") else p for p, r in zip(points, rows.values())]
+  else:
+    energy_points = points
+  fig = Figure(figsize=(12, 4.5), layout="constrained")
+  by_latency, by_energy = fig.subplots(1, 2)
+  profile.pareto_panel(by_latency, points, "latency_ms", xlabel="latency (ms, one "
+                       "image, one thread)", ylabel="accuracy",
+                       title="Exported variants: accuracy against latency")
+  profile.pareto_panel(by_energy, energy_points, "energy_uj",
+                       xlabel=profile.energy_label(kinds), ylabel="accuracy",
+                       title="Exported variants: accuracy against energy")
+  fig.savefig(path, dpi=80)
+  return True

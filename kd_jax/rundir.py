@@ -22,6 +22,7 @@ import numpy as np
 
 from kd_jax import checkpoint as ckpt_lib
 from kd_jax import data as data_lib
+from kd_jax import deploy
 from kd_jax import export as export_lib
 from kd_jax import files
 from kd_jax import models
@@ -225,6 +226,22 @@ def write_export_table(workdir, student, distilled, info, tflite, other_rows=Non
           **(other_rows or {})}
   if rows:
     export_lib.write_table(json.loads(json.dumps(rows, default=json_default)), out_dir)
+
+
+def check_deployment(config, workdir: str) -> tuple[dict[str, Any] | None, str]:
+  """The deployment check (`kd_jax.deploy`) of every row of `<workdir>/export/export.json`
+  against `export.target`: writes `export/deploy.{json,md}`; returns (the result, its
+  Markdown), or (None, '') when the target limits nothing or nothing was exported."""
+  out_dir = os.path.join(workdir, "export")
+  path = os.path.join(out_dir, "export.json")
+  if not os.path.exists(path):
+    return None, ""
+  with open(path) as f:
+    rows = json.load(f)
+  result = deploy.check(rows, config.export.target, export_lib.machines_line(rows))
+  if result is None:
+    return None, ""
+  return result, deploy.write(result, out_dir)
 
 
 def json_default(x):

@@ -64,7 +64,7 @@ def test_documented_command_is_well_formed(where, command):
   sub = words[1]
   assert sub in cli.COMMANDS, f"{where}: {command}"
   flags = {w[2:].split("=")[0] for w in words[2:] if w.startswith("--")}
-  allowed = _FLAGS.get(sub, _FLAGS["distill"] | {"robustness"})
+  allowed = _FLAGS.get(sub, _FLAGS["distill"] | {"robustness", "target"})
   assert {f for f in flags if not f.startswith("config.")} <= allowed, f"{where}: {command}"
   given = [w.split("=", 1)[1] for w in words if w.startswith("--config=")]
   if not given:

@@ -54,7 +54,10 @@ ROWS = [dict(label="a", accuracy=70.0, tflite_int8_ms=1.0),
 
 
 def test_pareto_front_and_recommendation_rules_by_hand():
-  assert profile.pareto_front(ROWS, "tflite_int8") == [True, True, False, True, False, True]
+  assert profile.pareto_front(ROWS, "tflite_int8_ms") == [True, True, False, True, False,
+                                                          True]
+  # A row without the cost neither competes nor lies on the front.
+  assert profile.pareto_front(ROWS, "tflite_int8_uj") == [False] * len(ROWS)
   rule = dict(rule="best_accuracy_under_latency", latency="tflite_int8",
               latency_budget_ms=5.0, min_accuracy=0.0)
   index, reason = profile.recommend(ROWS, rule)

@@ -76,7 +76,23 @@ def test_report_has_every_plot_and_the_numbers_of_metrics_jsonl(reported_run):
   for variant in ("fp32", "int8"):
     assert exported[variant]["bytes"] == str(tflite[variant]["bytes"])
     assert exported[variant]["accuracy"] == f"{tflite[variant]['accuracy']:.4f}"
+    energy = tflite[variant]["energy"]
+    assert exported[variant]["energy (µJ per image)"] == f"{energy['uj']:.3g} {energy['kind']}"
+  assert "![accuracy against latency and energy](export_pareto.png)" in text
+  assert os.path.getsize(os.path.join(workdir, report.EXPORT_PARETO)) > 0
   assert "Every phase finished." in text
+
+
+def test_export_pareto_plot_of_hand_built_rows(tmp_path):
+  energy = dict(uj=10.0, kind="estimated", basis="test")
+  rows = {"fp32": dict(accuracy=0.97, latency_ms=2.0, energy=dict(energy, uj=50.0)),
+          "int8": dict(accuracy=0.96, latency_ms=1.0, energy=energy),
+          "cascade": dict(accuracy=None, latency_ms=0.5, energy=energy)}
+  path = str(tmp_path / "pareto.png")
+  assert report.plot_export_pareto(rows, path) and os.path.getsize(path) > 0
+  # No variant with an accuracy: nothing to plot.
+  assert not report.plot_export_pareto({"cascade": rows["cascade"]}, str(tmp_path / "x.png"))
+  assert not os.path.exists(tmp_path / "x.png")
 
 
 def test_train_records_carry_the_monitors(reported_run):

@@ -17,6 +17,7 @@ import jax
 import ml_collections
 
 from kd_jax import data as data_lib
+from kd_jax import deploy
 from kd_jax import parallel
 from kd_jax import phase as phase_lib
 from kd_jax import pretrained
@@ -123,6 +124,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       distilled=distilled)
   if jax.process_index() == 0:
     rundir.write_export_table(workdir, student, distilled, info, summary["tflite"], edge_rows)
+    deployment, _ = rundir.check_deployment(config, workdir)
+    if deployment:
+      summary["deployment"] = deployment
+      log(f"deployment check: {deployment['pick'] or 'nothing fits'} "
+          f"(export/{deploy.DEPLOY_MD})")
   summary["wall_seconds"] = time.perf_counter() - t0
   writer.close()
   if jax.process_index() == 0:
