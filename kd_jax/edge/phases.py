@@ -132,6 +132,7 @@ def run(config, workdir: str, *, mesh, info, writer, teacher, teacher_variables,
                     teacher_variables=teacher_variables)
   summary, rows = {}, {}
   deployed, deployed_variables = models.export_form(student, distilled.variables)
+  deployed_variables = jax.device_get(deployed_variables)  # on the host, as a phase's
   student_macs = cost.macs(deployed, deployed_variables, shape)
 
   if QAT in phases:
