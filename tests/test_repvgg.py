@@ -1,4 +1,5 @@
-"""RepVGG-A0: parameter counts, the fused form's equivalence, its TFLite export, QAT."""
+"""RepVGG-A0: parameter counts, the fused form's equivalence, its TFLite export, QAT on
+the fused form, and channel pruning's refusal."""
 import functools
 
 import chex
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from kd_jax import export, models
-from kd_jax.edge import cost, quantize
+from kd_jax.edge import cost, prune, quantize
 from kd_jax.models import repvgg
 from test_mobile_students import SHAPE, _random_variables
 
@@ -113,3 +114,10 @@ def test_qat_applies_to_the_fused_form():
       qat.apply, train=True, mutable=["batch_stats"]))(variables, images)
   chex.assert_shape(logits, (2, 10))
   chex.assert_tree_all_finite(updates)
+
+
+def test_channel_pruning_refuses_repvgg():
+  model = models.create("repvgg_a0_cifar", 10, cpu_ops=False)
+  with pytest.raises(ValueError, match=r"^channel pruning supports ResNets of BasicBlocks "
+                     r"and WideResNets .*; got RepVGG, choose one of those models$"):
+    prune.channel_importance(model, {"params": {}})
