@@ -30,8 +30,8 @@ kernel, so the block is one 3x3 convolution with bias,
   ``y = relu(K * x + c)``,  ``K = W_3' + pad(W_1') + I'``,  ``c = b_3' + b_1' + b_0'``,
 
 which is what `reparameterize` computes from a trained model's variables. The deploy
-form has the parameter count of the paper's Table (8.31M at 1000 classes) and exports
-as a VGG: one CONV_2D with fused ReLU per block.
+form has 8,309,384 parameters at 1000 classes (the paper's Table: 8.30M; the training
+form 9,108,968) and exports as a VGG: one CONV_2D with fused ReLU per block.
 
 **CIFAR variant** (``cifar_stem=True``, ``repvgg_a0_cifar``). mdistiller's model zoo
 has no RepVGG, so the rule is the one of the zoo's other ImageNet students
@@ -157,7 +157,7 @@ def reparameterize(model: RepVGG, variables: Any) -> Tuple[RepVGG, Any]:
 
   Each block's three branches are fused into one 3x3 convolution with bias (module
   docstring); the classifier is kept. The result computes the same inference logits
-  and taps up to float rounding (the tests measure about 1e-6 of the largest logit),
+  and taps up to float rounding (the tests measure under 1e-6 of the largest logit),
   for any number of classes and either stem. A deploy-form model is returned as it is.
 
   Args:
