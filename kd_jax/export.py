@@ -110,8 +110,10 @@ def _example_shape(input_shape, batch_size):
 
 
 def logits_function(model, variables):
-  """Inference logits of `model`, traced with the ``lax`` ops (`models.portable`):
-  TFLite gets DEPTHWISE_CONV_2D and MAX_POOL_2D."""
+  """Inference logits of `model` in its export form (`models.export_form`: a RepVGG's
+  fused 3x3 convs), traced with the ``lax`` ops (`models.portable`): TFLite gets
+  DEPTHWISE_CONV_2D and MAX_POOL_2D."""
+  model, variables = zoo_layers.export_form(model, variables)
   model = zoo_layers.portable(model)
   return lambda images: model.apply(variables, images, train=False)[0]
 

@@ -217,8 +217,10 @@ def write_export_table(workdir, student, distilled, info, tflite, other_rows=Non
     with open(path) as f:
       rows = json.load(f)
   shape = tuple(info.image_shape)
-  macs = cost.macs(student.clone(dtype=jnp.float32), distilled.variables, shape)
-  params = cost.count_params(distilled.variables)
+  # The exported model's figures: a re-parameterisable student's fused form.
+  deployed, deployed_variables = models.export_form(student, distilled.variables)
+  macs = cost.macs(deployed.clone(dtype=jnp.float32), deployed_variables, shape)
+  params = cost.count_params(deployed_variables)
   student_rows = {f"student {variant}": dict(
       row, jax_accuracy=distilled.metrics["accuracy"], macs=macs, params=params)
       for variant, row in tflite.items()}

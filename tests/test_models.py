@@ -12,7 +12,8 @@ from kd_jax import models
 
 IMAGENET = ("resnet18", "resnet34", "resnet50", "mobilenetv3_small",
             "mobilenetv3_small_cifar", "mobilenetv3_large", "mobilenetv3_large_cifar",
-            "efficientnet_lite0", "efficientnet_lite0_cifar")
+            "efficientnet_lite0", "efficientnet_lite0_cifar", "repvgg_a0",
+            "repvgg_a0_cifar")
 
 # sum(p.numel() for p in model.parameters()) of the PyTorch reference definitions
 # (RepDistiller's models/ for CIFAR with num_classes=100, torchvision and timm for
@@ -93,6 +94,10 @@ REFERENCE_PARAMETER_COUNTS = {
     #   = 412_160; classifier 1280x1000 + 1000 = 1_281_000
     "efficientnet_lite0": 4_652_008,
     "efficientnet_lite0_cifar": 4_652_008,
+    # RepVGG-A0's training form (timm's repvgg_a0: 9.11M); derivation, the CIFAR form's
+    # extra identity BatchNorm and the deploy form's counts in tests/test_repvgg.py.
+    "repvgg_a0": 9_108_968,
+    "repvgg_a0_cifar": 9_109_064,
 }
 
 

@@ -11,6 +11,10 @@ Each phase starts from the distilled student and keeps the teacher as its guide:
            exported as chained TFLite segments (each stage computed once) and
            measured at the deployed threshold against the full model.
 
+A student with an export form (`kd_jax.models.export_form`: RepVGG's fused 3x3 convs)
+takes part in QAT and exits in that form, the graph it is deployed as: QAT then rounds
+the fused kernels the int8 model holds, not each branch's.
+
 QAT and pruned train in their own workdir folders (`qat/`, `pruned/`) with the same
 checkpointing and exact resume as the other phases; exits save their heads in `exits/`.
 Every exported model is measured in the LiteRT interpreter and added to
@@ -19,6 +23,7 @@ Every exported model is measured in the LiteRT interpreter and added to
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from typing import Any, Mapping
 
@@ -32,6 +37,7 @@ from kd_jax import data as data_lib
 from kd_jax import evaluate as eval_lib
 from kd_jax import phase as phase_lib
 from kd_jax import export as export_lib
+from kd_jax import models
 from kd_jax import parallel
 from kd_jax.edge import cost
 from kd_jax.edge import early_exit
@@ -125,22 +131,24 @@ def run(config, workdir: str, *, mesh, info, writer, teacher, teacher_variables,
   phase_args = dict(workdir=workdir, mesh=mesh, info=info, writer=writer, teacher=teacher,
                     teacher_variables=teacher_variables)
   summary, rows = {}, {}
-  student_macs = cost.macs(student, distilled.variables, shape)
+  deployed, deployed_variables = models.export_form(student, distilled.variables)
+  deployed_variables = jax.device_get(deployed_variables)  # on the host, as a phase's
+  student_macs = cost.macs(deployed, deployed_variables, shape)
 
   if QAT in phases:
     qcfg = edge.qat
     bits, momentum = qcfg.bits, qcfg.range_momentum
-    qat_model = quantize.quant_aware(student, bits, momentum)
+    qat_model = quantize.quant_aware(deployed, bits, momentum)
     result = phase_lib.train_phase(
         config, phase=QAT, model=qat_model,
         train_config=phase_lib.student_recipe(config, qcfg.train),
         distill_config=config.distill,
-        init_variables=quantize.with_ranges(qat_model, distilled.variables, shape),
+        init_variables=quantize.with_ranges(qat_model, deployed_variables, shape),
         model_meta={"quantization": f"int{bits} fake-quant (QAT)"}, **phase_args)
     summary[QAT] = {"accuracy": result.metrics["accuracy"], "metrics": result.metrics}
     if write:
       weights = quantize.materialize(result.variables, bits)
-      float_student = student.clone(dtype=jnp.float32)
+      float_student = deployed.clone(dtype=jnp.float32)
       qat_float = quantize.quant_aware(float_student, bits, momentum)
       # The int8 model is quantised over the ranges learned in training (found in the
       # calibrated graph by value on a few images), not over calibrated ones.
@@ -190,7 +198,8 @@ def run(config, workdir: str, *, mesh, info, writer, teacher, teacher_variables,
   if EXITS in phases:
     summary[EXITS], exit_rows = _exits(config, workdir, mesh=mesh, info=info,
                                        teacher=teacher, teacher_variables=teacher_variables,
-                                       student=student, distilled=distilled,
+                                       student=deployed, distilled=dataclasses.replace(
+                                           distilled, variables=deployed_variables),
                                        parity=parity, runs=runs, eval_fn=eval_fn,
                                        host_eval_fn=host_eval_fn, write=write)
     rows.update(exit_rows)

@@ -4,8 +4,9 @@ Flax linen reproductions of the PyTorch definitions of RepDistiller (Tian, Krish
 Isola, "Contrastive Representation Distillation", ICLR 2020) for CIFAR, plus
 torchvision's ImageNet ResNets: same widths, depths, biases and BatchNorm placement,
 hence the same parameter counts. Mobile students: torchvision's MobileNetV3-Small and
--Large and timm's EfficientNet-Lite0, each also with a stride-1 stem for 32x32 inputs
-(``*_cifar``, same parameters).
+-Large, timm's EfficientNet-Lite0 and RepVGG-A0 (trained with branches, exported
+re-parameterised as a plain 3x3-conv stack: `export_form`), each also with a stride-1
+stem for 32x32 inputs (``*_cifar``, same parameters).
 
 Example::
 
@@ -30,16 +31,18 @@ import jax
 
 from kd_jax.models import external
 from kd_jax.models.efficientnet_lite import EfficientNetLite0
-from kd_jax.models.layers import Classifier, portable
+from kd_jax.models.layers import Classifier, export_form, portable
 from kd_jax.models.mobilenetv2 import MobileNetV2
 from kd_jax.models.mobilenetv3 import MobileNetV3
+from kd_jax.models.repvgg import RepVGG, reparameterize
 from kd_jax.models.resnet import BasicBlock, Bottleneck, ResNet
 from kd_jax.models.shufflenet import ShuffleNetV1, ShuffleNetV2
 from kd_jax.models.vgg import CONFIGS as VGG_CONFIGS, VGG
 from kd_jax.models.wrn import WideResNet
 from kd_jax.registry import Registry
 
-__all__ = ["Classifier", "available", "check_name", "create", "is_external", "portable"]
+__all__ = ["Classifier", "available", "check_name", "create", "export_form", "is_external",
+           "portable", "reparameterize"]
 
 
 def _cifar_resnet(depth: int, stem_width: int, stage_widths) -> Callable[..., nn.Module]:
@@ -76,6 +79,8 @@ for _name, _factory in {
        for v in ("small", "large") for suffix in ("", "_cifar")},
     **{f"efficientnet_lite0{suffix}": functools.partial(EfficientNetLite0,
                                                         cifar_stem=bool(suffix))
+       for suffix in ("", "_cifar")},
+    **{f"repvgg_a0{suffix}": functools.partial(RepVGG, cifar_stem=bool(suffix))
        for suffix in ("", "_cifar")},
 }.items():
   _REGISTRY.register(_name, _factory)

@@ -114,6 +114,15 @@ def portable(model: nn.Module) -> nn.Module:
   return model
 
 
+def export_form(model: nn.Module, variables: Any) -> tuple[nn.Module, Any]:
+  """The ``(model, variables)`` a deployment runs: ``model.export_form(variables)``
+  where the model defines it (a re-parameterisable student's fused form, e.g.
+  `kd_jax.models.repvgg.reparameterize`), else the pair as it is. Both compute the
+  same inference logits and taps."""
+  hook = getattr(model, "export_form", None)
+  return hook(variables) if hook is not None else (model, variables)
+
+
 class QuantPoint(nn.Module):
   """Identity that marks a tensor the full-int8 TFLite graph stores in int8.
 
