@@ -552,7 +552,7 @@ def test_models_without_reference_and_other_files_fail_clearly(tmp_path):
   with pytest.raises(ValueError, match="holds no state dict: a dict with keys"):
     pretrained.read_state_dict(str(tmp_path / "no_weights.pth"))
   mobile = {name for name in models.available() if name.startswith(("mobilenetv3",
-                                                                     "efficientnet"))}
+                                                                     "efficientnet", "deit"))}
   assert set(pretrained.importable()) == set(models.available()) - mobile
   with pytest.raises(ValueError, match="has no PyTorch reference to load weights from"):
     pretrained.family("mobilenetv3_small")

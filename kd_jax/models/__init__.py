@@ -5,7 +5,9 @@ Isola, "Contrastive Representation Distillation", ICLR 2020) for CIFAR, plus
 torchvision's ImageNet ResNets: same widths, depths, biases and BatchNorm placement,
 hence the same parameter counts. Mobile students: torchvision's MobileNetV3-Small and
 -Large and timm's EfficientNet-Lite0, each also with a stride-1 stem for 32x32 inputs
-(``*_cifar``, same parameters).
+(``*_cifar``, same parameters), and DeiT-Tiny, a vision transformer with a
+distillation token (timm's ``deit_tiny_distilled_patch16_224``; ``deit_tiny_cifar``
+with 4x4 patches for 32x32 inputs).
 
 Example::
 
@@ -36,6 +38,7 @@ from kd_jax.models.mobilenetv3 import MobileNetV3
 from kd_jax.models.resnet import BasicBlock, Bottleneck, ResNet
 from kd_jax.models.shufflenet import ShuffleNetV1, ShuffleNetV2
 from kd_jax.models.vgg import CONFIGS as VGG_CONFIGS, VGG
+from kd_jax.models.vit import DeiT
 from kd_jax.models.wrn import WideResNet
 from kd_jax.registry import Registry
 
@@ -77,6 +80,8 @@ for _name, _factory in {
     **{f"efficientnet_lite0{suffix}": functools.partial(EfficientNetLite0,
                                                         cifar_stem=bool(suffix))
        for suffix in ("", "_cifar")},
+    "deit_tiny": DeiT,
+    "deit_tiny_cifar": functools.partial(DeiT, patch_size=4),
 }.items():
   _REGISTRY.register(_name, _factory)
 
