@@ -44,6 +44,7 @@ from kd_jax.models.layers import Classifier, quant_point, torch_default_init
 # normal truncated at two standard deviations, std 0.02, and the biases at zero.
 trunc_normal = nn.initializers.truncated_normal(0.02)
 LN_EPSILON = 1e-6
+DISTILL_LOGITS = "distill_logits"  # the tap holding the distillation head's logits
 
 
 def drop_path(x: jax.Array, rate: float, module: nn.Module, train: bool) -> jax.Array:
@@ -158,9 +159,9 @@ class DeiT(Classifier):
     taps["embedding"] = quant_point(x[:, 0], "embedding")
     taps["distill_embedding"] = quant_point(x[:, 1], "distill_embedding")
     logits = self.head(taps["embedding"], kernel_init=trunc_normal)
-    taps["distill_logits"] = nn.Dense(
+    taps[DISTILL_LOGITS] = nn.Dense(
         self.num_classes, dtype=self.dtype, kernel_init=trunc_normal,
         name="distill_classifier")(taps["distill_embedding"]).astype(jnp.float32)
     if train:
       return logits, taps
-    return (logits + taps["distill_logits"]) / 2, taps
+    return (logits + taps[DISTILL_LOGITS]) / 2, taps
