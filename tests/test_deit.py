@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kd_jax import configs, experiment, export, losses, models
+from kd_jax import checkpoint, configs, experiment, export, losses, models
 from kd_jax import objective as objective_lib
 from kd_jax import train
 from tests.test_mobile_students import _random_variables
@@ -164,13 +164,22 @@ class _Interrupt(Exception):
 
 
 def test_tiny_deit_distils_and_resumes(tmp_path, monkeypatch):
+  # An untrained resnet8 teacher, saved as a finished teacher phase: its decisions are
+  # arbitrary but fixed, all the hard variant needs here.
+  teacher = models.create("resnet8", 10)
+  checkpoint.save_variables(
+      str(tmp_path / "teacher_run" / "teacher"),
+      jax.jit(functools.partial(teacher.init, train=False))(jax.random.key(0),
+                                                             jnp.zeros((1, 8, 8, 1))),
+      {"model": "resnet8", "num_classes": 10})
   config = configs.experiment_config("digits", "tiny")
-  config.teacher.train.epochs = 0.1  # 4 steps: the teacher only needs logits
+  config.teacher.checkpoint = str(tmp_path / "teacher_run")
   config.student.name = "deit_tiny_cifar"
   config.student.kwargs = TINY
+  config.student.validation_split = None  # no validation passes: shorter
+  config.data.validation_fraction = 0.0
   config.train.update(epochs=1, checkpoint_every_steps=4, optimizer="adamw",
                       learning_rate=1e-3, weight_decay=0.05)
-  config.validation.every_steps = 4
   config.train_vanilla = False
   config.export.variants = ()
   config.distill.ce_weight = 0.5
@@ -192,13 +201,14 @@ def test_tiny_deit_distils_and_resumes(tmp_path, monkeypatch):
     return make
 
   monkeypatch.setattr(train, "make_train_step", counted(6))
+  workdir = tmp_path / "run"
   with pytest.raises(_Interrupt):
-    experiment.distill(config, str(tmp_path))
-  assert os.listdir(tmp_path / "distilled" / "checkpoints") == ["4"]
+    experiment.distill(config, str(workdir))
+  assert os.listdir(workdir / "distilled" / "checkpoints") == ["4"]
   steps.clear()
   monkeypatch.setattr(train, "make_train_step", counted(0))
-  summary = experiment.distill(config, str(tmp_path))
-  with open(tmp_path / "metrics.jsonl") as f:
+  summary = experiment.distill(config, str(workdir))
+  with open(workdir / "metrics.jsonl") as f:
     records = [json.loads(line) for line in f]
   trained = [r for r in records if r["phase"] == "distilled" and r["kind"] == "train"]
   total = max(r["step"] for r in trained)
