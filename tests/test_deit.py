@@ -216,3 +216,32 @@ def test_tiny_deit_distils_and_resumes(tmp_path, monkeypatch):
   assert trained and all(math.isfinite(r["deit"]) and math.isfinite(r["ce"])
                          for r in trained)
   assert 0.0 <= summary["distilled_accuracy"] <= 1.0
+
+
+# --- edge features ----------------------------------------------------------------------
+
+
+def test_edge_features_on_a_vision_transformer():
+  from kd_jax.edge import early_exit, prune, quantize
+  model = models.create("deit_tiny_cifar", 10, **TINY)
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
+  variables = model.init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match=r"^channel pruning supports ResNets of BasicBlocks "
+                     r"and WideResNets .*got DeiT, choose one of those models$"):
+    prune.prune(model, variables, (8, 8, 1), flops_ratio=0.5)
+  heads = early_exit.ExitHeads(10, ("block_1",))
+  with pytest.raises(ValueError, match=r"^the student has no NHWC feature-map taps for "
+                     r"exit heads .*; set edge.exits.enabled=False"):
+    early_exit.init_exit_heads(heads, model, variables, (8, 8, 1))
+  # QAT: dense outputs and the marked tensors (LayerNorm outputs, attention weights,
+  # GELU outputs, residual sums) get ranges; one training batch sets them.
+  qat = quantize.quant_aware(model)
+  qat_variables = qat.init(jax.random.key(0), x)
+  ranges = [path for path, _ in jax.tree_util.tree_leaves_with_path(
+      qat_variables["batch_stats"]) if path[-1].key.endswith("_range")]
+  assert any("weights" in str(p) for p in ranges) and any("gelu" in str(p) for p in ranges)
+  (logits, _), stats = qat.apply(qat_variables, x, train=True, mutable=["batch_stats"])
+  chex.assert_tree_all_finite((logits, stats))
+  rounded, _ = qat.apply({**qat_variables, **stats}, x, train=False)
+  plain, _ = model.apply(variables, x, train=False)
+  assert 0 < np.abs(rounded - plain).max() < 0.5 * np.abs(plain).max() + 0.1
