@@ -12,7 +12,8 @@ from kd_jax import models
 
 IMAGENET = ("resnet18", "resnet34", "resnet50", "mobilenetv3_small",
             "mobilenetv3_small_cifar", "mobilenetv3_large", "mobilenetv3_large_cifar",
-            "efficientnet_lite0", "efficientnet_lite0_cifar", "deit_tiny", "deit_tiny_cifar")
+            "efficientnet_lite0", "efficientnet_lite0_cifar", "deit_tiny",
+            "deit_tiny_cifar")
 NO_BATCHNORM = ("deit_tiny", "deit_tiny_cifar")
 
 # sum(p.numel() for p in model.parameters()) of the PyTorch reference definitions
@@ -136,7 +137,8 @@ def test_parameter_count_matches_reference(name):
   model = models.create(name, _num_classes(name))
   size = 224 if name in IMAGENET and not name.endswith("_cifar") else 32
   variables = _abstract_variables(model, (1, size, size, 3))
-  assert set(variables) == ({"params"} if name in NO_BATCHNORM else {"params", "batch_stats"})
+  collections = {"params"} if name in NO_BATCHNORM else {"params", "batch_stats"}
+  assert set(variables) == collections
   count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(variables["params"]))
   assert count == REFERENCE_PARAMETER_COUNTS[name]
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables))
