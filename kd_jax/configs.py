@@ -338,10 +338,11 @@ def _check_taps(config, obj) -> None:
   info = data.get_info(config.data)
   x = jnp.zeros((2, *info.image_shape))
 
-  def taps(name):
-    model = models.create(name, info.num_classes)
+  def taps(which):
+    model = models.create(config[which].name, info.num_classes,
+                          **dict(config[which].kwargs))
     return jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), x)[0][1])
-  objective.resolve(obj, taps(config.student.name), taps(config.teacher.name),
+  objective.resolve(obj, taps("student"), taps("teacher"),
                     config.student.name, config.teacher.name)
 
 

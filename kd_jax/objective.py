@@ -44,15 +44,20 @@ import optax
 
 from kd_jax import losses
 from kd_jax import models
+from kd_jax.models.vit import DISTILL_LOGITS
 from kd_jax.registry import Registry, section
 
 # What a method compares: the two logits vectors, a pair of taps (feature maps), a
 # pair of taps that defaults to the penultimate embeddings, several taps at once
 # (student_tap / teacher_tap are then sequences of names, the loss gets tuples), or a
-# pair of embeddings and the two logits (`fn(s_emb, t_emb, s_logits, t_logits)`).
+# pair of embeddings and the two logits (`fn(s_emb, t_emb, s_logits, t_logits)`), or
+# the logits of the student's distillation head (its tap `distill_logits`, DeiT's) and
+# the teacher's logits.
 LOGITS, FEATURES, EMBEDDING, MULTI = "logits", "features", "embedding", "multi"
 EMBEDDING_LOGITS = "embedding+logits"
-INPUTS = (LOGITS, FEATURES, EMBEDDING, MULTI, EMBEDDING_LOGITS)
+DISTILL_HEAD = "distill_head"
+INPUTS = (LOGITS, FEATURES, EMBEDDING, MULTI, EMBEDDING_LOGITS, DISTILL_HEAD)
+TEACHER_LOGITS_ONLY = (LOGITS, DISTILL_HEAD)  # the kinds that read no teacher tap
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +178,9 @@ register("nkd", losses.nkd, LOGITS, needs_labels=True)
 register("wkd", wkd, LOGITS, needs_labels=True,
          from_teacher={"classifier_kernel": _teacher_classifier})
 register("mlkd", losses.mlkd, LOGITS)
+# DeiT: the student's distillation head learns the teacher's decision (or its tempered
+# distribution); the class head keeps the cross-entropy (distill.ce_weight).
+register("deit", losses.deit, DISTILL_HEAD, per_example=losses.deit_per_example)
 register("ctkd", losses.CTKD, LOGITS)
 register("fsp", losses.fsp, MULTI)
 register("activation_boundary", losses.activation_boundary, MULTI)
@@ -396,6 +404,8 @@ class Term(nn.Module):
                         view_of(s_taps, self.student_view))
     if self.method.inputs == LOGITS:
       s, t = s_logits, t_logits
+    elif self.method.inputs == DISTILL_HEAD:
+      s, t = s_taps[DISTILL_LOGITS], t_logits
     elif self.method.inputs == MULTI:
       s = tuple(s_taps[n] for n in self.student_tap)
       t = tuple(t_taps[n] for n in self.teacher_tap)
@@ -547,7 +557,7 @@ def build(distill_config: Mapping[str, Any], *, total_steps: int,
       if len(student_tap) != len(teacher_tap):
         raise ValueError(f"{where}: {method_name} pairs taps one to one; student_tap "
                          f"has {len(student_tap)} names, teacher_tap {len(teacher_tap)}")
-    name = spec["name"] or (method_name if method.inputs in (LOGITS, MULTI)
+    name = spec["name"] or (method_name if method.inputs in (*TEACHER_LOGITS_ONLY, MULTI)
                             else f"{method_name}/{student_tap}")
     if name in names:
       raise ValueError(f"{where}: a second term named {name!r}; give it name='...'")
@@ -566,7 +576,7 @@ def build(distill_config: Mapping[str, Any], *, total_steps: int,
         steps_per_epoch=steps_per_epoch, warmup_epochs=spec["warmup_epochs"],
         decay_epochs=tuple(spec["decay_epochs"]))
     adapter = spec["adapter"]
-    if adapter and (adapter not in ADAPTERS or method.inputs == LOGITS):
+    if adapter and (adapter not in ADAPTERS or method.inputs in TEACHER_LOGITS_ONLY):
       raise ValueError(f"{where}: adapter={adapter!r} is not available here; use "
                        f"{' or '.join(ADAPTERS)} on a feature or embedding term")
     temperature = None
@@ -597,8 +607,8 @@ def build(distill_config: Mapping[str, Any], *, total_steps: int,
     student_view = spec["student_view"] or distill["student_view"]
     teacher_view = spec["teacher_view"] or distill["teacher_view"] or student_view
     terms.append(Term(name, method, weight,
-                      None if method.inputs == LOGITS else student_tap,
-                      None if method.inputs == LOGITS else teacher_tap, hyper,
+                      None if method.inputs in TEACHER_LOGITS_ONLY else student_tap,
+                      None if method.inputs in TEACHER_LOGITS_ONLY else teacher_tap, hyper,
                       adapter=adapter, num_train=num_train, temperature=temperature,
                       student_view=student_view, teacher_view=teacher_view,
                       steps_per_epoch=max(1, steps_per_epoch),
@@ -646,7 +656,11 @@ def resolve(objective: Objective, student_taps: Mapping[str, Any],
       term = term.clone(hyper={**term.hyper, **{
           name: np.asarray(fn(teacher_params))
           for name, fn in term.method.from_teacher.items()}})
-    if term.method.inputs == LOGITS:
+    if term.method.inputs == DISTILL_HEAD and DISTILL_LOGITS not in student_taps:
+      raise ValueError(f"term {term.name_}: student.name={student_name} has no "
+                       f"distillation head (tap {DISTILL_LOGITS!r}); set student.name to "
+                       "deit_tiny or deit_tiny_cifar, or use method='kd'")
+    if term.method.inputs in TEACHER_LOGITS_ONLY:
       resolved.append(term)
       continue
     checks = ((term.student_tap, student_taps, student_name),

@@ -56,7 +56,7 @@ def check_cacheable(data_config: ml_collections.ConfigDict,
         f"but the objective shows it views {list(objective.teacher_views)}; set "
         "--config.distill.cache_teacher_logits=False")
   for term in objective.terms:
-    if term.method.inputs != objective_lib.LOGITS:
+    if term.method.inputs not in objective_lib.TEACHER_LOGITS_ONLY:
       raise ValueError(
           f"distill.cache_teacher_logits stores logits only, but term {term.name_!r} "
           "compares the teacher's features; set --config.distill.cache_teacher_logits=False")

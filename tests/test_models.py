@@ -13,7 +13,8 @@ from kd_jax import models
 IMAGENET = ("resnet18", "resnet34", "resnet50", "mobilenetv3_small",
             "mobilenetv3_small_cifar", "mobilenetv3_large", "mobilenetv3_large_cifar",
             "efficientnet_lite0", "efficientnet_lite0_cifar", "repvgg_a0",
-            "repvgg_a0_cifar")
+            "repvgg_a0_cifar", "deit_tiny", "deit_tiny_cifar")
+NO_BATCHNORM = ("deit_tiny", "deit_tiny_cifar")
 
 # sum(p.numel() for p in model.parameters()) of the PyTorch reference definitions
 # (RepDistiller's models/ for CIFAR with num_classes=100, torchvision and timm for
@@ -98,6 +99,20 @@ REFERENCE_PARAMETER_COUNTS = {
     # extra identity BatchNorm and the deploy form's counts in tests/test_repvgg.py.
     "repvgg_a0": 9_108_968,
     "repvgg_a0_cifar": 9_109_064,
+    # timm's deit_tiny_distilled_patch16_224 (sum of its parameters' numel: 5,910,800);
+    # D = 192, 12 blocks, MLP 768, 14x14 = 196 patches; LayerNorm = 2D.
+    #   patch embed  16x16x3x192 + 192                                    =   147_648
+    #   tokens       class 192 + distillation 192 + position (196 + 2)x192 =    38_400
+    #   one block    LN 384 + qkv 192x576 + 576 + proj 192x192 + 192
+    #                + LN 384 + fc1 192x768 + 768 + fc2 768x192 + 192     =   444_864
+    #   12 blocks                                                         = 5_338_368
+    #   final LN 384; two heads 2 x (192x1000 + 1000) = 386_000           =   386_384
+    #   total                                                             = 5_910_800
+    "deit_tiny": 5_910_800,
+    # No reference CIFAR definition: 4x4 patches at 32x32 (64 patches) change the patch
+    # embedding to 4x4x3x192 + 192 = 9_408 and the position embedding to 66x192 =
+    # 12_672: 5_910_800 - 147_648 - 38_016 + 9_408 + 12_672.
+    "deit_tiny_cifar": 5_747_216,
 }
 
 
@@ -124,9 +139,10 @@ def test_available_lists_the_design_zoo():
 @pytest.mark.parametrize("name", list(REFERENCE_PARAMETER_COUNTS))
 def test_parameter_count_matches_reference(name):
   model = models.create(name, _num_classes(name))
-  size = 224 if name in IMAGENET else 32
+  size = 224 if name in IMAGENET and not name.endswith("_cifar") else 32
   variables = _abstract_variables(model, (1, size, size, 3))
-  assert set(variables) == {"params", "batch_stats"}
+  collections = {"params"} if name in NO_BATCHNORM else {"params", "batch_stats"}
+  assert set(variables) == collections
   count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(variables["params"]))
   assert count == REFERENCE_PARAMETER_COUNTS[name]
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables))

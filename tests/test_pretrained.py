@@ -553,7 +553,7 @@ def test_models_without_reference_and_other_files_fail_clearly(tmp_path):
     pretrained.read_state_dict(str(tmp_path / "no_weights.pth"))
   mobile = {name for name in models.available() if name.startswith(("mobilenetv3",
                                                                      "efficientnet",
-                                                                     "repvgg"))}
+                                                                     "repvgg", "deit"))}
   assert set(pretrained.importable()) == set(models.available()) - mobile
   with pytest.raises(ValueError, match="has no PyTorch reference to load weights from"):
     pretrained.family("mobilenetv3_small")

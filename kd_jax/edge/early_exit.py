@@ -126,6 +126,10 @@ def _tap_shapes(student: nn.Module, student_variables: Any,
 def _check_exit_taps(heads: ExitHeads, tap_shapes: Mapping[str, tuple[int, ...]]) -> None:
   """One-line ValueError unless the exits are distinct NHWC taps in stage order."""
   maps = [name for name, shape in tap_shapes.items() if len(shape) == 4]
+  if not maps:
+    raise ValueError("the student has no NHWC feature-map taps for exit heads (a vision "
+                     "transformer's block_k taps are token sequences [B, N, D]); set "
+                     "edge.exits.enabled=False or distil a convolutional student")
   unknown = [tap for tap in heads.taps if tap not in maps]
   if not heads.taps or unknown:
     raise ValueError(f"exit taps {list(heads.taps)} must be feature-map taps of the "

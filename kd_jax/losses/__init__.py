@@ -26,6 +26,8 @@ from kd_jax.losses._learned import contrast_loss
 from kd_jax.losses._learned import hierarchical_context_loss
 from kd_jax.losses._logit import cross_entropy
 from kd_jax.losses._logit import cross_entropy_per_example
+from kd_jax.losses._logit import deit
+from kd_jax.losses._logit import deit_per_example
 from kd_jax.losses._logit import dkd
 from kd_jax.losses._logit import dkd_per_example
 from kd_jax.losses._logit import kd
@@ -81,6 +83,8 @@ __all__ = [
     "correlation_congruence",
     "cross_entropy",
     "cross_entropy_per_example",
+    "deit",
+    "deit_per_example",
     "dist",
     "dist_feature_relations",
     "dist_plus",

@@ -1,6 +1,8 @@
-"""Losses on logits: cross-entropy, Hinton KD, logit-standardised KD and DKD.
+"""Losses on logits: cross-entropy, Hinton KD, DeiT's distillation-token loss,
+logit-standardised KD and DKD.
 
-Reductions follow RepDistiller (`DistillKL`) and mdistiller (`dkd_loss`), so the
+Reductions follow RepDistiller (`DistillKL`), mdistiller (`dkd_loss`) and DeiT's
+official code (`DistillationLoss`), so the
 published loss weights and temperatures carry over unchanged. Each loss has a
 `*_per_example` form returning the `[B]` values whose batch mean it is, for callers
 that weigh examples (self-paced learning).
@@ -92,6 +94,51 @@ def kd_per_example(student_logits: jax.typing.ArrayLike,
                    temperature: float = 4.0) -> jax.Array:
   """`[B]` values `T^2 KL(p_t,b || p_s,b)`; `kd` is their mean."""
   return _tempered_kl(student_logits, teacher_logits, temperature) * temperature**2
+
+
+def deit(student_logits: jax.typing.ArrayLike,
+         teacher_logits: jax.typing.ArrayLike,
+         hard: bool = True,
+         temperature: float = 3.0) -> jax.Array:
+  """DeiT's distillation-token loss, on the student's distillation head `z_d`.
+
+  Hard (`hard=True`): cross-entropy with the teacher's decision,
+
+    L = -1/B sum_b log softmax(z_d,b)_{argmax_c z_t,bc};
+
+  soft: the tempered KL of Hinton KD, reduced as the official code reduces it (the
+  summed KL divided by the number of logits `B K`, not by `B`),
+
+    L = T^2 / (B K) sum_b KL(softmax(z_t,b / T) || softmax(z_d,b / T)),
+
+  i.e. `kd(z_d, z_t, T) / K`; the paper's soft setting is `T = 3` with weight 0.1
+  against 0.9 on the class head's cross-entropy, its hard setting weights 1/2 each.
+
+  Args:
+    student_logits: `[B, K]` logits of the student's distillation head.
+    teacher_logits: `[B, K]` teacher logits (no gradient flows into them).
+    hard: the hard-label variant (the paper's choice) instead of the soft one.
+    temperature: softmax temperature `T` of the soft variant (unused when hard).
+
+  Returns:
+    Scalar loss.
+
+  References:
+    Touvron et al., Training data-efficient image transformers & distillation
+    through attention, ICML 2021.
+  """
+  return jnp.mean(deit_per_example(student_logits, teacher_logits, hard, temperature))
+
+
+def deit_per_example(student_logits: jax.typing.ArrayLike,
+                     teacher_logits: jax.typing.ArrayLike,
+                     hard: bool = True,
+                     temperature: float = 3.0) -> jax.Array:
+  """`[B]` values whose mean is `deit`: `CE_b` (hard) or `T^2 KL_b / K` (soft)."""
+  student, teacher = _common.as_student_and_teacher(student_logits, teacher_logits)
+  if hard:
+    return -_target_log_likelihood(student, jnp.argmax(teacher, axis=-1), 0.0)
+  return kd_per_example(student, teacher, temperature) / student.shape[-1]
 
 
 def _tempered_kl(student_logits, teacher_logits, temperature) -> jax.Array:

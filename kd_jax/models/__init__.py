@@ -6,7 +6,9 @@ torchvision's ImageNet ResNets: same widths, depths, biases and BatchNorm placem
 hence the same parameter counts. Mobile students: torchvision's MobileNetV3-Small and
 -Large, timm's EfficientNet-Lite0 and RepVGG-A0 (trained with branches, exported
 re-parameterised as a plain 3x3-conv stack: `export_form`), each also with a stride-1
-stem for 32x32 inputs (``*_cifar``, same parameters).
+stem for 32x32 inputs (``*_cifar``, same parameters), and DeiT-Tiny, a vision
+transformer with a distillation token (timm's ``deit_tiny_distilled_patch16_224``;
+``deit_tiny_cifar`` with 4x4 patches for 32x32 inputs).
 
 Example::
 
@@ -38,6 +40,7 @@ from kd_jax.models.repvgg import RepVGG, reparameterize
 from kd_jax.models.resnet import BasicBlock, Bottleneck, ResNet
 from kd_jax.models.shufflenet import ShuffleNetV1, ShuffleNetV2
 from kd_jax.models.vgg import CONFIGS as VGG_CONFIGS, VGG
+from kd_jax.models.vit import DeiT
 from kd_jax.models.wrn import WideResNet
 from kd_jax.registry import Registry
 
@@ -82,6 +85,8 @@ for _name, _factory in {
        for suffix in ("", "_cifar")},
     **{f"repvgg_a0{suffix}": functools.partial(RepVGG, cifar_stem=bool(suffix))
        for suffix in ("", "_cifar")},
+    "deit_tiny": DeiT,
+    "deit_tiny_cifar": functools.partial(DeiT, patch_size=4),
 }.items():
   _REGISTRY.register(_name, _factory)
 
