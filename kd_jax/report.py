@@ -240,13 +240,13 @@ def _tap_shapes(model, variables, image_shape) -> dict[str, tuple[int, ...]]:
   return {name: tuple(t.shape) for name, t in taps.items()}
 
 
-def attention_tap(tap_shapes: Mapping[str, Sequence[int]], image_side: int) -> str:
-  """The deepest `stage_k` map at least half the image's side (the first stage if none)."""
+def attention_tap(tap_shapes: Mapping[str, Sequence[int]], image_side: int) -> str | None:
+  """The deepest `stage_k` map at least half the image's side (the first stage if none);
+  None for a model without `stage_k` maps (a ViT's taps are token sequences)."""
   stages = sorted((int(name.split("_")[1]), name) for name, shape in tap_shapes.items()
                   if re.fullmatch(r"stage_\d+", name) and len(shape) == 4)
   if not stages:
-    raise ValueError(f"the model has no stage_k feature maps (taps: "
-                     f"{', '.join(sorted(tap_shapes))}); it cannot show attention maps")
+    return None
   wide = [name for _, name in stages if 2 * tap_shapes[name][1] >= image_side]
   return wide[-1] if wide else stages[0][1]
 
@@ -266,8 +266,10 @@ def _model_output_sections(config, workdir, info, outputs, taps) -> list[str]:
   plot_reliability(outputs, os.path.join(workdir, "reliability.png"))
   plot_confusion(confusion, LABELS[student], os.path.join(workdir, "confusion.png"))
   plot_embeddings(outputs, os.path.join(workdir, "embeddings_pca.png"))
-  plot_attention_maps(outputs, attention_ids, images, taps,
-                      os.path.join(workdir, "attention_maps.png"))
+  mapped = {p: o for p, o in outputs.items() if taps[p]}
+  if mapped:
+    plot_attention_maps(mapped, attention_ids, images, taps,
+                        os.path.join(workdir, "attention_maps.png"))
   errors = int(np.sum(confusion) - np.trace(confusion))
   lines = ["", "## Calibration", "", "![reliability diagrams](reliability.png)", "",
            "## Misclassification hotspots", "",
@@ -282,9 +284,14 @@ def _model_output_sections(config, workdir, info, outputs, taps) -> list[str]:
                            os.path.join(workdir, "confused_examples.png"))
     lines += ["", "![examples of the most confused pairs](confused_examples.png)"]
   lines += ["", "## Embeddings", "", "![PCA of the embeddings](embeddings_pca.png)", "",
-            "## Attention maps", "",
-            "Taps: " + ", ".join(f"{LABELS[p]} `{taps[p]}`" for p in outputs) + ".", "",
-            "![attention maps](attention_maps.png)"]
+            "## Attention maps", ""]
+  if mapped:
+    lines += ["Taps: " + ", ".join(f"{LABELS[p]} `{taps[p]}`" for p in mapped) + ".", "",
+              "![attention maps](attention_maps.png)"]
+  unmapped = [LABELS[p] for p in outputs if not taps[p]]
+  if unmapped:
+    lines += ["", f"No attention map for the {', '.join(unmapped)}: no `stage_k` feature "
+              "maps among its taps."]
   return lines
 
 

@@ -179,3 +179,4 @@ def test_confused_pairs_pca_and_attention_tap_by_hand():
             "stage_3": (1, 2, 2, 64), "embedding": (1, 64)}
   assert report.attention_tap(shapes, 8) == "stage_2"
   assert report.attention_tap(shapes, 32) == "stage_1"  # none is 16 wide: the first
+  assert report.attention_tap({"block_1": (1, 66, 16), "embedding": (1, 16)}, 8) is None
