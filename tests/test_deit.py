@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kd_jax import checkpoint, configs, experiment, export, losses, models
+from kd_jax import checkpoint, configs, experiment, export, losses, models, report
 from kd_jax import objective as objective_lib
 from kd_jax import train
 from tests.test_mobile_students import _random_variables
@@ -219,6 +219,10 @@ def test_tiny_deit_distils_and_resumes(tmp_path, monkeypatch):
   assert trained and all(math.isfinite(r["deit"]) and math.isfinite(r["ce"])
                          for r in trained)
   assert 0.0 <= summary["distilled_accuracy"] <= 1.0
+  # The report covers a ViT student: its token taps give no attention map, and it says so.
+  text = report.write_report(config, str(workdir))
+  assert "No attention map for the distilled student" in text
+  assert "attention maps](attention_maps.png)" in text  # the teacher's (resnet8) map
 
 
 # --- edge features ----------------------------------------------------------------------
