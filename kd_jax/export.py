@@ -71,6 +71,8 @@ def check_config(export_config: Mapping[str, Any]) -> None:
     if export_config[key] < 1:
       raise ValueError(f"export.{key} must be at least 1, got {export_config[key]}")
 
+_BUILTIN_OP_NAMES = op_profile.BUILTIN_OP_NAMES  # {builtin code: TFLite op name}
+
 
 @functools.cache
 def _tensorflow():
