@@ -13,7 +13,7 @@ machine load.
 
 Run:
   python benchmarks/edge_latency.py            # all five models, ~5-10 minutes on 2 cores
-  python benchmarks/edge_latency.py --quick    # resnet8x4 fp32 + int8, ~30 s
+  python benchmarks/edge_latency.py --quick    # resnet8x4 fp32 + int8, ~1 minute
 Writes benchmarks/results/edge_latency.{json,md}.
 """
 from __future__ import annotations
