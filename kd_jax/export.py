@@ -48,6 +48,7 @@ from kd_jax import deploy
 from kd_jax import energy as energy_lib
 from kd_jax import files
 from kd_jax import machine as machine_lib
+from kd_jax import op_profile
 from kd_jax.models import layers as zoo_layers
 
 QUANTIZATIONS = ("fp32", "fp16", "dynamic", "int8")
@@ -75,11 +76,7 @@ def check_config(export_config: Mapping[str, Any]) -> None:
       raise ValueError(f"export.{key} must be at least 1, got {export_config[key]}")
   deploy.check_target(export_config["target"])
 
-_BUILTIN_OP_NAMES = {
-    code: name
-    for name, code in vars(tflite_schema.BuiltinOperator).items()
-    if not name.startswith("_")
-}
+_BUILTIN_OP_NAMES = op_profile.BUILTIN_OP_NAMES  # {builtin code: TFLite op name}
 
 
 @functools.cache
@@ -300,16 +297,9 @@ def op_names(tflite_model):
   Builtin ops by their TFLite name ('CONV_2D', 'FULLY_CONNECTED', ...); custom ops by
   their custom code (a Flex op reads 'Flex<TfOpName>').
   """
-  model = tflite_schema.ModelT.InitFromPackedBuf(bytearray(tflite_model), 0)
-  names = set()
-  for subgraph in model.subgraphs or ():
-    for operator in subgraph.operators or ():
-      code = model.operatorCodes[operator.opcodeIndex]
-      builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
-      if builtin == tflite_schema.BuiltinOperator.CUSTOM and code.customCode:
-        names.add(code.customCode.decode())
-      else:
-        names.add(_BUILTIN_OP_NAMES[builtin])
+  model = op_profile.read_model(tflite_model)
+  names = {op_profile.op_name(model, operator)
+           for subgraph in model.subgraphs or () for operator in subgraph.operators or ()}
   return sorted(names)
 
 
@@ -333,6 +323,11 @@ class TFLiteModel:
     (self._input,) = self._interpreter.get_input_details()
     (self._output,) = self._interpreter.get_output_details()
     self.polymorphic = int(self._input["shape_signature"][0]) == -1
+
+  @property
+  def interpreter(self):
+    """The underlying LiteRT `Interpreter` (allocated)."""
+    return self._interpreter
 
   @property
   def input_shape(self):
@@ -414,7 +409,8 @@ def latency_ms(tflite_model, input_shape, runs=50, warmup=5, num_threads=1):
     num_threads: interpreter threads when `tflite_model` is not already a `TFLiteModel`.
 
   Returns:
-    dict(median_ms=..., p90_ms=...).
+    dict(median_ms=..., p90_ms=..., p99_ms=...): percentiles of the timed invokes
+    (each one set_tensor + invoke + get_tensor, as `TFLiteModel.invoke` runs them).
   """
   tflite_model = _as_model(tflite_model, num_threads)
   batch = 1 if tflite_model.polymorphic else tflite_model.input_shape[0]
@@ -427,7 +423,75 @@ def latency_ms(tflite_model, input_shape, runs=50, warmup=5, num_threads=1):
     start = time.perf_counter()
     tflite_model.invoke(image)
     times.append((time.perf_counter() - start) * 1e3)
-  return dict(median_ms=float(np.median(times)), p90_ms=float(np.percentile(times, 90)))
+  median, p90, p99 = np.percentile(times, [50, 90, 99])
+  return dict(median_ms=float(median), p90_ms=float(p90), p99_ms=float(p99))
+
+
+def init_ms(tflite_model, runs=5, num_threads=1):
+  """Median wall time, in milliseconds, of making a ready interpreter from flatbuffer
+  bytes: `Interpreter(model_content=...)` (which applies the XNNPACK delegate) and
+  `allocate_tensors()`, over `runs` fresh interpreters."""
+  times = []
+  for _ in range(runs):
+    start = time.perf_counter()
+    interpreter = Interpreter(model_content=bytes(tflite_model), num_threads=num_threads)
+    interpreter.allocate_tensors()
+    times.append((time.perf_counter() - start) * 1e3)
+    del interpreter
+  return float(np.median(times))
+
+
+# Run by `peak_memory` in a fresh interpreter process: the growth of its peak resident
+# set (VmHWM, reset to the current RSS by writing 5 to /proc/self/clear_refs once the
+# imports are done) while it loads the model, allocates its tensors and invokes once.
+_PEAK_MEMORY_CHILD = """
+import sys
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter
+def status(key):
+  with open("/proc/self/status") as f:
+    return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ":"))
+with open("/proc/self/clear_refs", "w") as f:
+  f.write("5")
+base = status("VmRSS")
+interpreter = Interpreter(model_path=sys.argv[1], num_threads=1)
+interpreter.allocate_tensors()
+for d in interpreter.get_input_details():
+  interpreter.set_tensor(d["index"], np.zeros(d["shape"], d["dtype"]))
+interpreter.invoke()
+print(status("VmHWM") - base)
+"""
+MEMORY_KIND = "peak RSS growth of a fresh process: load + allocate + 1 invoke, 1 thread"
+
+
+def peak_memory(tflite_model):
+  """Peak memory of running the model once, in bytes, and how it was measured.
+
+  A fresh Python process (imports done, its peak resident set reset to its current
+  one) loads the .tflite file, applies XNNPACK, allocates the tensors and invokes once
+  at 1 thread; the figure is its peak RSS minus its RSS before loading: the model's
+  weights as read (and XNNPACK's repacked copy), the activation arena and the
+  runtime's scratch. Linux only (/proc): elsewhere, or when the child fails, returns
+  ``dict(bytes=None, kind='not measured (<why>)')``.
+
+  Returns:
+    dict(bytes=..., kind=...).
+  """
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  if not os.path.exists("/proc/self/clear_refs"):
+    return dict(bytes=None, kind="not measured (no /proc)")
+  with tempfile.NamedTemporaryFile(suffix=".tflite") as f:
+    f.write(bytes(tflite_model))
+    f.flush()
+    done = subprocess.run([sys.executable, "-c", _PEAK_MEMORY_CHILD, f.name],
+                          capture_output=True, text=True,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+  if done.returncode != 0:  # e.g. a sandbox that forbids clear_refs
+    reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    return dict(bytes=None, kind=f"not measured ({reason})")
+  return dict(bytes=int(done.stdout.split()[-1]), kind=MEMORY_KIND)
 
 
 def all_threads():
@@ -436,8 +500,9 @@ def all_threads():
 
 
 def measure(tflite_model, input_shape, *, eval_batches_fn=None, parity_images=None,
-            reference_logits=None, latency_runs=50):
-  """Size, ops, accuracy, parity and latency of one TFLite classifier.
+            reference_logits=None, latency_runs=50, per_op=False):
+  """Size, ops, accuracy, parity, start-up, latency, memory and energy of one TFLite
+  classifier.
 
   Args:
     tflite_model: flatbuffer bytes.
@@ -447,15 +512,23 @@ def measure(tflite_model, input_shape, *, eval_batches_fn=None, parity_images=No
     parity_images, reference_logits: optional float32 [N, H, W, C] images and the
       JAX logits for them; the largest absolute difference is reported.
     latency_runs: timed single-image invokes per thread setting.
+    per_op: also profile every op (`kd_jax.op_profile.profile`, about 0.1-1 s more).
 
   Returns:
-    dict(bytes, ops, accuracy, num_examples, max_abs_logit_diff, latency_ms,
-    latency_p90_ms (1 thread), latency_all_threads_ms, latency_all_threads_p90_ms,
-    threads, machine, energy); accuracy/num_examples and max_abs_logit_diff are None
-    without their inputs. `machine` is `kd_jax.machine.cpu(threads=1)`: the CPU model
-    and ISA level the latencies were measured on (`threads` is the all-threads count).
-    `energy` is `kd_jax.energy.per_inference`: ``dict(uj, kind, basis, detail)`` per
-    single-image invoke at 1 thread, `kind` 'measured' (RAPL) or 'estimated'.
+    dict(bytes, ops, accuracy, num_examples, max_abs_logit_diff, init_ms, latency_ms,
+    latency_p90_ms, latency_p99_ms (1 thread), latency_all_threads_ms,
+    latency_all_threads_p90_ms, latency_all_threads_p99_ms, threads,
+    peak_memory_bytes, memory_kind, graph, machine, energy) and, with `per_op`,
+    `per_op`; accuracy/num_examples and max_abs_logit_diff are None without their
+    inputs. `init_ms` is `init_ms` (interpreter + XNNPACK + allocation, 1 thread);
+    `peak_memory_bytes` / `memory_kind` are `peak_memory`'s; `graph` is
+    `kd_jax.op_profile.graph_facts` (I/O types, QUANTIZE/DEQUANTIZE positions,
+    per-channel or per-tensor weights) with `xnnpack_partitions`, the DELEGATE nodes
+    of the 1-thread interpreter. `machine` is `kd_jax.machine.cpu(threads=1)`: the
+    CPU model and ISA level the latencies were measured on (`threads` is the
+    all-threads count). `energy` is `kd_jax.energy.per_inference`: ``dict(uj, kind,
+    basis, detail)`` per single-image invoke at 1 thread, `kind` 'measured' (RAPL) or
+    'estimated'. `per_op` is `op_profile.profile` at 1 thread.
   """
   model = TFLiteModel(tflite_model, num_threads=1)
   evaluation = (evaluate_tflite(model, eval_batches_fn()) if eval_batches_fn is not None
@@ -469,13 +542,21 @@ def measure(tflite_model, input_shape, *, eval_batches_fn=None, parity_images=No
   diff = None
   if parity_images is not None and reference_logits is not None:
     diff = float(np.max(np.abs(model(parity_images) - np.asarray(reference_logits))))
-  return dict(bytes=len(tflite_model), ops=op_names(tflite_model),
-              accuracy=evaluation["accuracy"], num_examples=evaluation["num_examples"],
-              max_abs_logit_diff=diff,
-              latency_ms=one["median_ms"], latency_p90_ms=one["p90_ms"],
-              latency_all_threads_ms=many["median_ms"],
-              latency_all_threads_p90_ms=many["p90_ms"], threads=all_threads(),
-              machine=machine_lib.cpu(threads=1), energy=energy)
+  memory = peak_memory(tflite_model)
+  graph = dict(op_profile.graph_facts(tflite_model),
+               xnnpack_partitions=op_profile.delegated(model.interpreter))
+  result = dict(bytes=len(tflite_model), ops=op_names(tflite_model),
+                accuracy=evaluation["accuracy"], num_examples=evaluation["num_examples"],
+                max_abs_logit_diff=diff, init_ms=init_ms(tflite_model),
+                latency_ms=one["median_ms"], latency_p90_ms=one["p90_ms"],
+                latency_p99_ms=one["p99_ms"], latency_all_threads_ms=many["median_ms"],
+                latency_all_threads_p90_ms=many["p90_ms"],
+                latency_all_threads_p99_ms=many["p99_ms"], threads=all_threads(),
+                peak_memory_bytes=memory["bytes"], memory_kind=memory["kind"],
+                graph=graph, machine=machine_lib.cpu(threads=1), energy=energy)
+  if per_op:
+    result["per_op"] = op_profile.profile(tflite_model)
+  return result
 
 
 def jax_logits(fn, images):
@@ -545,8 +626,10 @@ def export_all(model, variables, input_shape, out_dir, variants=("fp32", "int8")
 
 _TABLE_COLUMNS = (
     ("model", "{}"), ("bytes", "{:,}"), ("accuracy", "{:.4f}"), ("jax_accuracy", "{:.4f}"),
-    ("max_abs_logit_diff", "{:.1e}"), ("latency_ms", "{:.3f}"), ("latency_p90_ms", "{:.3f}"),
+    ("max_abs_logit_diff", "{:.1e}"), ("init_ms", "{:.2f}"), ("latency_ms", "{:.3f}"),
+    ("latency_p90_ms", "{:.3f}"), ("latency_p99_ms", "{:.3f}"),
     ("latency_all_threads_ms", "{:.3f}"), ("latency_all_threads_p90_ms", "{:.3f}"),
+    ("latency_all_threads_p99_ms", "{:.3f}"), ("peak_memory_bytes", "{:,}"),
     ("macs", "{:,.0f}"), ("params", "{:,}"), ("energy", None))
 
 
@@ -595,9 +678,13 @@ def write_table(rows, out_dir):
                    _energy_cell(value) if column == "energy" else fmt.format(value))
     lines.append("| " + " | ".join(cells) + " |")
   threads = next((r["threads"] for r in rows.values() if "threads" in r), all_threads())
-  text = ("\n".join(lines) + f"\n\nLatency: one image, median and p90 of timed "
-          f"invokes in the LiteRT interpreter at 1 and {threads} threads, "
-          f"{machines_line(rows)}.\n")
+  text = ("\n".join(lines) + f"\n\nLatency: one image, median, p90 and p99 of timed "
+          f"invokes in the LiteRT interpreter (XNNPACK) at 1 and {threads} threads, "
+          f"{machines_line(rows)}. Init: interpreter construction + allocate_tensors, "
+          f"median of 5.\n")
+  kinds = sorted({r["memory_kind"] for r in rows.values() if r.get("memory_kind")})
+  if kinds:
+    text += f"\nPeak memory: {'; '.join(kinds)}.\n"
   bases = sorted({f"{r['energy']['kind']}: {r['energy']['basis']}" for r in rows.values()
                   if r.get("energy")})
   if bases:

@@ -57,8 +57,16 @@ def test_export_all_writes_every_variant(exported):
     assert result["path"] == os.path.join(exported["out_dir"], f"student_{variant}.tflite")
     assert os.path.getsize(result["path"]) == result["bytes"] > 0
     assert result["num_examples"] == 128
-    assert result["latency_ms"] > 0 and result["latency_p90_ms"] >= result["latency_ms"]
-    assert 0 < result["latency_all_threads_ms"] <= result["latency_all_threads_p90_ms"]
+    assert (0 < result["latency_ms"] <= result["latency_p90_ms"]
+            <= result["latency_p99_ms"])
+    assert (0 < result["latency_all_threads_ms"] <= result["latency_all_threads_p90_ms"]
+            <= result["latency_all_threads_p99_ms"])
+    assert 0 < result["init_ms"] < 10_000
+    # A fresh process's peak RSS growth holds at least the weights it read.
+    assert result["peak_memory_bytes"] > 0.5 * result["bytes"]
+    assert result["memory_kind"] == export.MEMORY_KIND
+    assert result["graph"]["xnnpack_partitions"] >= 1
+    assert result["graph"]["input_types"] == result["graph"]["output_types"] == ["FLOAT32"]
     assert result["threads"] == export.all_threads()
 
 
@@ -138,6 +146,11 @@ def test_write_table(exported, tmp_path):
   fp32 = next(line for line in table if line.startswith("| student fp32 "))
   assert f"| {rows['student fp32']['bytes']:,} |" in fp32
   assert f"| {rows['student fp32']['latency_ms']:.3f} |" in fp32
+  assert f"| {rows['student fp32']['latency_p99_ms']:.3f} |" in fp32
+  assert f"| {rows['student fp32']['init_ms']:.2f} |" in fp32
+  assert f"| {rows['student fp32']['peak_memory_bytes']:,} |" in fp32
+  assert "| init ms | latency ms | latency p90 ms | latency p99 ms |" in text
+  assert f"Peak memory: {export.MEMORY_KIND}." in text
   # Energy per inference, labelled: RAPL where readable, else the estimate (fp32
   # weights cost 4x the int8 bytes, so the estimate orders the variants).
   for r in rows.values():

@@ -21,8 +21,23 @@ import jax.numpy as jnp
 from kd_jax.models.layers import (Classifier, ConvBN, ModuleDef, global_avg_pool,
                                   quant_point, small_normal, stage_taps)
 
+
+
+def hard_swish(x: jnp.ndarray) -> jnp.ndarray:
+  """Hard-swish, x · relu6(x + 3) / 6, written as x · (clip(x / 3, -1, 1) / 2 + 1/2).
+
+  The same function (and gradient, but at x = -3 exactly), but TFLite's converter does not fuse this form
+  into a HARD_SWISH op, whose int8 kernel XNNPACK does not take: each int8
+  HARD_SWISH split the graph out of XNNPACK and ran the slow builtin kernel
+  (mobilenetv3_small at 224×224 ran int8 at 8.6× its fp32 time). This form becomes
+  MUL (the clip fused into it), MUL, ADD, MUL, all delegated (0.2× in
+  benchmarks/edge_latency.py).
+  """
+  return x * (0.5 * jnp.clip(x * (1 / 3), -1.0, 1.0) + 0.5)
+
+
 RE, HS = "relu", "hard_swish"
-ACTIVATIONS = {RE: nn.relu, HS: jax.nn.hard_swish}
+ACTIVATIONS = {RE: nn.relu, HS: hard_swish}
 
 # One row per block: (kernel, expanded channels, output channels, squeeze-excitation,
 # activation, stride), the tables of torchvision's `_mobilenet_v3_conf` (the paper's
@@ -129,7 +144,7 @@ class MobileNetV3(Classifier):
     first_down = next(i for i, block in enumerate(blocks) if block[-1] == 2)
     conv, norm = self.conv(), self.norm(train)
     x = ConvBN(16, 3, conv, norm, 1 if self.cifar_stem else 2,
-               activation=jax.nn.hard_swish, name="stem")(x.astype(self.dtype))
+               activation=hard_swish, name="stem")(x.astype(self.dtype))
     taps = {"stem": x}
     for i, (kernel, expanded, features, se, activation, stride) in enumerate(blocks):
       x = MBConv(features, expanded, kernel, conv, norm, ACTIVATIONS[activation],
@@ -137,11 +152,11 @@ class MobileNetV3(Classifier):
                  make_divisible(expanded // 4) if se else None, name=f"block{i}")(x)
       if i in stage_ends:
         stage_taps(taps, stage_ends.index(i) + 1, x, preact=x)
-    x = ConvBN(last_width, 1, conv, norm, activation=jax.nn.hard_swish,
+    x = ConvBN(last_width, 1, conv, norm, activation=hard_swish,
                name="head_conv")(x)
     x = nn.Dense(hidden, dtype=self.dtype, kernel_init=small_normal,
                  name="hidden")(global_avg_pool(x))
-    taps["embedding"] = quant_point(jax.nn.hard_swish(x), "embedding")
+    taps["embedding"] = quant_point(hard_swish(x), "embedding")
     x = nn.Dropout(self.dropout_rate,
                    deterministic=not train or not self.has_rng("dropout"))(taps["embedding"])
     return self.head(x, kernel_init=small_normal), taps
