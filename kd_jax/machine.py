@@ -50,14 +50,17 @@ def _cpuinfo() -> dict[str, str]:
 def isa_level(flags: set[str], arch: str) -> str:
   """The widest vector level relevant to kd_jax's kernels, from CPU feature flags.
 
-  x86: ``AVX-512+VNNI``, ``AVX-512``, ``AVX2+VNNI`` (AVX-VNNI without AVX-512),
-  ``AVX2``, else ``SSE``; ARM: ``ARM dotprod`` (``asimddp``) or ``ARM NEON``. VNNI and
-  dotprod are the int8 dot-product instructions that make int8 inference pay.
+  x86: ``AVX-512+VNNI+AMX`` (AMX int8 tiles beside VNNI), ``AVX-512+VNNI``,
+  ``AVX-512``, ``AVX2+VNNI`` (AVX-VNNI without AVX-512), ``AVX2``, else ``SSE``; ARM:
+  ``ARM dotprod`` (``asimddp``) or ``ARM NEON``. VNNI, AMX and dotprod are the int8
+  dot-product instructions that make int8 inference pay.
   """
   if arch in ("aarch64", "arm64"):
     return "ARM dotprod" if "asimddp" in flags else "ARM NEON"
   if "avx512f" in flags:
-    return "AVX-512+VNNI" if "avx512_vnni" in flags else "AVX-512"
+    if "avx512_vnni" not in flags:
+      return "AVX-512"
+    return "AVX-512+VNNI+AMX" if "amx_int8" in flags else "AVX-512+VNNI"
   if "avx2" in flags:
     return "AVX2+VNNI" if "avx_vnni" in flags else "AVX2"
   return "SSE"

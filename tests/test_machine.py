@@ -5,6 +5,8 @@ from kd_jax import machine
 def test_isa_level_from_cpu_flags():
   assert machine.isa_level({"avx2", "avx512f", "avx512_vnni"}, "x86_64") == "AVX-512+VNNI"
   assert machine.isa_level({"avx2", "avx512f"}, "x86_64") == "AVX-512"
+  assert machine.isa_level({"avx2", "avx512f", "avx512_vnni", "amx_tile", "amx_int8"},
+                           "x86_64") == "AVX-512+VNNI+AMX"
   assert machine.isa_level({"sse4_2", "avx", "avx2", "fma"}, "x86_64") == "AVX2"
   assert machine.isa_level({"sse4_2"}, "x86_64") == "SSE"
   assert machine.isa_level({"asimd", "asimddp"}, "aarch64") == "ARM dotprod"
