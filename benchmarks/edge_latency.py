@@ -1,8 +1,8 @@
 """Edge latency: what a deployer gets from each TFLite variant of the mobile students.
 
 For resnet8x4, MobileNetV2, mobilenetv3_small_cifar and efficientnet_lite0_cifar at
-32×32×3 (100 classes) and mobilenetv3_small at 224×224×3 (1000 classes), randomly
-initialised with the BatchNorm statistics of synthetic images (`random_student`),
+32×32×3 (100 classes) and mobilenetv3_small and efficientnet_lite0 at 224×224×3
+(1000 classes), randomly initialised with the BatchNorm statistics of synthetic images (`random_student`),
 the fp32 / fp16 / dynamic-range / int8 variants are converted (`kd_jax.export`) and
 measured in the LiteRT interpreter with XNNPACK (`export.measure`): bytes, start-up
 (`init_ms`), single-image latency median / p90 / p99 at 1 thread and at all threads,
@@ -12,7 +12,7 @@ from a separate timing with fp32 and int8 alternated in rounds, so both see the 
 machine load.
 
 Run:
-  python benchmarks/edge_latency.py            # all five models, ~5-10 minutes on 2 cores
+  python benchmarks/edge_latency.py            # all six models, ~10 minutes on 2 cores
   python benchmarks/edge_latency.py --quick    # resnet8x4 fp32 + int8, ~1 minute
 Writes benchmarks/results/edge_latency.{json,md}.
 """
@@ -25,7 +25,7 @@ import sys
 
 MODELS = (("resnet8x4", 32, 100), ("MobileNetV2", 32, 100),
           ("mobilenetv3_small_cifar", 32, 100), ("efficientnet_lite0_cifar", 32, 100),
-          ("mobilenetv3_small", 224, 1000))
+          ("mobilenetv3_small", 224, 1000), ("efficientnet_lite0", 224, 1000))
 
 
 def random_student(name, size, num_classes, num_images):
