@@ -1,15 +1,15 @@
 """Edge latency: what a deployer gets from each TFLite variant of the mobile students.
 
 For resnet8x4, MobileNetV2, mobilenetv3_small_cifar and efficientnet_lite0_cifar at
-32×32×3 (100 classes) and mobilenetv3_small and efficientnet_lite0 at 224×224×3
-(1000 classes), randomly initialised with the BatchNorm statistics of synthetic images
+32×32×3 (100 classes) and mobilenetv3_small and efficientnet_lite0 at 224×224×3 (1000
+classes), randomly initialised with the BatchNorm statistics of synthetic images
 (`random_student`), the fp32 / fp16 / dynamic-range / int8 variants are converted
-(`kd_jax.export`) and measured in the LiteRT interpreter with XNNPACK (`export.measure`): bytes, start-up
-(`init_ms`), single-image latency median / p90 / p99 at 1 thread and at all threads,
-peak memory, energy per image (labelled measured or estimated), and for fp32 and int8
-a per-op profile (`kd_jax.op_profile`). The int8/fp32 latency ratio at 1 thread comes
-from a separate timing with fp32 and int8 alternated in rounds, so both see the same
-machine load.
+(`kd_jax.export`) and measured in the LiteRT interpreter with XNNPACK
+(`export.measure`): bytes, start-up (`init_ms`), single-image latency median / p90 / p99
+at 1 thread and at all threads, peak memory, energy per image (labelled measured or
+estimated), and for fp32 and int8 a per-op profile (`kd_jax.op_profile`). The int8/fp32
+latency ratio at 1 thread comes from a separate timing with fp32 and int8 alternated in
+rounds, so both see the same machine load.
 
 Run:
   python benchmarks/edge_latency.py            # all six models, ~10 minutes on 2 cores
