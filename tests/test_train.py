@@ -108,8 +108,13 @@ def test_metrics_are_the_objective_terms():
                        parallel.to_global(batch, mesh), train.step_rng(0, 0))
   kd = losses.kd(s_logits, t_logits, temperature=4.0)
   ce = losses.cross_entropy(s_logits, batch["label"])
-  np.testing.assert_allclose(metrics["kd"], kd, rtol=1e-5)
-  np.testing.assert_allclose(metrics["kd_weighted"], 0.9 * kd, rtol=1e-5)
+  # KD is a small difference of large terms: τ² Σ p_t (log p_t − log p_s) ≈ 0.08 from
+  # log-probabilities of order log K ≈ 2.3 (÷ τ² = 16: a KL of 0.005). The jitted step
+  # and this eager apply round the logits differently (~1e-7 relative, CPU-dependent:
+  # 1.2e-5 of KD measured on an AVX-512 Xeon), so KD's relative tolerance is that
+  # cancellation (2.3 / 0.005 ≈ 460) times float32's epsilon, rounded up to 1e-4.
+  np.testing.assert_allclose(metrics["kd"], kd, rtol=1e-4)
+  np.testing.assert_allclose(metrics["kd_weighted"], 0.9 * kd, rtol=1e-4)
   np.testing.assert_allclose(metrics["ce"], ce, rtol=1e-5)
   np.testing.assert_allclose(metrics["loss"], 0.1 * ce + 0.9 * kd, rtol=1e-5)
 
