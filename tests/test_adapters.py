@@ -10,9 +10,14 @@ from kd_jax.models import adapters
 SHAPE = (8, 8, 3)
 
 
+def _init(module, seed):
+  """Variables of `module`, initialised under jit (eager init compiles every op alone)."""
+  return jax.jit(module.init)(jax.random.key(seed), jnp.zeros((1, *SHAPE)))
+
+
 def _model_and_variables(name):
   model = models.create(name, 10)
-  return model, model.init(jax.random.key(0), jnp.zeros((1, *SHAPE)))
+  return model, _init(model, 0)
 
 
 def test_resnet8_adapters_follow_its_blocks_and_start_as_the_model():
@@ -21,7 +26,7 @@ def test_resnet8_adapters_follow_its_blocks_and_start_as_the_model():
   # One 1×1 conv per block, width of its output: 16² + 32² + 64² = 5,376 weights.
   assert wrapped.blocks == (("stage1_block0", 16), ("stage2_block0", 32),
                             ("stage3_block0", 64))
-  fresh = wrapped.init(jax.random.key(1), jnp.zeros((1, *SHAPE)))
+  fresh = _init(wrapped, 1)
   added = {k: v for k, v in fresh["params"].items() if k.startswith(adapters.PREFIX)}
   assert sum(p.size for p in jax.tree.leaves(added)) == 5376
   # The model's own variables keep their layout: the deployed ones load unchanged.
@@ -38,7 +43,7 @@ def test_resnet8_adapters_follow_its_blocks_and_start_as_the_model():
 def test_a_trained_adapter_changes_only_what_follows_its_block(name):
   model, variables = _model_and_variables(name)
   wrapped = adapters.with_adapters(model, SHAPE)
-  fresh = wrapped.init(jax.random.key(1), jnp.zeros((1, *SHAPE)))
+  fresh = _init(wrapped, 1)
   last = wrapped.blocks[-1][0]
   params = {**fresh["params"], **variables["params"]}
   params[adapters.PREFIX + last] = jax.tree.map(lambda w: w + 0.05,
