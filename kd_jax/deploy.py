@@ -9,8 +9,11 @@ unset meaning no limit:
                    (row key `latency_ms`) or at all the host's threads
                    (`latency_all_threads_ms`), as `latency_threads` ('1' / 'all') says
   bytes            the flatbuffer's size (`bytes`)
-  memory_bytes     peak memory of one inference (`peak_memory_bytes`, labelled by
-                   `memory_kind`)
+  memory_bytes     peak memory of one inference on the host (`peak_memory_bytes`,
+                   labelled by `memory_kind`: the LiteRT runtime's, weights included)
+  arena_bytes      the activation tensors alive at once (`arena_bytes`, planned from
+                   the graph: `kd_jax.energy.activation_arena_bytes`), what a
+                   microcontroller's tensor arena must hold beside the weights in flash
   energy_uj        energy per inference (`energy.uj`, labelled `measured` (RAPL) or
                    `estimated` (from the graph) by `energy.kind`)
   min_accuracy     top-1 on the eval split, a fraction (0.95 = 95%), at least this
@@ -24,8 +27,9 @@ Presets (what the target offers one model; cite the figures when you change them
 
   mcu    Cortex-M7-class microcontroller (STM32F7/H7, the MLPerf Tiny boards: 1 MB flash,
          320 KB-1 MB SRAM). bytes ≤ 524,288 (512 KiB: half the flash, the rest for the
-         TFLite Micro runtime and the application); memory_bytes ≤ 262,144 (a 256 KiB
-         tensor arena beside stacks and I/O buffers); energy_uj ≤ 1,000 (1 mJ: a 225 mAh
+         TFLite Micro runtime and the application); arena_bytes ≤ 262,144 (a 256 KiB
+         tensor arena beside stacks and I/O buffers; the host's peak memory, a desktop
+         runtime's, says nothing of the board's); energy_uj ≤ 1,000 (1 mJ: a 225 mAh
          3 V coin cell, about 2.4 kJ, then lasts 2.4 million inferences, one every 10 s
          for about 9 months). No latency limit: the latency is timed on the host that
          exports, a desktop- or server-class core tens of times faster than a Cortex-M,
@@ -59,19 +63,21 @@ from ml_collections import config_dict
 from kd_jax import files
 
 # The limits, in table order; 0 or unset: no limit.
-LIMITS = ("latency_ms", "bytes", "memory_bytes", "energy_uj", "min_accuracy")
+LIMITS = ("latency_ms", "bytes", "memory_bytes", "arena_bytes", "energy_uj",
+          "min_accuracy")
 _NAMES = dict(latency_ms="latency", bytes="bytes", memory_bytes="peak memory",
+              arena_bytes="activation arena",
               energy_uj="energy", min_accuracy="accuracy")
 LATENCY_KEYS = {"1": "latency_ms", "all": "latency_all_threads_ms"}
 PRESETS = {
-    "mcu": dict(bytes=524_288, memory_bytes=262_144, energy_uj=1_000.0),
+    "mcu": dict(bytes=524_288, arena_bytes=262_144, energy_uj=1_000.0),
     "phone": dict(latency_ms=16.0, latency_threads="1", bytes=20_000_000,
                   memory_bytes=67_108_864, energy_uj=5_000.0),
     "sbc": dict(latency_ms=100.0, latency_threads="all", bytes=100_000_000,
                 memory_bytes=268_435_456),
 }
 _TYPES = dict(latency_ms=float, latency_threads=str, bytes=int, memory_bytes=int,
-              energy_uj=float, min_accuracy=float)
+              arena_bytes=int, energy_uj=float, min_accuracy=float)
 DEPLOY_JSON, DEPLOY_MD = "deploy.json", "deploy.md"
 
 
@@ -140,6 +146,9 @@ def _measured(row: Mapping[str, Any], key: str, threads: str
     return row.get("bytes"), None
   if key == "memory_bytes":
     return row.get("peak_memory_bytes"), row.get("memory_kind")
+  if key == "arena_bytes":
+    arena = row.get("arena_bytes")
+    return arena, "planned" if arena is not None else None
   if key == "energy_uj":
     energy = row.get("energy") or {}
     return energy.get("uj"), energy.get("kind")
@@ -214,7 +223,7 @@ def check(rows: Mapping[str, Mapping[str, Any]], target: Mapping[str, Any],
 
 
 def _number(key: str, value: float) -> str:
-  if key in ("bytes", "memory_bytes"):
+  if key in ("bytes", "memory_bytes", "arena_bytes"):
     return f"{value:,.0f} B"
   if key == "latency_ms":
     return f"{value:.3g} ms"

@@ -149,6 +149,51 @@ def graph_costs(tflite_model: bytes) -> dict[str, int]:
   return costs
 
 
+def activation_arena_bytes(tflite_model: bytes) -> int:
+  """The largest total of activation tensors alive at once, in the graph's op order.
+
+  A tensor (graph input, or an op's output; not a constant, nor the float copy of a
+  constant the runtime dequantises once) lives from the op that writes it (the start
+  for graph inputs) to the last op that reads it (the end for graph outputs); the
+  figure is max over ops of the bytes alive there. It is what an arena planner such as
+  TFLite Micro's needs at least for one inference (a planner may add alignment and
+  fragmentation; in-place ops may need less), independent of the host's runtime.
+  """
+  model = tflite_schema.ModelT.InitFromPackedBuf(bytearray(tflite_model), 0)
+  peak = 0
+  for graph in model.subgraphs or ():
+    tensors, ops = graph.tensors, graph.operators or []
+
+    def constant(i):
+      buffer = model.buffers[tensors[i].buffer]
+      return buffer.data is not None and len(buffer.data) > 0 or buffer.size
+
+    start, end, weights = {}, {}, set()
+    for i in graph.inputs:
+      start[i] = end[i] = 0
+    for k, op in enumerate(ops):
+      code = model.operatorCodes[op.opcodeIndex]
+      inputs = [i for i in op.inputs if i >= 0]
+      if (max(code.builtinCode, code.deprecatedBuiltinCode) == _OPS.DEQUANTIZE
+          and constant(inputs[0])):
+        weights.update(op.outputs)
+        continue
+      for i in inputs:
+        if not constant(i) and i not in weights:
+          start.setdefault(i, k)
+          end[i] = max(end.get(i, k), k)
+      for i in op.outputs:
+        start.setdefault(i, k)
+        end[i] = max(end.get(i, k), k)
+    for i in graph.outputs:
+      end[i] = max(len(ops) - 1, 0)
+    size = {i: int(np.prod(tensors[i].shape)) * _BYTES.get(tensors[i].type, 4)
+            for i in start}
+    for k in range(max(len(ops), 1)):
+      peak = max(peak, sum(size[i] for i in start if start[i] <= k <= end[i]))
+  return peak
+
+
 def estimate_uj(costs: dict[str, int], profile: str = "45nm_dram_weights") -> dict:
   """Energy per inference from `graph_costs`, in microjoules, on a target `profile`."""
   if profile not in PROFILES:

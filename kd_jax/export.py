@@ -518,10 +518,11 @@ def measure(tflite_model, input_shape, *, eval_batches_fn=None, parity_images=No
     dict(bytes, ops, accuracy, num_examples, max_abs_logit_diff, init_ms, latency_ms,
     latency_p90_ms, latency_p99_ms (1 thread), latency_all_threads_ms,
     latency_all_threads_p90_ms, latency_all_threads_p99_ms, threads,
-    peak_memory_bytes, memory_kind, graph, machine, energy) and, with `per_op`,
-    `per_op`; accuracy/num_examples and max_abs_logit_diff are None without their
+    peak_memory_bytes, memory_kind, arena_bytes, graph, machine, energy) and, with
+    `per_op`, `per_op`; accuracy/num_examples and max_abs_logit_diff are None without their
     inputs. `init_ms` is `init_ms` (interpreter + XNNPACK + allocation, 1 thread);
-    `peak_memory_bytes` / `memory_kind` are `peak_memory`'s; `graph` is
+    `peak_memory_bytes` / `memory_kind` are `peak_memory`'s; `arena_bytes` is
+    `kd_jax.energy.activation_arena_bytes` (planned from the graph); `graph` is
     `kd_jax.op_profile.graph_facts` (I/O types, QUANTIZE/DEQUANTIZE positions,
     per-channel or per-tensor weights) with `xnnpack_partitions`, the DELEGATE nodes
     of the 1-thread interpreter. `machine` is `kd_jax.machine.cpu(threads=1)`: the
@@ -553,6 +554,7 @@ def measure(tflite_model, input_shape, *, eval_batches_fn=None, parity_images=No
                 latency_all_threads_p90_ms=many["p90_ms"],
                 latency_all_threads_p99_ms=many["p99_ms"], threads=all_threads(),
                 peak_memory_bytes=memory["bytes"], memory_kind=memory["kind"],
+                arena_bytes=energy_lib.activation_arena_bytes(tflite_model),
                 graph=graph, machine=machine_lib.cpu(threads=1), energy=energy)
   if per_op:
     result["per_op"] = op_profile.profile(tflite_model)
@@ -630,7 +632,7 @@ _TABLE_COLUMNS = (
     ("latency_p90_ms", "{:.3f}"), ("latency_p99_ms", "{:.3f}"),
     ("latency_all_threads_ms", "{:.3f}"), ("latency_all_threads_p90_ms", "{:.3f}"),
     ("latency_all_threads_p99_ms", "{:.3f}"), ("peak_memory_bytes", "{:,}"),
-    ("macs", "{:,.0f}"), ("params", "{:,}"), ("energy", None))
+    ("arena_bytes", "{:,}"), ("macs", "{:,.0f}"), ("params", "{:,}"), ("energy", None))
 
 
 def _energy_cell(energy) -> str:

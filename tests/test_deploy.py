@@ -14,8 +14,9 @@ def _row(accuracy, bytes_, latency, energy=None, memory=None, all_threads=None):
              latency_all_threads_ms=all_threads)
   if energy is not None:
     row["energy"] = dict(uj=energy[0], kind=energy[1], basis="test")
-  if memory is not None:
+  if memory is not None:  # host peak memory and, in these rows, the same planned arena
     row["peak_memory_bytes"], row["memory_kind"] = memory, "measured"
+    row["arena_bytes"] = memory
   return row
 
 
@@ -82,13 +83,14 @@ def test_presets_and_overrides():
       memory_bytes=67_108_864, energy_uj=5_000.0)
   # A key beside the preset overrides it; 0 lifts a limit.
   assert deploy.budget(_target(preset="mcu", bytes=0, energy_uj=10.0)) == dict(
-      preset="mcu", latency_threads="1", memory_bytes=262_144, energy_uj=10.0)
+      preset="mcu", latency_threads="1", arena_bytes=262_144, energy_uj=10.0)
   result = deploy.check(ROWS, _target(preset="mcu"))
   assert [k for k, r in result["rows"].items() if r["fits"]] == ["dynamic", "cascade"]
   assert result["pick"] == "dynamic"
   text = deploy.markdown(result)
-  assert "Budget: bytes ≤ 524,288 B, peak memory ≤ 262,144 B, energy ≤ 1,000 µJ." in text
-  assert ("| int8 | no | ✓ 100,000 B ≤ 524,288 B | ✗ 300,000 B measured > 262,144 B | "
+  assert ("Budget: bytes ≤ 524,288 B, activation arena ≤ 262,144 B, energy ≤ 1,000 µJ."
+          in text)
+  assert ("| int8 | no | ✓ 100,000 B ≤ 524,288 B | ✗ 300,000 B planned > 262,144 B | "
           "✓ 12 µJ measured ≤ 1,000 µJ |") in text
   assert "Pick: **dynamic**, the most accurate of the 2 variants" in text
   # No preset and no limit: no check at all.
@@ -174,7 +176,7 @@ def test_export_command_checks_the_target(faked_run, capsys):
   printed = capsys.readouterr().out
   text = open(os.path.join(faked_run, "export", "deploy.md")).read()
   assert text in printed
-  assert "Budget: bytes ≤ 524,288 B, peak memory ≤ 262,144 B, energy ≤ 15 µJ." in text
+  assert "Budget: bytes ≤ 524,288 B, activation arena ≤ 262,144 B, energy ≤ 15 µJ." in text
   with open(os.path.join(faked_run, "summary.json")) as f:
     summary = json.load(f)
   assert summary["deployment"]["pick"] == "cascade"  # the only row meeting all three

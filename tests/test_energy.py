@@ -35,6 +35,15 @@ def test_graph_costs_by_hand(flatbuffers):
       macs_int8=864, macs_fp32=0, activation_bytes=480, weight_bytes=66)
 
 
+
+def test_activation_arena_by_hand(flatbuffers):
+  # fp32: the conv's input (128 B) and output (192 B) alive together.
+  assert energy.activation_arena_bytes(flatbuffers["fp32"]) == 320
+  # int8: QUANTIZE 128 + 32 B, then CONV_2D 32 + 48 B (the float input is no longer
+  # read), then DEQUANTIZE 48 + 192 B: the peak is the last op's 240 B.
+  assert energy.activation_arena_bytes(flatbuffers["int8"]) == 240
+
+
 def test_estimate_by_hand(flatbuffers):
   fp32 = energy.estimate_uj(energy.graph_costs(flatbuffers["fp32"]))
   # 864 x (3.7 + 0.9) pJ + 320 B x 5/4 pJ (SRAM) + 228 B x 640/4 pJ (DRAM) = 40854.4 pJ

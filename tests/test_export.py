@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kd_jax import export, machine
+from kd_jax import energy, export, machine
 from kd_jax.models import create
 
 IMAGE_SHAPE = (8, 8, 1)
@@ -65,6 +65,8 @@ def test_export_all_writes_every_variant(exported):
     # A fresh process's peak RSS growth holds at least the weights it read.
     assert result["peak_memory_bytes"] > 0.5 * result["bytes"]
     assert result["memory_kind"] == export.MEMORY_KIND
+    assert result["arena_bytes"] == energy.activation_arena_bytes(
+        open(result["path"], "rb").read())
     assert result["graph"]["xnnpack_partitions"] >= 1
     assert result["graph"]["input_types"] == result["graph"]["output_types"] == ["FLOAT32"]
     assert result["threads"] == export.all_threads()
@@ -149,6 +151,7 @@ def test_write_table(exported, tmp_path):
   assert f"| {rows['student fp32']['latency_p99_ms']:.3f} |" in fp32
   assert f"| {rows['student fp32']['init_ms']:.2f} |" in fp32
   assert f"| {rows['student fp32']['peak_memory_bytes']:,} |" in fp32
+  assert f"| {rows['student fp32']['arena_bytes']:,} |" in fp32
   assert "| init ms | latency ms | latency p90 ms | latency p99 ms |" in text
   assert f"Peak memory: {export.MEMORY_KIND}." in text
   # Energy per inference, labelled: RAPL where readable, else the estimate (fp32
