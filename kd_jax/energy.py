@@ -102,6 +102,34 @@ def measure_uj(run: Callable[[], None], min_seconds: float = 0.3,
           "detail": f"{total:,} µJ over {calls} calls"}
 
 
+def _nbytes(tensor) -> int:
+  return int(np.prod(tensor.shape)) * _BYTES.get(tensor.type, 4)
+
+
+def _graph_ops(model, graph):
+  """The ops of one subgraph as (builtin, activation inputs, weight inputs, outputs),
+  tensor indices each. A constant's DEQUANTIZE (fp16 weights: the runtime dequantises
+  them once, before the first inference, and every inference reads the float32 copy)
+  is not an op of the inference: its output counts as a weight where it is read."""
+  buffers = model.buffers
+
+  def constant(i):
+    buffer = buffers[graph.tensors[i].buffer]
+    return buffer.data is not None and len(buffer.data) > 0 or buffer.size
+
+  dequantized = set()
+  for op in graph.operators or ():
+    code = model.operatorCodes[op.opcodeIndex]
+    builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
+    inputs = [i for i in op.inputs if i >= 0]
+    if builtin == _OPS.DEQUANTIZE and constant(inputs[0]):
+      dequantized.update(op.outputs)
+      continue
+    weights = [i for i in inputs if constant(i) or i in dequantized]
+    yield (builtin, [i for i in inputs if i not in weights], weights, list(op.outputs),
+           inputs)
+
+
 def graph_costs(tflite_model: bytes) -> dict[str, int]:
   """Per-inference work of a TFLite graph: ``macs_int8``, ``macs_fp32`` (convolutions
   and fully connected layers), ``activation_bytes`` (each non-constant tensor written
@@ -109,33 +137,12 @@ def graph_costs(tflite_model: bytes) -> dict[str, int]:
   model = tflite_schema.ModelT.InitFromPackedBuf(bytearray(tflite_model), 0)
   costs = dict(macs_int8=0, macs_fp32=0, activation_bytes=0, weight_bytes=0)
   for graph in model.subgraphs or ():
-    tensors = graph.tensors
-
-    def constant(i):
-      buffer = model.buffers[tensors[i].buffer]
-      return buffer.data is not None and len(buffer.data) > 0 or buffer.size
-
-    def nbytes(i):
-      return int(np.prod(tensors[i].shape)) * _BYTES.get(tensors[i].type, 4)
-
-    weights, dequantized = set(), set()
-    for op in graph.operators:
-      code = model.operatorCodes[op.opcodeIndex]
-      builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
-      inputs = [i for i in op.inputs if i >= 0]
-      if builtin == _OPS.DEQUANTIZE and constant(inputs[0]):
-        # fp16 weights: the runtime dequantises them once, before the first inference;
-        # every inference reads the float32 copy.
-        dequantized.update(op.outputs)
-        continue
-      for i in inputs:
-        if constant(i) or i in dequantized:
-          weights.add(i)
-        else:
-          costs["activation_bytes"] += nbytes(i)
-      costs["activation_bytes"] += sum(nbytes(i) for i in op.outputs)
+    tensors, weights = graph.tensors, set()
+    for builtin, activations, op_weights, outputs, inputs in _graph_ops(model, graph):
+      weights.update(op_weights)
+      costs["activation_bytes"] += sum(_nbytes(tensors[i]) for i in activations + outputs)
       if builtin in (_OPS.CONV_2D, _OPS.DEPTHWISE_CONV_2D, _OPS.FULLY_CONNECTED):
-        out = int(np.prod(tensors[op.outputs[0]].shape))
+        out = int(np.prod(tensors[outputs[0]].shape))
         kernel = tensors[inputs[1]].shape
         if builtin == _OPS.CONV_2D:  # kernel [O, kh, kw, I]
           per_output = int(np.prod(kernel[1:]))
@@ -145,7 +152,7 @@ def graph_costs(tflite_model: bytes) -> dict[str, int]:
           per_output = int(kernel[-1])
         int8 = tensors[inputs[1]].type == tflite_schema.TensorType.INT8
         costs["macs_int8" if int8 else "macs_fp32"] += out * per_output
-    costs["weight_bytes"] += sum(nbytes(i) for i in weights)
+    costs["weight_bytes"] += sum(_nbytes(tensors[i]) for i in weights)
   return costs
 
 
@@ -162,34 +169,18 @@ def activation_arena_bytes(tflite_model: bytes) -> int:
   model = tflite_schema.ModelT.InitFromPackedBuf(bytearray(tflite_model), 0)
   peak = 0
   for graph in model.subgraphs or ():
-    tensors, ops = graph.tensors, graph.operators or []
-
-    def constant(i):
-      buffer = model.buffers[tensors[i].buffer]
-      return buffer.data is not None and len(buffer.data) > 0 or buffer.size
-
-    start, end, weights = {}, {}, set()
-    for i in graph.inputs:
-      start[i] = end[i] = 0
-    for k, op in enumerate(ops):
-      code = model.operatorCodes[op.opcodeIndex]
-      inputs = [i for i in op.inputs if i >= 0]
-      if (max(code.builtinCode, code.deprecatedBuiltinCode) == _OPS.DEQUANTIZE
-          and constant(inputs[0])):
-        weights.update(op.outputs)
-        continue
-      for i in inputs:
-        if not constant(i) and i not in weights:
-          start.setdefault(i, k)
-          end[i] = max(end.get(i, k), k)
-      for i in op.outputs:
+    start = {i: 0 for i in graph.inputs}
+    end = dict(start)
+    steps = 0
+    for k, (_, activations, _, outputs, _) in enumerate(_graph_ops(model, graph)):
+      for i in activations + outputs:
         start.setdefault(i, k)
-        end[i] = max(end.get(i, k), k)
+        end[i] = k
+      steps = k + 1
     for i in graph.outputs:
-      end[i] = max(len(ops) - 1, 0)
-    size = {i: int(np.prod(tensors[i].shape)) * _BYTES.get(tensors[i].type, 4)
-            for i in start}
-    for k in range(max(len(ops), 1)):
+      end[i] = max(steps - 1, 0)
+    size = {i: _nbytes(graph.tensors[i]) for i in start}
+    for k in range(max(steps, 1)):
       peak = max(peak, sum(size[i] for i in start if start[i] <= k <= end[i]))
   return peak
 
